@@ -1,0 +1,1 @@
+"""DSP: Dynamic Sequence Parallelism for multi-dimensional transformers."""

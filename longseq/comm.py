@@ -1,0 +1,252 @@
+"""Collectives, each recorded in the ledger. The only module in longseq that calls torch.distributed
+collectives; everything else (dsp, zeco, baselines, training) goes through here.
+
+Every function takes an explicit ``group`` and a ``tag`` naming the call site. Peers in p2p calls
+are ranks *within the group*. Tensors handed to the backend are made contiguous and receive buffers
+are fresh ``torch.empty`` tensors: gloo silently computes wrong results on non-contiguous tensors.
+Uneven sizes follow ``torch.tensor_split`` (see :mod:`longseq.sharding`).
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .groups import require_initialized
+from .ledger import LEDGER
+from .sharding import split_sizes
+
+__all__ = [
+    "group_size", "group_rank", "all_to_all_single", "all_to_all", "all_gather", "reduce_scatter",
+    "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv",
+    "all_gather_object",
+]
+
+
+def group_size(group: Any) -> int:
+    require_initialized("a longseq collective")
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Any) -> int:
+    require_initialized("a longseq collective")
+    return dist.get_rank(group)
+
+
+def _global(group: Any, rank_in_group: int) -> int:
+    return dist.get_global_rank(group, rank_in_group) if group is not None and group is not dist.group.WORLD else rank_in_group
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_split_sizes: Sequence[int],
+                      group: Any, *, tag: str = "untagged") -> torch.Tensor:
+    """All-to-all over dim 0 of ``x``: rows ``input_split_sizes[j]`` go to rank j; returns the rows
+    received, ``output_split_sizes[i]`` from rank i, concatenated in rank order."""
+    P, me = group_size(group), group_rank(group)
+    if len(input_split_sizes) != P or len(output_split_sizes) != P:
+        raise ValueError(f"all_to_all_single: split sizes must have one entry per rank ({P})")
+    if sum(input_split_sizes) != x.shape[0]:
+        raise ValueError(f"all_to_all_single: input splits {list(input_split_sizes)} do not sum to dim 0 = {x.shape[0]}")
+    x = x.contiguous()
+    row = _numel(x.shape[1:])
+    out = torch.empty((sum(output_split_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    sent = row * (sum(input_split_sizes) - input_split_sizes[me])
+    got = row * (sum(output_split_sizes) - output_split_sizes[me])
+    LEDGER.record("all_to_all", tag, P, x.dtype, sent, got)
+    if P == 1:
+        out.copy_(x)
+        return out
+    dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int,
+               gather_sizes: Sequence[int] | None = None, tag: str = "untagged") -> torch.Tensor:
+    """Split ``x`` along ``scatter_dim`` into P pieces (tensor_split sizes), send piece j to rank j,
+    and concatenate what arrives along ``gather_dim`` in rank order.
+
+    ``gather_sizes[i]`` is rank i's size of ``gather_dim`` (default: every rank has this rank's size).
+    Input: scatter_dim whole, gather_dim sharded; output: scatter_dim sharded, gather_dim whole.
+    """
+    P, me = group_size(group), group_rank(group)
+    nd = x.dim()
+    scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
+    if scatter_dim == gather_dim:
+        raise ValueError("all_to_all: scatter_dim and gather_dim must differ")
+    if gather_sizes is None:
+        gather_sizes = [x.shape[gather_dim]] * P
+    if len(gather_sizes) != P or gather_sizes[me] != x.shape[gather_dim]:
+        raise ValueError(
+            f"all_to_all: this rank ({me}) holds {x.shape[gather_dim]} along dim {gather_dim} but gather_sizes "
+            f"says {list(gather_sizes)}; pass the per-rank sizes of the sharded dimension")
+    send_sizes = split_sizes(x.shape[scatter_dim], P)
+    front = x.movedim(scatter_dim, 0)            # [n_scatter, ...rest]; gather dim now at position g
+    g = gather_dim + 1 if gather_dim < scatter_dim else gather_dim
+    rest = list(front.shape[1:])
+    row = _numel(rest)
+    flat = front.reshape(front.shape[0], row)
+    recv_shapes = []
+    for i in range(P):
+        r = list(rest)
+        r[g - 1] = gather_sizes[i]
+        recv_shapes.append(r)
+    # all_to_all_single works on rows of equal width, but received pieces differ in width when the
+    # gather dim is uneven, so exchange flat element streams instead.
+    send_elems = [s * row for s in send_sizes]
+    recv_elems = [send_sizes[me] * _numel(r) for r in recv_shapes]
+    out = all_to_all_single(flat.reshape(-1), send_elems, recv_elems, group, tag=tag)
+    pieces = []
+    for i, chunk in enumerate(out.split(recv_elems)):
+        pieces.append(chunk.view(send_sizes[me], *recv_shapes[i]))
+    merged = torch.cat(pieces, dim=g)             # [n_scatter_local, ...rest with gather dim whole]
+    return merged.movedim(0, scatter_dim).contiguous()
+
+
+def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int] | None = None,
+               tag: str = "untagged") -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in rank order. ``sizes[i]``: rank i's size of
+    ``dim`` (default: all equal). Uneven pieces are padded for transport; padding is not counted."""
+    P, me = group_size(group), group_rank(group)
+    dim = dim % x.dim()
+    if sizes is None:
+        sizes = [x.shape[dim]] * P
+    if len(sizes) != P or sizes[me] != x.shape[dim]:
+        raise ValueError(f"all_gather: this rank ({me}) holds {x.shape[dim]} along dim {dim} but sizes says {list(sizes)}")
+    row = _numel([s for i, s in enumerate(x.shape) if i != dim])
+    LEDGER.record("all_gather", tag, P, x.dtype, x.numel() * (P - 1), row * (sum(sizes) - sizes[me]))
+    if P == 1:
+        return x.clone()
+    front = x.movedim(dim, 0)
+    m = max(sizes)
+    buf = torch.zeros((m, *front.shape[1:]), dtype=x.dtype, device=x.device)
+    buf[: sizes[me]].copy_(front)
+    out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, buf, group=group)
+    parts = [out[i * m: i * m + sizes[i]] for i in range(P)]
+    return torch.cat(parts, 0).movedim(0, dim).contiguous()
+
+
+def reduce_scatter(x: torch.Tensor, group: Any, *, dim: int = 0, op: Any = None, tag: str = "untagged") -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's piece along ``dim`` (tensor_split sizes).
+
+    Even pieces use the backend's reduce-scatter; uneven ones an all-to-all of the pieces followed by
+    a local sum, which moves the same volume."""
+    P, me = group_size(group), group_rank(group)
+    dim = dim % x.dim()
+    sizes = split_sizes(x.shape[dim], P)
+    row = _numel([s for i, s in enumerate(x.shape) if i != dim])
+    LEDGER.record("reduce_scatter", tag, P, x.dtype, row * (x.shape[dim] - sizes[me]), row * sizes[me] * (P - 1))
+    front = x.movedim(dim, 0).contiguous()
+    if P == 1:
+        return front.movedim(0, dim).clone()
+    if len(set(sizes)) == 1:
+        out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, front, op=op or dist.ReduceOp.SUM, group=group)
+    else:
+        if op not in (None, dist.ReduceOp.SUM):
+            raise NotImplementedError("uneven reduce_scatter supports only SUM")
+        out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)
+        out = out.view(P, sizes[me], *front.shape[1:]).sum(0)
+    return out.movedim(0, dim).contiguous()
+
+
+def all_reduce(x: torch.Tensor, group: Any, *, op: Any = None, tag: str = "untagged") -> torch.Tensor:
+    """In-place all-reduce of ``x`` (made contiguous first); returns the reduced tensor."""
+    P = group_size(group)
+    vol = 2 * x.numel() * (P - 1) // P
+    LEDGER.record("all_reduce", tag, P, x.dtype, vol, vol)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if P > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def broadcast(x: torch.Tensor, src: int, group: Any, *, tag: str = "untagged") -> torch.Tensor:
+    """Broadcast ``x`` from group rank ``src`` in place; returns it."""
+    P, me = group_size(group), group_rank(group)
+    LEDGER.record("broadcast", tag, P, x.dtype, x.numel() * (P - 1) if me == src else 0, 0 if me == src else x.numel())
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if P > 1:
+        dist.broadcast(x, src=_global(group, src), group=group)
+    return x
+
+
+def _check_p2p(x: torch.Tensor, peer: int, group: Any, what: str) -> None:
+    P, me = group_size(group), group_rank(group)
+    if not 0 <= peer < P or peer == me:
+        raise ValueError(f"{what}: peer {peer} is not another rank of this group of {P} (this rank is {me})")
+    if not x.is_contiguous():
+        raise ValueError(f"{what}: tensor must be contiguous (gloo mis-handles strided tensors); call .contiguous()")
+
+
+def send(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged") -> None:
+    x = x.contiguous()
+    _check_p2p(x, dst, group, "send")
+    LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
+    dist.send(x, _global(group, dst), group=group)
+
+
+def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, device: Any = "cpu",
+         tag: str = "untagged") -> torch.Tensor:
+    buf = torch.empty(tuple(shape), dtype=dtype, device=device)
+    _check_p2p(buf, src, group, "recv")
+    LEDGER.record("recv", tag, group_size(group), dtype, 0, buf.numel())
+    dist.recv(buf, _global(group, src), group=group)
+    return buf
+
+
+def isend(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged"):
+    """Asynchronous send; returns the backend's work handle (call ``.wait()``). Keep ``x`` alive until then."""
+    _check_p2p(x, dst, group, "isend")
+    LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
+    return dist.isend(x, _global(group, dst), group=group)
+
+
+def irecv(buf: torch.Tensor, src: int, group: Any, *, tag: str = "untagged"):
+    """Asynchronous receive into ``buf`` (fresh and contiguous); returns the work handle."""
+    _check_p2p(buf, src, group, "irecv")
+    LEDGER.record("recv", tag, group_size(group), buf.dtype, 0, buf.numel())
+    return dist.irecv(buf, _global(group, src), group=group)
+
+
+class P2POp:
+    """One point-to-point operation for :func:`batch_isend_irecv`: ``kind`` is "send" or "recv"."""
+
+    def __init__(self, kind: str, tensor: torch.Tensor, peer: int):
+        if kind not in ("send", "recv"):
+            raise ValueError("P2POp kind must be 'send' or 'recv'")
+        self.kind, self.tensor, self.peer = kind, tensor, peer
+
+
+def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged") -> list:
+    """Issue several sends and receives together; returns their work handles."""
+    P = group_size(group)
+    torch_ops = []
+    for o in ops:
+        _check_p2p(o.tensor, o.peer, group, f"batch_isend_irecv({o.kind})")
+        n = o.tensor.numel()
+        LEDGER.record(o.kind, tag, P, o.tensor.dtype, n if o.kind == "send" else 0, n if o.kind == "recv" else 0)
+        fn = dist.isend if o.kind == "send" else dist.irecv
+        torch_ops.append(dist.P2POp(fn, o.tensor, _global(group, o.peer), group=group))
+    return dist.batch_isend_irecv(torch_ops) if torch_ops else []
+
+
+def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
+    """Gather a picklable object from every rank (bookkeeping: shapes, ledgers, configs)."""
+    P = group_size(group)
+    n = len(pickle.dumps(obj))
+    LEDGER.record("all_gather_object", tag, P, torch.uint8, n * (P - 1), 0)
+    out: list = [None] * P
+    if P == 1:
+        return [obj]
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -1,0 +1,1 @@
+"""ZeCO: sequence parallelism for gated linear attention with the All-Scan collective."""
