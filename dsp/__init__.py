@@ -1,1 +1,19 @@
-"""DSP: Dynamic Sequence Parallelism for multi-dimensional transformers."""
+"""DSP: Dynamic Sequence Parallelism for multi-dimensional transformers.
+
+Primitives (autograd-correct, every collective through the ledger, uneven sizes as tensor_split):
+``switch`` (one all-to-all that moves the sharded dimension), ``shard`` and ``gather``.
+Plans: ``parallelize(model, group, plan=None)`` applies a declarative :class:`Plan` (default
+``plans.STDIT_PLAN``) with hooks and returns a handle whose ``remove()`` undoes it;
+``sharded_mse_loss`` and ``shard_target`` compute a loss without gathering the output.
+See docs/dsp.md.
+"""
+from . import plans
+from .loss import sharded_mse_loss
+from .plan import Boundary, DSPHandle, Plan, Stage, as_plan, parallelize, shard_target
+from .plans import STDIT_PLAN
+from .primitives import gather, shard, switch
+
+__all__ = [
+    "switch", "shard", "gather", "parallelize", "DSPHandle", "Plan", "Stage", "Boundary", "as_plan",
+    "STDIT_PLAN", "plans", "sharded_mse_loss", "shard_target",
+]
