@@ -197,7 +197,8 @@ class TemporalStage(nn.Module):
 
     ``forward(x [B, T, S, C], t_mod [B, 6C]) -> [B, T, S, C]``: in block 0 first adds the 1-D
     sin-cos temporal position embedding ``[T, C]`` (built from this input's T), then
-    adaLN-modulated temporal self-attention with a gated residual.
+    adaLN-modulated temporal self-attention with a gated residual. Its shift, scale and gate are
+    its own ``scale_shift_table [3, C]`` plus the first three chunks of ``t_mod``.
     """
 
     def __init__(self, dim: int, num_heads: int, add_pos_embed: bool = False, backend: Optional[str] = None):
