@@ -1,0 +1,245 @@
+"""Composing and checking the training config (Hydra), before any process-group work.
+
+``load_config(overrides)`` composes ``configs/config.yaml`` with Hydra's compose API (no
+``@hydra.main``: every rank of a torchrun job must agree on the output directory, and Hydra's
+timestamped run directories would differ between processes). ``validate(cfg, world_size)`` checks
+everything that can be checked without a process group and raises :class:`ConfigError` with a
+message that names the fix. ``resolve_parallel`` turns ``parallel.sp_size`` (``null`` = the whole
+world) into the SP x DP layout.
+
+Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``; the
+checkout's ``configs/`` (next to the ``longseq`` package: an editable install or a run from the
+checkout); ``longseq/configs`` inside an installed package; ``./configs``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "ConfigError", "CliArgs", "find_config_dir", "load_config", "parse_args", "validate", "ParallelLayout",
+    "resolve_parallel", "world_size_from_env", "USAGE",
+]
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+SCHEDULES = ("cosine", "constant")
+RESUME_WORDS = ("auto", "none")
+
+USAGE = """\
+usage: [torchrun --nproc_per_node N [rendezvous flags]] -m longseq.train [options] [key=value ...]
+
+Trains a model with sequence parallelism (SP) x data parallelism (DP). Settings are Hydra overrides
+of configs/config.yaml, e.g.
+  torchrun --nproc_per_node 4 -m longseq.train model=stdit_tiny parallel=dsp parallel.sp_size=2 train.steps=5
+  python -m longseq.train model=gla_tiny parallel=none train.steps=10
+
+groups: model=stdit_tiny|stdit_720m|stdit_3b|gla_tiny|gla_1b|gla_3b
+        parallel=dsp|ulysses|ring|megatron_sp|usp|zeco|lasp1|lasp2|none   (parallel.sp_size=P)
+        data=synthetic|latents|tokens (data.path=...)   optim=adamw   train=default
+
+options:
+  --cfg                print the composed config and exit (nothing is started)
+  --config-dir DIR     read configs from DIR (default: the checkout's configs/)
+  --config-name NAME   top-level config file (default: config)
+  -h, --help           this help
+See docs/training.md."""
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass
+class CliArgs:
+    overrides: list[str]
+    config_dir: str | None = None
+    config_name: str = "config"
+    print_cfg: bool = False
+    help: bool = False
+
+
+def parse_args(argv: Sequence[str]) -> CliArgs:
+    """Split argv into Hydra overrides and the few options of ``python -m longseq.train``."""
+    out = CliArgs(overrides=[])
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help"):
+            out.help = True
+        elif a in ("--cfg", "--cfg=job"):
+            out.print_cfg = True
+        elif a.startswith("--config-dir") or a.startswith("--config-name") or a in ("-cd", "-cn"):
+            key, _, val = a.partition("=")
+            if not val:
+                val = next(it, None)
+                if val is None:
+                    raise ConfigError(f"{key} needs a value")
+            if key in ("--config-dir", "-cd"):
+                out.config_dir = val
+            else:
+                out.config_name = val
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option {a!r}; settings are Hydra overrides (key=value), see --help")
+        else:
+            out.overrides.append(a)
+    return out
+
+
+def find_config_dir(explicit: str | None = None) -> Path:
+    """The directory holding ``config.yaml`` (see the module docstring for the search order)."""
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit))
+    elif os.environ.get("LONGSEQ_CONFIG_DIR"):
+        candidates.append(Path(os.environ["LONGSEQ_CONFIG_DIR"]))
+    else:
+        pkg = Path(__file__).resolve().parents[1]          # .../longseq
+        candidates += [pkg.parent / "configs", pkg / "configs", Path.cwd() / "configs"]
+    for c in candidates:
+        if (c / "config.yaml").is_file() or (explicit and c.is_dir()):
+            return c.resolve()
+    raise ConfigError(
+        "cannot find the training configs (config.yaml) in " + ", ".join(str(c) for c in candidates)
+        + ": run from the longseq checkout, pass --config-dir DIR, or set LONGSEQ_CONFIG_DIR")
+
+
+def load_config(overrides: Sequence[str] = (), *, config_dir: str | os.PathLike | None = None,
+                config_name: str = "config") -> DictConfig:
+    """Compose the config with Hydra overrides (``["model=gla_tiny", "train.steps=5"]``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    d = find_config_dir(str(config_dir) if config_dir is not None else None)
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(d), version_base="1.3", job_name="longseq_train"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e).strip()
+        hint = ""
+        if "not in struct" in msg or "Could not override" in msg or "Key '" in msg:
+            hint = ("\n  (a misspelt key? `--cfg` prints every key; a key that is not in the config is added "
+                    "with +key=value)")
+        elif "Could not find" in msg or "In 'config'" in msg:
+            hint = "\n  (see `python -m longseq.train --help` for the options of each group)"
+        raise ConfigError(f"cannot compose the config from {d}: {msg}{hint}") from None
+    return cfg
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announces (``WORLD_SIZE``), 1 for a plain ``python`` run."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    world: int
+    sp_size: int
+    dp_size: int
+    micro_batch: int          # samples per DP group (per rank) per step
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_parallel(cfg: DictConfig, world: int) -> ParallelLayout:
+    """SP and DP sizes from ``parallel.sp_size`` (``null``: the whole world, or 1 for ``none``)."""
+    method = cfg.parallel.method
+    sp = cfg.parallel.sp_size
+    if sp is None or (isinstance(sp, str) and sp.lower() in ("null", "none", "auto", "world")):
+        sp = 1 if method == "none" else world
+    try:
+        sp = int(sp)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parallel.sp_size={sp!r} is not an integer; pass e.g. parallel.sp_size=2 "
+                          "(or parallel.sp_size=null for the whole world)") from None
+    if sp < 1:
+        raise ConfigError(f"parallel.sp_size={sp} must be at least 1")
+    if world % sp != 0:
+        raise ConfigError(
+            f"parallel.sp_size={sp} does not divide the world size {world} (SP x DP = world): choose "
+            f"parallel.sp_size among {_divisors(world)}, or launch a multiple of {sp} processes "
+            f"(torchrun --nproc_per_node ... --nnodes ...)")
+    if method == "none" and sp != 1:
+        raise ConfigError(
+            f"parallel=none has no sequence parallelism, so parallel.sp_size must be 1 (got {sp}): pick a "
+            "sequence-parallel method (e.g. parallel=dsp for ST-DiT, parallel=zeco for GLA) or drop parallel.sp_size")
+    dp = world // sp
+    gb = int(cfg.train.global_batch_size)
+    if gb < 1 or gb % dp != 0:
+        good = [m * dp for m in range(1, 5)]
+        raise ConfigError(
+            f"train.global_batch_size={gb} is not a positive multiple of the data-parallel size {dp} "
+            f"(world {world} / sp_size {sp}): use e.g. train.global_batch_size={good[0]} (or {good[1]}, {good[2]}), "
+            "or change parallel.sp_size")
+    return ParallelLayout(world=world, sp_size=sp, dp_size=dp, micro_batch=gb // dp)
+
+
+def _choice(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
+    val = OmegaConf.select(cfg, key)
+    if str(val) not in allowed:
+        raise ConfigError(f"{key}={val!r} is not one of {', '.join(allowed)}: pass e.g. {key}={allowed[0]}")
+    return str(val)
+
+
+def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
+    """Check the config for a world of ``world`` processes (default: ``$WORLD_SIZE``) without any
+    process-group work; raise :class:`ConfigError` naming the fix. Returns the SP x DP layout."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from . import data as data_mod
+    from . import methods
+
+    world = world_size_from_env() if world is None else int(world)
+    try:
+        OmegaConf.resolve(cfg)     # interpolations and ??? values fail here, not mid-run
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e)
+        hint = " (the folder of latents, or the token .bin file)" if str(key).startswith("data.path") else ""
+        raise ConfigError(f"{key} is required but not set: pass {key}=...{hint}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"the config does not resolve: {e}") from None
+
+    for key in ("model.family", "parallel.method", "data.kind", "train.steps", "train.global_batch_size"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"{key} is missing from the config")
+    steps = int(cfg.train.steps)
+    if steps < 1:
+        raise ConfigError(f"train.steps={steps} must be at least 1")
+    _choice(cfg, "train.precision", PRECISIONS)
+    device = _choice(cfg, "train.device", DEVICES)
+    _choice(cfg, "train.backend", BACKENDS)
+    _choice(cfg, "optim.schedule", SCHEDULES)
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA GPU is visible: use train.device=auto (CPU here) "
+                              "or run on a GPU machine")
+    if int(cfg.train.checkpoint_every) < 0:
+        raise ConfigError("train.checkpoint_every must be >= 0 (0: only at the end)")
+    resume = cfg.train.resume
+    if resume is not None and str(resume) not in RESUME_WORDS and resume is not False:
+        if not Path(str(resume)).exists():
+            raise ConfigError(f"train.resume={resume!r} is neither auto/none nor an existing checkpoint file: pass "
+                              "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
+
+    # The method: known, landed, fits the model family, fits the model's sizes.
+    spec = methods.get_method(str(cfg.parallel.method))          # ConfigError if unknown / not landed
+    family = str(cfg.model.family)
+    methods.check_family(spec, family)
+    layout = resolve_parallel(cfg, world)
+    methods.check_model(spec, cfg, layout)                       # e.g. heads divisible for Ulysses
+    data_mod.check_data(cfg, layout)                             # missing paths, wrong data for the family
+    return layout

@@ -1,0 +1,364 @@
+"""The training loop behind ``python -m longseq.train`` (see docs/training.md).
+
+One step, on every rank: build this rank's batch (its DP group's samples, whole or its SP piece),
+forward and loss under autocast (bf16 on GPU by default), backward, ``longseq.sync_gradients``
+(sum over SP, average over DP), clip the global gradient norm (after the sync the gradients are
+identical on every rank, so the norm is computed locally), AdamW step, LR schedule step. Rank 0
+prints progress, appends to ``metrics.jsonl`` and writes checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+import longseq
+from longseq import comm
+from longseq.ledger import LEDGER
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from . import methods
+from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
+from .metrics import MetricsWriter, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
+
+__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor"]
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _say(*a) -> None:
+    print("[longseq.train]", *a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, ocfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (biases, norms and 1-D tables are not decayed)."""
+    if str(ocfg.name).lower() != "adamw":
+        raise ConfigError(f"optim.name={ocfg.name!r}: only adamw is provided")
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    wd = float(ocfg.weight_decay)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=float(ocfg.lr),
+                             betas=tuple(float(b) for b in ocfg.betas), eps=float(ocfg.eps))
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR for the update after ``step`` completed steps: linear warmup over
+    ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total`` steps, or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    total, warmup = int(cfg.train.steps), int(o.warmup_steps)
+    sched, ratio = str(o.schedule), float(o.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=sched, min_ratio=ratio))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the run
+# ----------------------------------------------------------------------------------------------
+def _device(cfg) -> torch.device:
+    want = str(cfg.train.device)
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return longseq.launch.local_device()
+
+
+def _backend(cfg, device: torch.device) -> str:
+    b = str(cfg.train.backend)
+    return b if b != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _barrier(tag: str) -> None:
+    comm.all_reduce(torch.zeros(1, device=_comm_device()), dist.group.WORLD, tag=tag)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _summed_ledger(before: dict) -> dict:
+    """This run's ledger totals (since ``before``), summed over all ranks, in format_table's shape."""
+    mine = {}
+    for key, (calls, sent, recv) in LEDGER.totals.items():
+        b = before.get(key, (0, 0, 0))
+        if calls - b[0] > 0:
+            mine[key] = (calls - b[0], sent - b[1], recv - b[2])
+    everyone = comm.all_gather_object(mine, dist.group.WORLD, tag="train.ledger")
+    total: dict = {}
+    for d in everyone:
+        for key, (c, s, r) in d.items():
+            acc = total.setdefault(key, {"calls": 0, "bytes_sent": 0, "bytes_recv": 0})
+            acc["calls"] += c
+            acc["bytes_sent"] += s
+            acc["bytes_recv"] += r
+    return total
+
+
+def _maybe_fault(cfg, step: int, rank: int, out_dir: Path) -> None:
+    """Fault injection: at ``train.fault_at_step`` rank ``train.fault_rank`` exits once (a marker
+    file in the run directory keeps it from firing again after a restart)."""
+    at = cfg.train.fault_at_step
+    if at is None or int(at) != step or rank != int(cfg.train.fault_rank):
+        return
+    marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
+    try:
+        fd = os.open(str(marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.fsync(fd)
+    os.close(fd)
+    _say(f"fault injection: rank {rank} exits at step {step} (train.fault_at_step={at}; marker {marker.name})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(17)
+
+
+def _fresh_start_cleanup(out_dir: Path, ckpt_dir: Path) -> None:
+    """resume=none: forget an earlier run in this directory (its checkpoints, pointer and metrics)."""
+    old = ckpt.list_checkpoints(ckpt_dir)
+    if old or (ckpt_dir / "latest").exists():
+        _say(f"train.resume=none: removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir}")
+    for _, p in old:
+        p.unlink(missing_ok=True)
+    (ckpt_dir / "latest").unlink(missing_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
+        for m in out_dir.glob(".fault_fired_*"):
+            m.unlink(missing_ok=True)
+
+
+def _ensure_grads(params: list) -> None:
+    """Every parameter gets a gradient (zeros if unused), so every rank syncs the same set."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _grad_norm(params: list, clip: float) -> torch.Tensor:
+    if clip and clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
+    """Run the training described by a validated config; returns a small summary (rank 0's view)."""
+    device = _device(cfg)
+    longseq.init_distributed(_backend(cfg, device), timeout_s=float(cfg.train.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != layout.world:
+        raise ConfigError(f"validated for a world of {layout.world} but torch.distributed has {world} ranks")
+    groups = longseq.init_parallel_groups(layout.sp_size)
+    lead = rank == 0
+    out_dir = Path(str(cfg.train.out_dir)).expanduser().resolve()
+    ckpt_dir = ckpt.checkpoint_dir(out_dir)
+    resume = cfg.train.resume
+    resume = "none" if resume in (None, False) else str(resume)
+
+    # Run directory, config, an earlier run's leftovers.
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume == "none":
+            _fresh_start_cleanup(out_dir, ckpt_dir)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _barrier("train.setup")
+
+    precision = str(cfg.train.precision)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+
+    # Model, plan, optimizer.
+    trainable = methods.build(cfg, groups, device)
+    model = trainable.model
+    model.train()
+    if bool(cfg.train.activation_checkpointing):
+        methods.apply_activation_checkpointing(trainable.units)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg)
+    G = int(cfg.train.global_batch_size)
+    steps = int(cfg.train.steps)
+
+    # Resume.
+    step, position, resumed_from = 0, 0, None
+    if resume != "none":
+        path = None
+        if lead:
+            path = ckpt.find_latest(ckpt_dir) if resume == "auto" else Path(resume)
+            path = str(path) if path is not None else None
+        path = comm.all_gather_object(path, dist.group.WORLD, tag="train.resume")[0]
+        if path is not None:
+            state = ckpt.load_checkpoint(path)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, position = int(state["step"]), int(state["data_position"])
+            rng = state.get("rng") or []
+            if rng:
+                ckpt.set_rng_state(rng[rank] if len(rng) == world else rng[0])
+            resumed_from = path
+            del state
+            if lead:
+                truncate_metrics(out_dir / "metrics.jsonl", step)
+
+    shard = None
+    if trainable.input_shard is not None and groups.sp_size > 1:
+        shard = data_mod.Shard(trainable.input_shard, groups.sp_rank, groups.sp_size)
+    loader = data_mod.BatchSource(data_mod.make_source(cfg), global_batch=G, dp_rank=groups.dp_rank,
+                                  dp_size=groups.dp_size, shard=shard, sp_size=groups.sp_size, device=device)
+    metrics = MetricsWriter(out_dir, enabled=lead, tensorboard=cfg.train.tensorboard)
+    peak = peak_tflops(device, cfg.train.peak_tflops)
+    tokens_per_step = G * trainable.tokens_per_sample
+    n_params = methods.param_count(model)
+
+    if lead:
+        _say(f"world {world} = SP {groups.sp_size} x DP {groups.dp_size} | {cfg.model.name} "
+             f"({methods.human_count(n_params)} parameters) | parallel={cfg.parallel.method} | "
+             f"{device.type} {dist.get_backend()} | precision {precision}"
+             + (" | activation checkpointing" if cfg.train.activation_checkpointing else ""))
+        _say(f"global batch {G} samples x {trainable.tokens_per_sample} tokens | {steps} steps | "
+             f"out_dir {out_dir}" + (f" | resumed from {Path(resumed_from).name} (step {step})" if resumed_from else ""))
+
+    ledger_before = {k: tuple(v) for k, v in LEDGER.totals.items()}
+    every = int(cfg.train.checkpoint_every)
+    keep = int(cfg.train.keep_checkpoints)
+    log_every = max(1, int(cfg.train.log_every))
+    sleep_s = float(cfg.train.debug_sleep_s or 0.0)
+    clip = float(cfg.optim.grad_clip or 0.0)
+    last: dict = {}
+    losses: list[float] = []
+    wall0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    while step < steps:
+        _maybe_fault(cfg, step + 1, rank, out_dir)
+        t0 = time.perf_counter()
+        batch = loader.batch(position)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(precision, device):
+            loss = trainable.loss(batch)
+        loss.backward()
+        _ensure_grads(params)
+        longseq.sync_gradients(params, groups)
+        gnorm = _grad_norm(params, clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        position += G
+
+        value = loss.detach().float().reshape(1).clone()
+        if groups.dp_size > 1:
+            comm.all_reduce(value, groups.dp_group, tag="train.loss.dp")
+            value /= groups.dp_size
+        loss_value = float(value.item())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        mfu = trainable.flops_per_token * tps / (world * peak * 1e12) if peak else None
+        last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
+                "tokens_per_s": tps, "samples_per_s": G / dt, "peak_mem_gib": peak_memory_gib(device),
+                "mfu": mfu, "data_position": position}
+        losses.append(loss_value)
+        metrics.log(last)
+        if lead and (step % log_every == 0 or step == steps):
+            _say(progress_line(last, steps, device.type == "cpu"))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss is {loss_value} at step {step}: lower optim.lr, or use "
+                                     "train.precision=fp32 to see whether bf16 is the cause")
+
+        if (every and step % every == 0) or step == steps:
+            rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
+            if lead:
+                state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rngs,
+                         "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size},
+                         "config": OmegaConf.to_container(cfg, resolve=True)}
+                p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep)
+                if step % log_every == 0 or step == steps:
+                    _say(f"checkpoint {p.relative_to(out_dir)}")
+            _barrier("train.checkpoint")
+        if sleep_s > 0:
+            time.sleep(sleep_s)
+
+    wall = time.perf_counter() - wall0
+    metrics.close()
+    table = _summed_ledger(ledger_before)
+    if lead:
+        import json
+        text = longseq.format_table(table, title="ledger of this run, summed over all ranks")
+        (out_dir / "ledger.txt").write_text(text + "\n")
+        (out_dir / "ledger.json").write_text(json.dumps(
+            [{"op": op, "tag": tag, **v} for (op, tag), v in sorted(table.items())], indent=1) + "\n")
+        if losses:
+            _say(f"done: {len(losses)} steps in {wall:.1f} s | loss {losses[0]:.5f} -> {losses[-1]:.5f}")
+        else:
+            _say(f"nothing to do: the checkpoint is at step {step} >= train.steps={steps} "
+                 "(raise train.steps to train longer, or use a new train.out_dir)")
+        print(text, flush=True)
+    _barrier("train.end")
+    longseq.launch.destroy()
+    return {"step": step, "losses": losses, "last": last, "out_dir": str(out_dir)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lead = _env_rank() == 0
+    try:
+        args = parse_args(argv)
+        if args.help:
+            if lead:
+                print(USAGE)
+            return 0
+        cfg = load_config(args.overrides, config_dir=args.config_dir, config_name=args.config_name)
+        if args.print_cfg:
+            if lead:
+                print(OmegaConf.to_yaml(cfg))
+            return 0
+        layout = validate(cfg)
+    except ConfigError as e:
+        if lead:
+            print(f"longseq.train: config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    train(cfg, layout)
+    return 0
