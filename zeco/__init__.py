@@ -1,1 +1,21 @@
-"""ZeCO: sequence parallelism for gated linear attention with the All-Scan collective."""
+"""ZeCO: sequence parallelism for gated linear attention with the All-Scan collective.
+
+* :mod:`zeco.gla` — the local (single-device) GLA operator: ``gla_fwd``, ``gla_bwd``, ``gla``.
+* :mod:`zeco.all_scan` — All-Scan, the pipelined prefix scan of states over ranks
+  (``all_scan``, ``all_scan_start`` → handle, ``num_blocks_for``).
+* :mod:`zeco.sp_gla` — ``sp_gla(q, k, v, g, *, group, method="zeco" | "lasp1" | "lasp2", ...)``.
+* :mod:`zeco.plans` — ``parallelize(model, group, method=...)`` swaps a model's GLA op for
+  ``sp_gla``; ``shard_sequence``, ``shift_labels``, ``sp_lm_loss`` for the data and the loss.
+
+See docs/zeco.md.
+"""
+from .gla import GLAFunction, gla, gla_bwd, gla_fwd, recurrent_gla_reference
+from .all_scan import DEFAULT_BLOCK_BYTES, AllScanHandle, all_scan, all_scan_start, num_blocks_for
+from .sp_gla import METHODS, sp_gla
+from .plans import parallelize, shard_sequence, shift_labels, sp_lm_loss, unparallelize
+
+__all__ = [
+    "gla", "gla_fwd", "gla_bwd", "GLAFunction", "recurrent_gla_reference",
+    "all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_BLOCK_BYTES",
+    "sp_gla", "METHODS", "parallelize", "unparallelize", "shard_sequence", "shift_labels", "sp_lm_loss",
+]

@@ -1,0 +1,286 @@
+"""Sequence-parallel GLA (zeco.sp_gla: ZeCO / LASP-1 / LASP-2) and the All-Scan collective, on gloo
+CPU processes, against single-process GLA (zeco.gla.gla) over the whole sequence.
+
+Tolerances: float64 max |sp - ref| <= 1e-10 * max(1, max |ref|) per tensor; float32
+max |sp - ref| <= 2e-5 * max |ref| (float32 ops; both sides float32).
+The ledger tests count exactly the elements named in zeco/sp_gla.py's table.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longseq.ledger import LEDGER
+from longseq.sharding import split_sizes
+from zeco import all_scan, all_scan_start, gla, num_blocks_for, sp_gla
+from zeco.all_scan import DEFAULT_BLOCK_BYTES, scan_reference
+
+W = None  # the world group (set in workers)
+REL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _err(a, ref, dtype):
+    a, ref = a.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    if dtype == torch.float64:
+        scale = max(scale, 1.0)
+    return ((a - ref).abs().max().item() / max(scale, 1e-30)) if ref.numel() else 0.0
+
+
+def _inputs(B, T, H, K, V, scalar, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    gshape = (B, T, H) if scalar else (B, T, H, K)
+    g = F.logsigmoid(r(*gshape) + 2.0) * 0.5
+    # a random fifth of the entries decays strongly (down to -20): exercises underflowing decays
+    g = torch.where(torch.rand(gshape, generator=gen, dtype=torch.float64) < 0.2, (g * 40).clamp_min(-20), g)
+    h0, do = r(B, H, K, V), r(B, T, H, V)
+    return [x.to(dtype) for x in (q, k, v, g, h0, do)]
+
+
+def _piece(x, sizes, r, dim=1):
+    s = sum(sizes[:r])
+    return x.narrow(dim, s, sizes[r])
+
+
+def _sp_vs_serial(T, B, H, K, V, chunk, dtype_name, cases):
+    """For each (method, scalar, overlap, num_blocks): SP forward/backward vs serial GLA.
+
+    loss = <o, dO> + sum_r <S_end(prefix up to rank r's end), dht_r> (per-rank final states)."""
+    dtype = getattr(torch, dtype_name)
+    P, me = dist.get_world_size(), dist.get_rank()
+    grp = dist.group.WORLD
+    sizes = split_sizes(T, P)
+    ends = [sum(sizes[: i + 1]) for i in range(P)]
+    out = {}
+    for (method, scalar, overlap, nb) in cases:
+        q, k, v, g, h0, do = _inputs(B, T, H, K, V, scalar, dtype, seed=7 + 3 * scalar)
+        gen = torch.Generator().manual_seed(99)
+        dhts = [torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(dtype) for _ in range(P)]
+        # serial reference over the whole sequence
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, h0)]
+        o_ref, _ = gla(*leaves[:4], initial_state=leaves[4], chunk_size=chunk)
+        loss = (o_ref.double() * do.double()).sum()
+        finals = []
+        for i in range(P):
+            if ends[i] == 0:
+                st = leaves[4]
+            else:
+                _, st = gla(*(x[:, : ends[i]] for x in leaves[:4]), initial_state=leaves[4],
+                            output_final_state=True, chunk_size=chunk)
+            finals.append(st)
+            loss = loss + (st.double() * dhts[i].double()).sum()
+        loss.backward()
+        ref_grads = [x.grad for x in leaves]
+        # sequence parallel
+        mine = [_piece(x, sizes, me).detach().clone().requires_grad_() for x in (q, k, v, g)]
+        h0_sp = h0.detach().clone().requires_grad_()
+        o, st = sp_gla(*mine, group=grp, method=method, initial_state=h0_sp, output_final_state=True,
+                       num_blocks=nb, chunk_size=chunk, overlap_backward=overlap)
+        l_sp = (o.double() * _piece(do, sizes, me).double()).sum() + (st.double() * dhts[me].double()).sum()
+        l_sp.backward()
+        errs = {
+            "o": _err(o, _piece(o_ref, sizes, me), dtype),
+            "final": _err(st, finals[me], dtype),
+            "dq": _err(mine[0].grad, _piece(ref_grads[0], sizes, me), dtype),
+            "dk": _err(mine[1].grad, _piece(ref_grads[1], sizes, me), dtype),
+            "dv": _err(mine[2].grad, _piece(ref_grads[2], sizes, me), dtype),
+            "dg": _err(mine[3].grad, _piece(ref_grads[3], sizes, me), dtype),
+        }
+        # initial_state: rank 0 holds the whole gradient, the others zero (shares sum to the total)
+        dh0 = h0_sp.grad.clone()
+        dist.all_reduce(dh0)
+        errs["dh0"] = _err(dh0, ref_grads[4], dtype)
+        errs["dh0_zero_off_rank0"] = 0.0 if me == 0 else h0_sp.grad.abs().max().item()
+        out[(method, scalar, overlap, nb)] = errs
+    return out
+
+
+ALL_CASES = [(m, s, True, None) for m in ("zeco", "lasp1", "lasp2") for s in (False, True)] + [
+    ("zeco", False, False, None), ("zeco", True, False, 3), ("zeco", False, True, 3), ("zeco", False, True, 100)]
+
+
+def _assert_ok(res, dtype):
+    for case, errs in res.items():
+        for name, e in errs.items():
+            assert e <= REL[dtype], f"{case}: {name} error {e:.3g} > {REL[dtype]}"
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_sp_gla_matches_serial_float64(dist_pool, P):
+    """Every method, per-key and scalar decay, uneven T=37 over P ranks (chunk 16, so chunks cross
+    rank boundaries), initial state and per-rank final states, forward and all gradients."""
+    res = dist_pool(P).run(_sp_vs_serial, 37, 2, 2, 8, 6, 16, "float64", ALL_CASES)
+    for r in res:
+        _assert_ok(r, torch.float64)
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_sp_gla_matches_serial_float32(dist_pool, P):
+    cases = [(m, s, True, None) for m in ("zeco", "lasp1", "lasp2") for s in (False, True)] + [("zeco", False, False, 2)]
+    res = dist_pool(P).run(_sp_vs_serial, 37, 2, 2, 8, 6, 16, "float32", cases)
+    for r in res:
+        _assert_ok(r, torch.float32)
+
+
+def test_sp_gla_empty_pieces(dist_pool):
+    """T=3 over 4 ranks: the last rank holds no token and passes the state through."""
+    cases = [(m, False, True, None) for m in ("zeco", "lasp1", "lasp2")] + [("zeco", True, False, None)]
+    for r in dist_pool(4).run(_sp_vs_serial, 3, 1, 2, 4, 3, 2, "float64", cases):
+        _assert_ok(r, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# All-Scan
+# ----------------------------------------------------------------------------------------------
+def _scan_case(shape, per_row, reverse, nb, with_init, transposed):
+    P, me = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(5)
+    locs = [torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(P)]
+    dshape = shape[:-1] if per_row else shape[:-2]
+    decs = [torch.rand(*dshape, generator=gen, dtype=torch.float64) for _ in range(P)]
+    init = torch.randn(*shape, generator=gen, dtype=torch.float64) if with_init else None
+    ref = scan_reference(decs, locs, init, reverse=reverse)
+    loc = locs[me]
+    if transposed:  # a strided view must still give the right answer (gloo and strides)
+        loc = loc.transpose(-1, -2).contiguous().transpose(-1, -2)
+    with LEDGER.recording() as rec:
+        inp, out = all_scan(decs[me], loc, dist.group.WORLD, initial_state=init, reverse=reverse,
+                            num_blocks=nb, output_final_state=True, tag="t.scan")
+    h = all_scan_start(decs[me], loc, dist.group.WORLD, initial_state=init, reverse=reverse, num_blocks=nb,
+                       output_final_state=True, tag="t.scan.async")
+    _ = torch.randn(64, 64) @ torch.randn(64, 64)  # local work while the scan travels
+    inp2, out2 = h.wait()
+    ok = (torch.allclose(inp, ref[me][0], atol=1e-12) and torch.allclose(out, ref[me][1], atol=1e-12)
+          and torch.equal(inp, inp2) and torch.equal(out, out2))
+    sends = rec.filter(op="send")
+    recvs = rec.filter(op="recv")
+    return ok, h.num_blocks, len(sends), sends.elements_sent, len(recvs), recvs.elements_recv
+
+
+@pytest.mark.parametrize("P", [2, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_all_scan(dist_pool, P, reverse):
+    shape = (2, 3, 5, 4)  # [B, H, K rows, V]
+    numel = 2 * 3 * 5 * 4
+    for nb, expect_n in [(1, 1), (2, 2), (5, 5), (9, 5)]:  # more blocks than rows: clamped to rows
+        for per_row, with_init, transposed in [(True, False, False), (False, True, True)]:
+            res = dist_pool(P).run(_scan_case, shape, per_row, reverse, nb, with_init, transposed)
+            for r, (ok, n, ns, es, nr, er) in enumerate(res):
+                assert ok, (nb, per_row, r)
+                assert n == expect_n
+                first = (r == P - 1) if reverse else (r == 0)
+                last = (r == 0) if reverse else (r == P - 1)
+                assert (ns, es) == ((0, 0) if last else (expect_n, numel))   # one state sent, in N blocks
+                assert (nr, er) == ((0, 0) if first else (expect_n, numel))  # one state received
+
+
+def test_num_blocks_rule():
+    f4 = torch.float32
+    assert num_blocks_for((1, 4, 256, 512), f4) == -(-(4 * 256 * 512 * 4) // DEFAULT_BLOCK_BYTES)
+    assert num_blocks_for((1, 1, 2, 3), f4) == 1                  # tiny state: one block
+    assert num_blocks_for((64, 64, 4, 1024), f4) == 4             # never more blocks than rows
+    assert num_blocks_for((2, 2, 8, 8), f4, 3) == 3
+    assert num_blocks_for((2, 2, 8, 8), f4, 100) == 8             # clamped
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            num_blocks_for((2, 2, 8, 8), f4, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the cross-rank check
+# ----------------------------------------------------------------------------------------------
+def _mismatch(kind):
+    me = dist.get_rank()
+    B, T, H, K, V = 1, 4, 2, 4, 3
+    if kind == "K" and me == 1:
+        K = 5
+    if kind == "method":
+        method = "lasp1" if me == 1 else "zeco"
+    else:
+        method = "zeco"
+    q = torch.randn(B, T, H, K); v = torch.randn(B, T, H, V)
+    g = F.logsigmoid(torch.randn(B, T, H, K))
+    try:
+        sp_gla(q, q.clone(), v, g, group=dist.group.WORLD, method=method, check="always")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("kind", ["K", "method"])
+def test_cross_rank_mismatch_raises_on_every_rank(dist_pool, kind):
+    msgs = dist_pool(2).run(_mismatch, kind)
+    for m in msgs:
+        assert m is not None and "disagree" in m and (kind in m)
+
+
+def test_local_validation_errors():
+    q = torch.randn(1, 4, 2, 4)
+    v = torch.randn(1, 4, 2, 3)
+    g = torch.zeros(1, 4, 2, 4)
+    with pytest.raises(ValueError, match="method"):
+        sp_gla(q, q, v, g, group=None, method="ring")
+    with pytest.raises(ValueError, match="k must"):
+        sp_gla(q, q[..., :3], v, g, group=None)
+    with pytest.raises(ValueError, match="g must"):
+        sp_gla(q, q, v, g[..., :2], group=None)
+    with pytest.raises(ValueError, match="v must"):
+        sp_gla(q, q, v[:, :3], g, group=None)
+    with pytest.raises(ValueError, match="initial_state"):
+        sp_gla(q, q, v, g, group=None, initial_state=torch.zeros(1, 2, 3, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ledger: what each method moves per layer
+# ----------------------------------------------------------------------------------------------
+def _ledger(method, scalar, nb):
+    P, me = dist.get_world_size(), dist.get_rank()
+    B, H, K, V = 2, 3, 8, 5
+    sizes = split_sizes(23, P)
+    q, k, v, g, _, do = _inputs(B, 23, H, K, V, scalar, torch.float32, 1)
+    mine = [_piece(x, sizes, me).requires_grad_() for x in (q, k, v, g)]
+    sp_gla(*mine, group=dist.group.WORLD, method=method, num_blocks=nb)  # first call: the check
+    with LEDGER.recording() as fwd:
+        o, _ = sp_gla(*mine, group=dist.group.WORLD, method=method, num_blocks=nb)
+    with LEDGER.recording() as bwd:
+        (o * _piece(do, sizes, me)).sum().backward()
+
+    def summary(rec):
+        return {op: (rec.count(op=op), rec.filter(op=op).elements_sent, rec.filter(op=op).elements_recv,
+                     sorted({x.tag for x in rec.filter(op=op)}), rec.filter(op=op).bytes_sent)
+                for op in ("send", "recv", "all_gather", "all_gather_object")}
+    return summary(fwd), summary(bwd)
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_ledger_volumes(dist_pool, P):
+    B, H, K, V = 2, 3, 8, 5
+    S = B * H * K * V
+    for scalar in (False, True):
+        G = B * H if scalar else B * H * K
+        for method, nb in (("zeco", 4), ("lasp1", None), ("lasp2", None)):
+            res = dist_pool(P).run(_ledger, method, scalar, nb)
+            for r, (f, b) in enumerate(res):
+                assert f["all_gather_object"][0] == 0 and b["all_gather_object"][0] == 0  # checked once, before
+                if method == "lasp2":
+                    assert f["send"][0] == f["recv"][0] == b["send"][0] == b["recv"][0] == 0
+                    assert f["all_gather"][:3] == (1, (P - 1) * (S + G), (P - 1) * (S + G))
+                    assert f["all_gather"][3] == ["zeco.lasp2.fwd"]
+                    assert b["all_gather"][:3] == (1, (P - 1) * S, (P - 1) * S)
+                    continue
+                msgs = nb if method == "zeco" else 1
+                tag = "zeco.scan" if method == "zeco" else "zeco.lasp1"
+                assert f["all_gather"][0] == b["all_gather"][0] == 0
+                # forward: rank -> rank+1; one state sent by every rank but the last
+                assert f["send"][:3] == ((0, 0, 0) if r == P - 1 else (msgs, S, 0))
+                assert f["recv"][:3] == ((0, 0, 0) if r == 0 else (msgs, 0, S))
+                assert f["send"][4] == (0 if r == P - 1 else 4 * S)  # float32 states
+                # backward: rank -> rank-1
+                assert b["send"][:3] == ((0, 0, 0) if r == 0 else (msgs, S, 0))
+                assert b["recv"][:3] == ((0, 0, 0) if r == P - 1 else (msgs, 0, S))
+                if r not in (0, P - 1):
+                    assert f["send"][3] == [tag + ".fwd"] and b["send"][3] == [tag + ".bwd"]

@@ -1,0 +1,425 @@
+"""Sequence-parallel gated linear attention: ZeCO (All-Scan), LASP-1 and LASP-2.
+
+Each rank of ``group`` holds a contiguous piece of the sequence, in group-rank order (rank 0 the
+first tokens); pieces may differ in length (uneven T, even empty). :func:`sp_gla` returns this
+rank's piece of the output of GLA over the whole sequence; autograd gives every rank the gradient
+of its own pieces of q, k, v, g.
+
+The maths (DESIGN.md, "ZeCO"): everything rank i computes is linear in its initial state S0_i::
+
+    o_i      = o_i(S0=0)     + (scale·q_i ⊙ A_i) · S0_i        A_i,t = exp(cumsum of g up to t)
+    S_end_i  = S_end_i(S0=0) + diag(Γ_i) · S0_i                 Γ_i = exp(sum of g over the piece)
+    S0_{i+1} = S_end_i
+
+so S0_i is a prefix scan over ranks of (Γ_i, S_end_i(0)). The three methods obtain it differently:
+
+* ``"zeco"``: rank i computes (Γ_i, S_end_i(0)) with one cheap pass (``(k ⊙ exp(Σ_{u>t} g_u))ᵀ v``,
+  O(T·K·V)), starts :func:`zeco.all_scan.all_scan_start`, runs the local op with zero initial state
+  while the scan travels, then adds ``(scale·q ⊙ A)·S0`` (another O(T·K·V) pass). Rank 0 knows its
+  S0 at once and runs the local op with it; the last rank needs no summary (it sends nothing).
+  Backward: rank i forms ``dS0_i(local) = (scale·q ⊙ A)ᵀ·dO + Γ_i ⊙ dht_i`` and starts the reverse
+  scan (``dS0_i = dS0_i(local) + diag(Γ_i)·dS0_{i+1}``). With ``overlap_backward=True`` (default)
+  it runs the local backward with the user's ``dht`` while the scan travels and then adds the
+  (linear) contribution of ``dS0_{i+1}`` through the final state to dk, dv, dg; with False it waits
+  for ``dS0_{i+1}`` and runs ``gla_bwd(initial_state=S0_i, dht=dht_i + dS0_{i+1})``.
+* ``"lasp1"``: the same chain with whole states and no overlap: rank i blocks on ``recv`` of S0_i
+  from rank i-1, sends ``S_end_i`` to rank i+1 (one message per hop), then runs the local op with
+  S0_i. Backward likewise from rank P-1 down.
+* ``"lasp2"``: one all-gather of every rank's (S_end(0), Γ) packed in one flat tensor, then each
+  rank folds the prefix itself and runs the local op with S0_i. Backward: one all-gather of every
+  rank's ``dS0(local)`` (the Γ are kept from the forward), then a suffix fold.
+
+Ledger per call (P ranks, S = B·H·K·V state elements, |Γ| = B·H·K for per-key decay, B·H for
+scalar decay; float32 states, float64 for float64 inputs):
+
+=========  ==================================================  =====================================
+method     forward, per rank                                   backward, per rank
+=========  ==================================================  =====================================
+zeco       sends S in N msgs (rank P-1: 0), receives S in N    same, reverse: rank 0 sends 0, rank
+           (rank 0: 0); tag ``zeco.scan.fwd``                  P-1 receives 0; ``zeco.scan.bwd``
+lasp1      the same volume in 1 message; ``zeco.lasp1.fwd``    likewise; ``zeco.lasp1.bwd``
+lasp2      one all_gather: sends and receives                  one all_gather: (P-1)·S;
+           (P-1)·(S+|Γ|); ``zeco.lasp2.fwd``                   ``zeco.lasp2.bwd``
+=========  ==================================================  =====================================
+
+plus, the first time a signature is seen (``check``), one ``all_gather_object`` tagged
+``zeco.check``.
+
+Cross-rank check: ranks whose B, H, K, V, decay kind, state dtype, method or N differ would hang
+or compute garbage in the scan. ``check=True`` (default) runs one small ``all_gather_object``
+(tag ``"zeco.check"``) the first time this process sees a given (group, signature) and raises a
+``ValueError`` listing every rank's signature on mismatch; ``check="always"`` does it on every call;
+``check=False`` never. (With ``True``, a rank that has already seen its signature skips the check,
+so a mismatch that appears only after a first matching call can still hang; use ``"always"`` when
+shapes vary from call to call.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from longseq import comm
+from zeco.all_scan import all_scan_start, num_blocks_for
+from zeco.gla import gla_bwd, gla_fwd
+
+__all__ = ["sp_gla", "METHODS", "SPGLAFunction", "local_summary"]
+
+METHODS = ("zeco", "lasp1", "lasp2")
+
+_CHECKED: set = set()
+
+
+# ----------------------------------------------------------------------------------------------
+# Local helpers (no communication)
+# ----------------------------------------------------------------------------------------------
+def _state_dtype(*ts) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _safe_exp(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` for ``x <= 0`` with results below ~e^-60 (float32; e^-600 for float64) set to
+    exactly 0: they are far below the precision of any sum they enter, and as subnormal floats
+    they make CPU matrix products ~10x slower."""
+    lo = -600.0 if x.dtype == torch.float64 else -60.0
+    return torch.where(x > lo, x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).exp()
+
+
+def _rev_excl_cumsum_t(g: torch.Tensor) -> torch.Tensor:
+    """``sum_{u > t} g_u`` along dim 1, summed directly from the end (no differences of large sums)."""
+    r = g.flip(1).cumsum(1).flip(1)
+    return r - g if g.shape[1] == 0 else torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], 1)
+
+
+def _per_key(x: torch.Tensor, scalar: bool) -> torch.Tensor:
+    return x.unsqueeze(-1) if scalar else x
+
+
+def local_summary(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, dt: torch.dtype):
+    """``(Γ, S_end(0))`` of a piece: ``Γ = exp(Σ_t g_t)`` (``[B, H, K]`` or ``[B, H]``) and the final
+    state from a zero initial state, ``Σ_t diag(exp(Σ_{u>t} g_u)) k_t v_tᵀ`` (``[B, H, K, V]``)."""
+    gf = g.to(dt)
+    scalar = g.dim() == 3
+    gamma = _safe_exp(gf.sum(1))
+    if k.shape[1] == 0:
+        B, _, H, K = k.shape
+        return gamma, torch.zeros(B, H, K, v.shape[-1], dtype=dt, device=k.device)
+    b = _safe_exp(_rev_excl_cumsum_t(gf))
+    kb = k.to(dt) * _per_key(b, scalar)
+    s_end = torch.einsum("bthk,bthv->bhkv", kb, v.to(dt))
+    return gamma, s_end
+
+
+def _q_decayed(q: torch.Tensor, g: torch.Tensor, scale: float, dt: torch.dtype) -> torch.Tensor:
+    """``scale · q_t ⊙ exp(Σ_{u<=t} g_u)`` in ``dt``: how o_t reads the piece's initial state."""
+    A = _safe_exp(g.to(dt).cumsum(1))
+    return q.to(dt) * (scale * _per_key(A, g.dim() == 3))
+
+
+def _expand_decay(gamma: torch.Tensor) -> torch.Tensor:
+    """Γ as a multiplier of a ``[B, H, K, V]`` state."""
+    return gamma.unsqueeze(-1) if gamma.dim() == 3 else gamma.unsqueeze(-1).unsqueeze(-1)
+
+
+def _final_state_grad_correction(q, k, v, g, S0, gamma, X, dt):
+    """Gradients of ``<S_end, X>`` w.r.t. k, v, g for a piece started from S0 (``X = dS_end``):
+
+        S_end = diag(Γ) S0 + Σ_j diag(b_j) k_j v_jᵀ,   b_j = exp(Σ_{u>j} g_u)
+        dk_j = b_j ⊙ (X v_j),   dv_j = Xᵀ (b_j ⊙ k_j)
+        dg_u = Σ_V X ⊙ (diag(Γ) S0 + Σ_{j<u} diag(b_j) k_j v_jᵀ)
+             = Σ_V (X ⊙ Γ S0) + Σ_{j<u} k_j ⊙ dk_j
+    (q does not enter). Returns ``(dk, dv, dg)`` in ``dt``; dg summed over K for scalar decay."""
+    scalar = g.dim() == 3
+    gf = g.to(dt)
+    b = _per_key(_safe_exp(_rev_excl_cumsum_t(gf)), scalar)       # [B, T, H, K|1]
+    kf, vf = k.to(dt), v.to(dt)
+    Xv = torch.einsum("bhkv,bthv->bthk", X, vf)
+    dk = b * Xv
+    dv = torch.einsum("bhkv,bthk->bthv", X, kf * b)
+    kdk = kf * dk
+    dg = kdk.cumsum(1) - kdk                                       # exclusive: Σ_{j<u}
+    if S0 is not None:
+        dg = dg + (X * _expand_decay(gamma) * S0).sum(-1).unsqueeze(1)
+    if scalar:
+        dg = dg.sum(-1)
+    return dk, dv, dg
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _validate_local(q, k, v, g, initial_state, method):
+    if method not in METHODS:
+        raise ValueError(f"sp_gla: method must be one of {METHODS}, got {method!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"sp_gla: {name} must be a floating-point tensor")
+    if q.dim() != 4:
+        raise ValueError(f"sp_gla: q must be [B, T_local, H, K], got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"sp_gla: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"sp_gla: v must be [B, T_local, H, V] with B, T_local, H = {tuple(q.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    if g.shape != q.shape and g.shape != q.shape[:3]:
+        raise ValueError(f"sp_gla: g must be [B, T_local, H, K] = {tuple(q.shape)} (per-key decay) or "
+                         f"[B, T_local, H] = {tuple(q.shape[:3])} (scalar decay), got {tuple(g.shape)}")
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"sp_gla: initial_state must be [B, H, K, V] = {(B, H, K, V)}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _group_key(group) -> tuple:
+    try:
+        return tuple(dist.get_process_group_ranks(group))
+    except Exception:  # noqa: BLE001 - WORLD or an unusual group object
+        return ("world", dist.get_world_size())
+
+
+def _check_across_ranks(group, signature: dict, mode) -> None:
+    if mode is False or mode is None:
+        return
+    if mode not in (True, "first", "always"):
+        raise ValueError(f"sp_gla: check must be True, 'first', 'always' or False, got {mode!r}")
+    key = (_group_key(group), tuple(sorted(signature.items())))
+    if mode != "always" and key in _CHECKED:
+        return
+    sigs = comm.all_gather_object(signature, group, tag="zeco.check")
+    if any(s != sigs[0] for s in sigs):
+        fields = sorted({f for s in sigs for f in s if any(t.get(f) != sigs[0].get(f) for t in sigs)})
+        rows = "\n".join(f"  rank {i}: " + ", ".join(f"{f}={s.get(f)!r}" for f in fields) for i, s in enumerate(sigs))
+        raise ValueError(
+            "sp_gla: the ranks of the sequence-parallel group disagree on " + ", ".join(fields)
+            + " (every rank must pass the same B, H, K, V, decay kind, dtype, method and num_blocks; only the "
+            "number of tokens may differ):\n" + rows)
+    _CHECKED.add(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd function
+# ----------------------------------------------------------------------------------------------
+class _Cfg:
+    __slots__ = ("group", "method", "scale", "N", "backend", "chunk_size", "P", "rank", "overlap_bwd", "dt")
+
+    def __init__(self, **kw):
+        for k_, v_ in kw.items():
+            setattr(self, k_, v_)
+
+
+def _fwd_zeco_impl(cfg, q, k, v, g, h0):
+    """ZeCO forward; the last rank posts its receives before the local work too."""
+    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    first, last = r == 0, r == P - 1
+    S0_first = h0.to(dt) if (first and h0 is not None) else None
+    gamma = None
+    if last and not first:
+        # receive only: no local summary needed; post the receives, then compute
+        handle = all_scan_start(None, torch.empty(B, H, K, V, dtype=dt, device=q.device), cfg.group,
+                                num_blocks=cfg.N, tag="zeco.scan.fwd")
+    else:
+        gamma, s_end0 = local_summary(k, v, g, dt)
+        handle = all_scan_start(gamma, s_end0, cfg.group, initial_state=S0_first, num_blocks=cfg.N,
+                                tag="zeco.scan.fwd")
+    if first:
+        o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S0_first, backend=cfg.backend,
+                        chunk_size=cfg.chunk_size)
+        handle.wait()
+        return o, ht.to(dt), S0_first, gamma
+    o0, ht0 = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=None, backend=cfg.backend,
+                      chunk_size=cfg.chunk_size)
+    S0, _ = handle.wait()
+    if gamma is None:
+        gamma = _safe_exp(g.to(dt).sum(1))
+    if q.shape[1]:
+        o = (o0.to(dt) + torch.einsum("bthk,bhkv->bthv", _q_decayed(q, g, cfg.scale, dt), S0)).to(q.dtype)
+    else:
+        o = o0
+    ht = ht0.to(dt) + _expand_decay(gamma) * S0
+    return o, ht, S0, gamma
+
+
+def _fwd_lasp1(cfg, q, k, v, g, h0):
+    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    gamma, s_end0 = local_summary(k, v, g, dt)
+    if r == 0:
+        S0 = h0.to(dt) if h0 is not None else None
+    else:
+        S0 = comm.recv((B, H, K, V), dt, r - 1, cfg.group, device=q.device, tag="zeco.lasp1.fwd")
+    if r < P - 1:
+        out = s_end0 if S0 is None else s_end0 + _expand_decay(gamma) * S0
+        comm.send(out, r + 1, cfg.group, tag="zeco.lasp1.fwd")
+    o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S0, backend=cfg.backend, chunk_size=cfg.chunk_size)
+    return o, ht.to(dt), S0, gamma
+
+
+def _fwd_lasp2(cfg, q, k, v, g, h0):
+    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    gamma, s_end0 = local_summary(k, v, g, dt)
+    if r == 0 and h0 is not None:  # rank 0 folds the whole sequence's initial state into its summary
+        s_end0 = s_end0 + _expand_decay(gamma) * h0.to(dt)
+    packed = torch.cat([s_end0.reshape(-1), gamma.reshape(-1)])
+    allp = comm.all_gather(packed, cfg.group, dim=0, tag="zeco.lasp2.fwd").view(P, -1)
+    n_s = s_end0.numel()
+    gammas = [allp[j, n_s:].view(gamma.shape) for j in range(P)]
+    S = h0.to(dt) if (r == 0 and h0 is not None) else None
+    for j in range(r):
+        sj = allp[j, :n_s].view(s_end0.shape)
+        S = sj if S is None else sj + _expand_decay(gammas[j]) * S
+    o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S, backend=cfg.backend, chunk_size=cfg.chunk_size)
+    return o, ht.to(dt), S, (gamma, torch.stack(gammas))
+
+
+def _bwd_local_dS0(cfg, q, g, do, gamma, dht):
+    """``dS0(local) = (scale·q ⊙ A)ᵀ dO + Γ ⊙ dht`` (what this rank adds to the reverse scan)."""
+    dt = cfg.dt
+    if q.shape[1]:
+        L = torch.einsum("bthk,bthv->bhkv", _q_decayed(q, g, cfg.scale, dt), do.to(dt))
+    else:
+        B, _, H, K = q.shape
+        L = torch.zeros(B, H, K, do.shape[-1], dtype=dt, device=q.device)
+    if dht is not None:
+        L = L + _expand_decay(gamma) * dht.to(dt)
+    return L
+
+
+class SPGLAFunction(torch.autograd.Function):
+    """``apply(q, k, v, g, initial_state, cfg) -> (o, final_state of this rank's piece)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, cfg):
+        ctx.set_materialize_grads(False)
+        h0_in = h0
+        h0 = h0 if cfg.rank == 0 else None  # only rank 0 starts from the given initial state
+        if cfg.P == 1:
+            o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=h0, backend=cfg.backend,
+                            chunk_size=cfg.chunk_size)
+            S0, gamma = (h0, None)
+        elif cfg.method == "zeco":
+            o, ht, S0, gamma = _fwd_zeco_impl(cfg, q, k, v, g, h0)
+        elif cfg.method == "lasp1":
+            o, ht, S0, gamma = _fwd_lasp1(cfg, q, k, v, g, h0)
+        else:
+            o, ht, S0, gamma = _fwd_lasp2(cfg, q, k, v, g, h0)
+        ctx.cfg = cfg
+        ctx.h0_dtype = None if h0_in is None else h0_in.dtype
+        extra = gamma if not isinstance(gamma, tuple) else gamma[0]
+        ctx.gammas = gamma[1] if isinstance(gamma, tuple) else None
+        ctx.save_for_backward(q, k, v, g, S0, extra)
+        return o, ht.to(cfg.dt)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, S0, gamma = ctx.saved_tensors
+        cfg = ctx.cfg
+        P, r, dt = cfg.P, cfg.rank, cfg.dt
+        if do is None:
+            do = torch.zeros_like(v)
+        if dht is not None:
+            dht = dht.to(dt)
+        if gamma is None and P > 1:
+            gamma = _safe_exp(g.to(dt).sum(1))
+        B, _, H, K = q.shape
+        V = v.shape[-1]
+        kw = dict(scale=cfg.scale, backend=cfg.backend, chunk_size=cfg.chunk_size)
+        first, last = r == 0, r == P - 1
+        X = None  # dS0_{i+1}: gradient reaching this piece's final state from later ranks
+        if P == 1:
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+        elif cfg.method == "zeco":
+            if first and not last:
+                handle = all_scan_start(None, torch.empty(B, H, K, V, dtype=dt, device=q.device), cfg.group,
+                                        reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
+            else:
+                L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
+                handle = all_scan_start(gamma, L, cfg.group, reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
+            if last:
+                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+                handle.wait()
+            elif cfg.overlap_bwd:
+                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+                X, _ = handle.wait()
+                ck, cv, cg = _final_state_grad_correction(q, k, v, g, S0, gamma, X, dt)
+                dk = (dk.to(dt) + ck).to(k.dtype)
+                dv = (dv.to(dt) + cv).to(v.dtype)
+                dg = (dg.to(dt) + cg).to(g.dtype)
+                dh0 = dh0.to(dt) + _expand_decay(gamma) * X
+            else:
+                X, _ = handle.wait()
+                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do,
+                                              dht=X if dht is None else X + dht, **kw)
+        elif cfg.method == "lasp1":
+            if not last:
+                X = comm.recv((B, H, K, V), dt, r + 1, cfg.group, device=q.device, tag="zeco.lasp1.bwd")
+            if not first:
+                L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
+                out = L if X is None else L + _expand_decay(gamma) * X
+                comm.send(out, r - 1, cfg.group, tag="zeco.lasp1.bwd")
+            D = X if dht is None else (dht if X is None else X + dht)
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
+        else:  # lasp2
+            L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
+            allL = comm.all_gather(L.reshape(-1).contiguous(), cfg.group, dim=0, tag="zeco.lasp2.bwd").view(P, *L.shape)
+            gammas = ctx.gammas
+            for j in range(P - 1, r, -1):
+                X = allL[j] if X is None else allL[j] + _expand_decay(gammas[j]) * X
+            D = X if dht is None else (dht if X is None else X + dht)
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
+        dh0_out = None
+        if ctx.needs_input_grad[4]:
+            dh0_out = dh0.to(ctx.h0_dtype) if first else torch.zeros(B, H, K, V, dtype=ctx.h0_dtype,
+                                                                      device=q.device)
+        return dq, dk, dv, dg, dh0_out, None
+
+
+def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
+           method: str = "zeco", scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+           output_final_state: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
+           chunk_size: int = 64, overlap_backward: bool = True,
+           check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Sequence-parallel GLA over ``group``: this rank's piece of the output of GLA over the whole
+    sequence (the pieces of all ranks concatenated in group-rank order).
+
+    Args:
+        q, k: ``[B, T_i, H, K]``; v: ``[B, T_i, H, V]``; g: ``[B, T_i, H, K]`` (per-key log decay) or
+            ``[B, T_i, H]`` (scalar per head). ``T_i`` may differ between ranks (0 included).
+        group: the sequence-parallel process group (explicit; no global default).
+        method: ``"zeco"`` (All-Scan, overlapped), ``"lasp1"`` (sequential ring), ``"lasp2"``
+            (all-gather).
+        scale: ``K ** -0.5`` when None.
+        initial_state: ``[B, H, K, V]`` initial state of the *whole* sequence; read on group rank 0
+            only (other ranks may pass the same tensor or None). Its gradient comes back on rank 0
+            and is zero on the others (shares summed over the group give the total).
+        output_final_state: also return the state at the end of this rank's piece (on the last rank:
+            the final state of the whole sequence); differentiable.
+        num_blocks: All-Scan's N (default: :func:`zeco.all_scan.num_blocks_for`); zeco only.
+        backend, chunk_size: of the local operator :func:`zeco.gla.gla_fwd` / ``gla_bwd``.
+        overlap_backward: zeco's backward overlaps the reverse scan with the local backward
+            (then adds the final-state gradient's contribution); False waits for the scan first.
+        check: cross-rank consistency check (module docstring): True (first time per signature),
+            "always", or False.
+
+    Returns:
+        ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
+    """
+    _validate_local(q, k, v, g, initial_state, method)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    P, r = comm.group_size(group), comm.group_rank(group)
+    dt = _state_dtype(q, k, v, g)
+    N = num_blocks_for((B, H, K, V), dt, num_blocks)
+    if P > 1:
+        sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
+                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
+        _check_across_ranks(group, sig, check)
+    cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,
+               backend=backend, chunk_size=chunk_size, P=P, rank=r, overlap_bwd=bool(overlap_backward), dt=dt)
+    o, ht = SPGLAFunction.apply(q, k, v, g, initial_state, cfg)
+    return o, (ht if output_final_state else None)
