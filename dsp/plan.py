@@ -33,8 +33,8 @@ Between stages the activation is always sharded along ``home``, so anything the 
 between stages (residuals, norms, per-token layers) sees one layout. Replicated inputs (timestep,
 captions) are not touched. A stage must keep the size of the dimension it runs sharded along
 (checked); stages may not be nested. Stage hooks act only inside a forward of the whole model
-(calling a stage alone, or recomputing it under activation checkpointing around the stage module,
-raises); checkpoint inside the stages instead.
+(calling a stage alone raises). Activation checkpointing works when it wraps a stage's ``forward``
+(the hooks stay outside the recomputed region), not the module call.
 """
 from __future__ import annotations
 
