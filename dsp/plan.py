@@ -155,11 +155,15 @@ _CHECK_MODES = {True: "new", False: "off", "new": "new", "always": "always", "of
 
 
 def _describe(v: Any) -> Any:
+    """What must agree across ranks: a tensor's shape and dtype; of anything else only its type
+    (a Python scalar that changes every step must not make every step's signature new)."""
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(v.shape), str(v.dtype).replace("torch.", ""))
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v if not isinstance(v, float) else ("float", v)
-    return type(v).__name__
+    return None if v is None else type(v).__name__
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b))  # NaN == NaN here
 
 
 def _fingerprint(v: torch.Tensor) -> tuple[float, ...]:
@@ -284,8 +288,8 @@ class DSPHandle:
         check_params = not self._params_checked
         if check_params:
             with torch.no_grad():
-                mine["params"] = float(sum((p.sum(dtype=torch.float64) for p in self.model.parameters()),
-                                           torch.zeros((), dtype=torch.float64)))
+                mine["params"] = float(sum((p.sum(dtype=torch.float64).cpu() for p in self.model.parameters()
+                                            if p.device.type != "meta"), torch.zeros((), dtype=torch.float64)))
         everyone = comm.all_gather_object(mine, self.group, tag="dsp.check")
         if any(o["sig"] != sig for o in everyone):
             lines = "\n".join(f"  rank {r}: " + ", ".join(f"{k} {_pretty(d)}" for k, d in o["sig"])
@@ -295,14 +299,14 @@ class DSPHandle:
                 f"group must get the whole of the same sample):\n{lines}")
         for k in mine["values"]:
             vals = [o["values"][k] for o in everyone]
-            if any(v != vals[0] for v in vals):
+            if not all(_same(v, vals[0]) for v in vals):
                 raise ValueError(
                     f"DSP: the ranks of a sequence-parallel group got different values in {k} (fingerprints "
                     f"{vals}); every rank of an SP group must load the same sample (ranks of different DP groups "
                     "load different ones)")
         if check_params:
             vals = [o["params"] for o in everyone]
-            if any(v != vals[0] for v in vals):
+            if not all(_same((v,), (vals[0],)) for v in vals):
                 raise ValueError(
                     f"DSP: the model's parameters differ across the ranks of the sequence-parallel group (sums "
                     f"{vals}); build it with the same seed on every rank or broadcast the weights first")

@@ -308,3 +308,34 @@ def test_parallelize_is_undone_by_remove():
         pass
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def _check_modes():
+    W, r = dist.group.WORLD, dist.get_rank()
+    model = _model(patch=1)
+    counts = {}
+    with torch.no_grad():
+        for mode in (True, "always", False):
+            handle = dsp.parallelize(model, W, check_inputs=mode)
+            with LEDGER.recording() as rec:
+                for shape, seed in [((1, 4, 3, 3), 1), ((1, 4, 3, 3), 2), ((1, 5, 3, 3), 3), ((1, 4, 3, 3), 4)]:
+                    x, ts, y, y_mask, _ = _inputs(shape, seed)
+                    model(x, ts, y, y_mask)
+            counts[str(mode)] = rec.count("all_gather_object", tag="dsp.check")
+            handle.remove()
+        # "always" also catches an SP rank loading a different sample on a later step
+        handle = dsp.parallelize(model, W, check_inputs="always")
+        model(*_inputs((1, 4, 3, 3), 1)[:4])
+        try:
+            model(*_inputs((1, 4, 3, 3), 2 + (r == 1))[:4])
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        handle.remove()
+    return counts, msg
+
+
+def test_input_check_modes(dist_pool):
+    for counts, msg in dist_pool(2).run(_check_modes):
+        assert counts == {"True": 2, "always": 4, "False": 0}   # default: once per new input signature
+        assert msg is not None and "different values" in msg
