@@ -22,6 +22,6 @@ setup(
         # Tests: fla for its pure-PyTorch reference functions (its package imports triton, whose
         # kernels never run on CPU); diffusers for the Latte adapter; matplotlib for benchmark plots.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "numpy", "triton>=3.0",
-                 "flash-linear-attention>=0.6", "matplotlib"],
+                 "flash-linear-attention>=0.6", "matplotlib", "diffusers>=0.30"],
     },
 )
