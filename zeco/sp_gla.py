@@ -65,7 +65,7 @@ from longseq import comm
 from zeco.all_scan import all_scan_start, num_blocks_for
 from zeco.gla import gla_bwd, gla_fwd
 
-__all__ = ["sp_gla", "METHODS", "SPGLAFunction", "local_summary"]
+__all__ = ["sp_gla", "METHODS", "SPGLAFunction", "local_summary", "lasp1_scan", "lasp2_scan"]
 
 METHODS = ("zeco", "lasp1", "lasp2")
 
@@ -244,37 +244,71 @@ def _fwd_zeco_impl(cfg, q, k, v, g, h0):
     return o, ht, S0, gamma
 
 
+def lasp1_scan(decay: Optional[torch.Tensor], local: Optional[torch.Tensor], group: Any, *, shape, dtype,
+               device=None, initial_state: Optional[torch.Tensor] = None, reverse: bool = False,
+               tag: str = "zeco.lasp1") -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """LASP-1's chain: the recurrence of :func:`zeco.all_scan.all_scan` with whole states and blocking
+    point-to-point messages: rank i waits for ``in_i`` from its predecessor (one ``recv``), computes
+    ``out_i = diag(d_i) in_i + L_i`` and sends it on (one ``send``). ``local`` may be None on the last
+    rank of the chain (it sends nothing). Returns ``(in_i or None for a zero input, out_i or None)``."""
+    P, me = comm.group_size(group), comm.group_rank(group)
+    prev, nxt = (me + 1, me - 1) if reverse else (me - 1, me + 1)
+    if 0 <= prev < P:
+        inp = comm.recv(shape, dtype, prev, group, device=device if device is not None else "cpu", tag=tag)
+    else:
+        inp = initial_state.to(dtype) if initial_state is not None else None
+    out = None
+    if 0 <= nxt < P:
+        out = local if inp is None else local + (inp if decay is None else _expand_decay(decay) * inp)
+        comm.send(out, nxt, group, tag=tag)
+    return inp, out
+
+
+def lasp2_scan(decay: torch.Tensor, local: torch.Tensor, group: Any, *, initial_state: Optional[torch.Tensor] = None,
+               reverse: bool = False, decays: Optional[torch.Tensor] = None,
+               tag: str = "zeco.lasp2") -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """LASP-2: one all-gather of every rank's ``L_i`` (packed with its decay ``d_i`` unless ``decays``,
+    the ``[P, ...]`` stack of all ranks' decays, is given), then a local fold over the ranks before
+    this one (after it, with ``reverse``). The first rank of the chain folds ``initial_state`` into
+    what it contributes. Returns ``(in_i or None for a zero input, all decays [P, ...])``."""
+    P, me = comm.group_size(group), comm.group_rank(group)
+    first = P - 1 if reverse else 0
+    contrib = local
+    if me == first and initial_state is not None:
+        contrib = local + _expand_decay(decay) * initial_state.to(local.dtype)
+    flat = [contrib.reshape(-1)] if decays is not None else [contrib.reshape(-1), decay.reshape(-1)]
+    packed = torch.cat(flat) if len(flat) > 1 else flat[0].contiguous()
+    allp = comm.all_gather(packed, group, dim=0, tag=tag).view(P, -1)
+    n_s = local.numel()
+    if decays is None:
+        decays = allp[:, n_s:].reshape(P, *decay.shape)
+    order = range(P - 1, me, -1) if reverse else range(me)
+    S = None
+    for j in order:
+        sj = allp[j, :n_s].view(local.shape)
+        S = sj if S is None else sj + _expand_decay(decays[j]) * S
+    if me == first:
+        S = initial_state.to(local.dtype) if initial_state is not None else None
+    return S, decays
+
+
 def _fwd_lasp1(cfg, q, k, v, g, h0):
     P, r, dt = cfg.P, cfg.rank, cfg.dt
     B, _, H, K = q.shape
     V = v.shape[-1]
     gamma, s_end0 = local_summary(k, v, g, dt)
-    if r == 0:
-        S0 = h0.to(dt) if h0 is not None else None
-    else:
-        S0 = comm.recv((B, H, K, V), dt, r - 1, cfg.group, device=q.device, tag="zeco.lasp1.fwd")
-    if r < P - 1:
-        out = s_end0 if S0 is None else s_end0 + _expand_decay(gamma) * S0
-        comm.send(out, r + 1, cfg.group, tag="zeco.lasp1.fwd")
+    S0, _ = lasp1_scan(gamma, s_end0, cfg.group, shape=(B, H, K, V), dtype=dt, device=q.device,
+                       initial_state=h0, tag="zeco.lasp1.fwd")
     o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S0, backend=cfg.backend, chunk_size=cfg.chunk_size)
     return o, ht.to(dt), S0, gamma
 
 
 def _fwd_lasp2(cfg, q, k, v, g, h0):
-    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    dt = cfg.dt
     gamma, s_end0 = local_summary(k, v, g, dt)
-    if r == 0 and h0 is not None:  # rank 0 folds the whole sequence's initial state into its summary
-        s_end0 = s_end0 + _expand_decay(gamma) * h0.to(dt)
-    packed = torch.cat([s_end0.reshape(-1), gamma.reshape(-1)])
-    allp = comm.all_gather(packed, cfg.group, dim=0, tag="zeco.lasp2.fwd").view(P, -1)
-    n_s = s_end0.numel()
-    gammas = [allp[j, n_s:].view(gamma.shape) for j in range(P)]
-    S = h0.to(dt) if (r == 0 and h0 is not None) else None
-    for j in range(r):
-        sj = allp[j, :n_s].view(s_end0.shape)
-        S = sj if S is None else sj + _expand_decay(gammas[j]) * S
-    o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S, backend=cfg.backend, chunk_size=cfg.chunk_size)
-    return o, ht.to(dt), S, (gamma, torch.stack(gammas))
+    S0, gammas = lasp2_scan(gamma, s_end0, cfg.group, initial_state=h0, tag="zeco.lasp2.fwd")
+    o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S0, backend=cfg.backend, chunk_size=cfg.chunk_size)
+    return o, ht.to(dt), S0, (gamma, gammas)
 
 
 def _bwd_local_dS0(cfg, q, g, do, gamma, dht):
@@ -356,20 +390,14 @@ class SPGLAFunction(torch.autograd.Function):
                 dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do,
                                               dht=X if dht is None else X + dht, **kw)
         elif cfg.method == "lasp1":
-            if not last:
-                X = comm.recv((B, H, K, V), dt, r + 1, cfg.group, device=q.device, tag="zeco.lasp1.bwd")
-            if not first:
-                L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
-                out = L if X is None else L + _expand_decay(gamma) * X
-                comm.send(out, r - 1, cfg.group, tag="zeco.lasp1.bwd")
+            L = _bwd_local_dS0(cfg, q, g, do, gamma, dht) if not first else None
+            X, _ = lasp1_scan(gamma, L, cfg.group, shape=(B, H, K, V), dtype=dt, device=q.device, reverse=True,
+                              tag="zeco.lasp1.bwd")
             D = X if dht is None else (dht if X is None else X + dht)
             dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
         else:  # lasp2
             L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
-            allL = comm.all_gather(L.reshape(-1).contiguous(), cfg.group, dim=0, tag="zeco.lasp2.bwd").view(P, *L.shape)
-            gammas = ctx.gammas
-            for j in range(P - 1, r, -1):
-                X = allL[j] if X is None else allL[j] + _expand_decay(gammas[j]) * X
+            X, _ = lasp2_scan(gamma, L, cfg.group, reverse=True, decays=ctx.gammas, tag="zeco.lasp2.bwd")
             D = X if dht is None else (dht if X is None else X + dht)
             dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
         dh0_out = None
