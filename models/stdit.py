@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -117,7 +117,12 @@ class Mlp(nn.Sequential):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the middle dim: ``[N, L, C] -> [N, L, C]``."""
+    """Multi-head self-attention over the middle dim: ``[N, L, C] -> [N, L, C]``.
+
+    ``attn_fn`` is a hook point for a parallel plan: ``None`` (default) calls
+    ``longseq.attention.attention``; a plan may set a callable with the same signature
+    (``fn(q, k, v, backend=...)``, ``[N, L, H, D]`` in and out), e.g. a sequence-parallel attention.
+    """
 
     def __init__(self, dim: int, num_heads: int, backend: Optional[str] = None):
         super().__init__()
@@ -125,11 +130,13 @@ class SelfAttention(nn.Module):
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.attn_fn: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, l, c = x.shape
         q, k, v = self.qkv(x).view(n, l, 3, self.num_heads, c // self.num_heads).unbind(2)
-        return self.proj(attention(q, k, v, backend=self.backend).reshape(n, l, c))
+        fn = attention if self.attn_fn is None else self.attn_fn
+        return self.proj(fn(q, k, v, backend=self.backend).reshape(n, l, c))
 
 
 class CrossAttention(nn.Module):
@@ -195,10 +202,12 @@ class SpatialStage(nn.Module):
 class TemporalStage(nn.Module):
     """Per-location stage: needs T whole; any number of spatial locations.
 
-    ``forward(x [B, T, S, C], t_mod [B, 6C]) -> [B, T, S, C]``: in block 0 first adds the 1-D
-    sin-cos temporal position embedding ``[T, C]`` (built from this input's T), then
-    adaLN-modulated temporal self-attention with a gated residual. Its shift, scale and gate are
-    its own ``scale_shift_table [3, C]`` plus the first three chunks of ``t_mod``.
+    ``forward(x [B, T, S, C], t_mod [B, 6C], frame_offset=0) -> [B, T, S, C]``: in block 0 first
+    adds the 1-D sin-cos temporal position embedding of frames ``frame_offset .. frame_offset+T-1``
+    (``frame_offset`` is nonzero only when a parallel plan hands the stage a slice of the frames
+    and distributes its attention), then adaLN-modulated temporal self-attention with a gated
+    residual. Its shift, scale and gate are its own ``scale_shift_table [3, C]`` plus the first
+    three chunks of ``t_mod``.
     """
 
     def __init__(self, dim: int, num_heads: int, add_pos_embed: bool = False, backend: Optional[str] = None):
@@ -208,10 +217,11 @@ class TemporalStage(nn.Module):
         self.attn = SelfAttention(dim, num_heads, backend)
         self.scale_shift_table = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)
 
-    def forward(self, x: torch.Tensor, t_mod: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_mod: torch.Tensor, frame_offset: int = 0) -> torch.Tensor:
         b, t, s, c = x.shape
         if self.add_pos_embed:
-            x = x + sincos_1d(c, torch.arange(t, device=x.device)).to(x.dtype)[None, :, None]
+            pos = torch.arange(frame_offset, frame_offset + t, device=x.device)
+            x = x + sincos_1d(c, pos).to(x.dtype)[None, :, None]
         shift, scale, gate = _split_mod(self.scale_shift_table, t_mod)
         h = modulate(self.norm(x), shift, scale).transpose(1, 2).reshape(b * s, t, c)  # one sequence per location
         h = self.attn(h).view(b, s, t, c).transpose(1, 2)

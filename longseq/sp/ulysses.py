@@ -1,0 +1,69 @@
+"""DeepSpeed-Ulysses: all-to-all q, k, v from sequence-sharded to head-sharded, attend over the
+whole sequence with a slice of the heads, all-to-all the output back.
+
+``ulysses_attention(q, k, v, group, ...)``: q ``[B, L_r, H, D]``, k and v ``[B, L_r, Hkv, D]`` (this
+rank's ``tensor_split`` piece of the sequence; uneven pieces allowed with ``seq_len``) ->
+``[B, L_r, H, D]``. Each of the four all-to-alls (``longseq.functional.all_to_all``, whose backward
+is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·(P-1)/P`` elements per
+rank forward for q, k, v and out as large as the local activation m, the same backward.
+
+The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
+before any communication. Causal attention needs nothing special: after the all-to-all each rank
+sees the whole sequence in order (contiguous layout).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from longseq import comm
+from longseq import functional as LF
+from longseq.attention import attention
+from longseq.sharding import split_sizes
+
+__all__ = ["ulysses_attention", "check_heads", "parallelize"]
+
+
+def check_heads(num_heads: int, P: int, what: str = "Ulysses", kv_heads: Optional[int] = None) -> None:
+    """Raise a ``ValueError`` when ``P`` does not divide the (key/value) heads."""
+    for name, h in (("attention heads", num_heads), ("key/value heads", kv_heads)):
+        if h is not None and h % P:
+            ok = [d for d in range(1, h + 1) if h % d == 0]
+            raise ValueError(
+                f"{what} splits the {name} over the group, so its size {P} must divide the number of {name} "
+                f"({h}): use a group size in {ok}, a model with more heads, or DSP / ring attention, which have "
+                f"no such limit")
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, *, causal: bool = False,
+                      dropout_p: float = 0.0, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
+                      seq_len: Optional[int] = None, attn_fn: Optional[Callable] = None,
+                      tag: str = "ulysses") -> torch.Tensor:
+    """Ulysses attention over ``group`` (module docstring). ``seq_len``: the whole sequence length
+    (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
+    attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
+    ``softmax_scale``, ``backend``). Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, L, H, D]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    P, r = comm.group_size(group), comm.group_rank(group)
+    check_heads(q.shape[2], P, kv_heads=k.shape[2])
+    L = int(seq_len) if seq_len is not None else q.shape[1] * P
+    sizes = split_sizes(L, P)
+    if q.shape[1] != sizes[r] or k.shape[1] != sizes[r] or v.shape[1] != sizes[r]:
+        raise ValueError(f"ulysses_attention: this rank ({r} of {P}) holds q/k/v pieces of {q.shape[1]}/{k.shape[1]}/"
+                         f"{v.shape[1]} tokens, but seq_len={L} gives it {sizes[r]} (tensor_split sizes {sizes})")
+    fn = attention if attn_fn is None else attn_fn
+    if P == 1:
+        return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
+    qh = LF.all_to_all(q, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.q")
+    kh = LF.all_to_all(k, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.k")
+    vh = LF.all_to_all(v, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.v")
+    out = fn(qh, kh, vh, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
+    return LF.all_to_all(out, group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2], tag=f"{tag}.out")
+
+
+def parallelize(model: torch.nn.Module, group: Any, **options):
+    """``longseq.sp.parallelize(model, group, method="ulysses", **options)``."""
+    from .plans import parallelize as _parallelize
+    return _parallelize(model, group, method="ulysses", **options)
