@@ -203,13 +203,14 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
     from . import methods
 
     world = world_size_from_env() if world is None else int(world)
+    missing = sorted(OmegaConf.missing_keys(cfg))                # ??? values
+    if missing:
+        key = missing[0]
+        hint = " (the folder of latents, or the token .bin file)" if key == "data.path" else ""
+        raise ConfigError(f"{key} is required but not set: pass {key}=...{hint}")
     try:
-        OmegaConf.resolve(cfg)     # interpolations and ??? values fail here, not mid-run
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", None) or str(e)
-        hint = " (the folder of latents, or the token .bin file)" if str(key).startswith("data.path") else ""
-        raise ConfigError(f"{key} is required but not set: pass {key}=...{hint}") from None
-    except OmegaConfBaseException as e:
+        OmegaConf.resolve(cfg)     # interpolations fail here, not mid-run
+    except (MissingMandatoryValue, OmegaConfBaseException) as e:
         raise ConfigError(f"the config does not resolve: {e}") from None
 
     for key in ("model.family", "parallel.method", "data.kind", "train.steps", "train.global_batch_size"):
@@ -236,9 +237,9 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
     # The method: known, landed, fits the model family, fits the model's sizes.
-    spec = methods.get_method(str(cfg.parallel.method))          # ConfigError if unknown / not landed
-    family = str(cfg.model.family)
-    methods.check_family(spec, family)
+    spec = methods.lookup_method(str(cfg.parallel.method))       # ConfigError if unknown
+    methods.check_family(spec, str(cfg.model.family))            # e.g. zeco for an ST-DiT model
+    methods.check_available(spec)                                # its code has landed
     layout = resolve_parallel(cfg, world)
     methods.check_model(spec, cfg, layout)                       # e.g. heads divisible for Ulysses
     data_mod.check_data(cfg, layout)                             # missing paths, wrong data for the family

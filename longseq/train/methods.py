@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from .config import ConfigError
 
 __all__ = [
-    "MethodSpec", "METHODS", "FAMILIES", "Trainable", "get_method", "check_family", "check_model",
+    "MethodSpec", "METHODS", "FAMILIES", "Trainable", "get_method", "lookup_method", "check_available",
+    "check_family", "check_model",
     "available_methods", "build", "model_config", "apply_activation_checkpointing",
 ]
 
@@ -209,13 +209,11 @@ class GLAFamily(Family):
         return int(cfg.model.sample.seq_len)
 
     def flops_per_token(self, model, cfg) -> float:
-        # 6N (the embedding and head included), plus per layer the chunked linear-attention work:
-        # about 4·C·d_head a token forward for the state update and read-out, x3 with backward.
+        # 6N (embedding and head included), plus per layer and head the recurrence: the state update
+        # k vᵀ and the read-out qᵀS, 4·K·V FLOPs a token forward, x3 with backward.
         c = self.model_config(cfg.model)
-        hidden = getattr(c, "hidden_size", 0)
-        heads = getattr(c, "num_heads", 1) or 1
-        depth = getattr(c, "num_layers", getattr(c, "depth", 0))
-        return super().flops_per_token(model, cfg) + 12.0 * hidden * (hidden / heads) * depth
+        per_head = getattr(c, "head_k_dim", 0) * getattr(c, "head_v_dim", 0)
+        return super().flops_per_token(model, cfg) + 12.0 * c.num_heads * per_head * c.num_layers
 
     def shard_dims(self, cfg) -> dict:
         return {"sequence (model.sample.seq_len)": int(cfg.model.sample.seq_len)}
@@ -279,17 +277,16 @@ class MethodSpec:
     min_heads_divisible: bool = False     # the SP size must divide the attention heads (Ulysses-style)
 
 
+_SP_PLANS = ("longseq.sp.plans",)          # the single-dimension baselines for ST-DiT
+
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("none", "any", "no sequence parallelism; DP only"),
     MethodSpec("dsp", "stdit", "Dynamic Sequence Parallelism (switch T<->S with one all-to-all)", ("dsp",)),
-    MethodSpec("ulysses", "stdit", "DeepSpeed-Ulysses (heads<->sequence all-to-all)",
-               ("baselines.ulysses", "longseq.baselines.ulysses", "ulysses"), min_heads_divisible=True),
-    MethodSpec("ring", "stdit", "ring attention (k, v around the ring)",
-               ("baselines.ring", "longseq.baselines.ring", "ring")),
-    MethodSpec("megatron_sp", "stdit", "Megatron-SP (all-gather / reduce-scatter around attention)",
-               ("baselines.megatron_sp", "longseq.baselines.megatron_sp", "megatron_sp")),
-    MethodSpec("usp", "stdit", "USP (Ulysses x Ring)", ("baselines.usp", "longseq.baselines.usp", "usp"),
+    MethodSpec("ulysses", "stdit", "DeepSpeed-Ulysses (heads<->sequence all-to-all)", _SP_PLANS,
                min_heads_divisible=True),
+    MethodSpec("ring", "stdit", "ring attention (k, v around the ring)", _SP_PLANS),
+    MethodSpec("megatron_sp", "stdit", "Megatron-SP (all-gather / reduce-scatter around attention)", _SP_PLANS),
+    MethodSpec("usp", "stdit", "USP (Ulysses x Ring)", _SP_PLANS),
     MethodSpec("zeco", "gla", "ZeCO (All-Scan of the GLA state)", ("zeco",)),
     MethodSpec("lasp1", "gla", "LASP-1 (state passed rank to rank)", ("zeco",)),
     MethodSpec("lasp2", "gla", "LASP-2 (all-gather of the states)", ("zeco",)),
@@ -297,22 +294,16 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
 
 
 def _find_parallelize(spec: MethodSpec) -> Optional[Callable]:
+    """The plan's ``parallelize``: the first module of ``spec.modules`` that has it and, when the
+    module lists its methods (``METHODS``), names this one."""
     for modname in spec.modules:
         mod = _import(modname)
-        if mod is not None and callable(getattr(mod, spec.attr, None)):
-            return getattr(mod, spec.attr)
-    return None
-
-
-def _zeco_ready() -> Optional[str]:
-    zeco = _import("zeco")
-    if zeco is None:
-        return "the zeco package is missing"
-    missing = [n for n in ("parallelize", "shard_sequence") if not callable(getattr(zeco, n, None))]
-    if missing:
-        return f"zeco has no {' / '.join(missing)} yet"
-    if _import("models.gla") is None:
-        return "models/gla.py (the GLA language model) has not landed yet"
+        if mod is None or not callable(getattr(mod, spec.attr, None)):
+            continue
+        listed = getattr(mod, "METHODS", None)
+        if modname != "dsp" and listed is not None and spec.name not in listed:
+            continue
+        return getattr(mod, spec.attr)
     return None
 
 
@@ -321,9 +312,17 @@ def unavailable_reason(spec: MethodSpec) -> Optional[str]:
     if spec.name == "none":
         return None
     if spec.family == "gla":
-        return _zeco_ready()
+        zeco = _import("zeco")
+        missing = [n for n in ("parallelize", "sp_lm_loss") if zeco is None or not callable(getattr(zeco, n, None))]
+        if missing:
+            return f"zeco.{' / zeco.'.join(missing)} does not exist yet"
+        listed = getattr(zeco, "METHODS", None)
+        if listed is not None and spec.name not in listed:
+            return f"zeco.parallelize does not offer method {spec.name!r} (it offers {', '.join(listed)})"
+        return None
     if _find_parallelize(spec) is None:
-        where = " or ".join(f"{m}.{spec.attr}" for m in spec.modules)
+        where = " or ".join(f"{m}.{spec.attr}(method={spec.name!r})" if m != "dsp" else f"{m}.{spec.attr}"
+                            for m in spec.modules)
         return f"{where} does not exist yet"
     return None
 
@@ -332,12 +331,25 @@ def available_methods() -> list[str]:
     return [n for n, s in METHODS.items() if unavailable_reason(s) is None]
 
 
-def get_method(name: str) -> MethodSpec:
-    """The method's spec; ConfigError for an unknown method or one that has not landed."""
+def lookup_method(name: str) -> MethodSpec:
+    """The method's spec; ConfigError for an unknown method."""
     if name not in METHODS:
         raise ConfigError(f"unknown method parallel.method={name!r}: choose one of {', '.join(METHODS)} "
-                          f"(e.g. parallel={'dsp'}); available now: {', '.join(available_methods())}")
-    spec = METHODS[name]
+                          f"(e.g. parallel=dsp); available now: {', '.join(available_methods())}")
+    return METHODS[name]
+
+
+def check_available(spec: MethodSpec) -> None:
+    """ConfigError when the method's code has not landed."""
+    why = unavailable_reason(spec)
+    if why:
+        raise ConfigError(f"method {spec.name!r} ({spec.summary}) is not available yet: {why}. "
+                          f"Available now: {', '.join(available_methods())}")
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method's spec; ConfigError for an unknown method or one that has not landed."""
+    spec = lookup_method(name)
     why = unavailable_reason(spec)
     if why:
         raise ConfigError(f"method {name!r} ({spec.summary}) is not available yet: {why}. "
@@ -409,73 +421,54 @@ def _stdit_none(spec, model, groups, options, cfg) -> Trainable:
     return Trainable(model, loss, None, [], 0.0, 0)
 
 
-def _stdit_dsp(spec, model, groups, options, cfg) -> Trainable:
+def _stdit_sp(spec, model, groups, options, cfg) -> Trainable:
+    """DSP and the single-dimension baselines: every SP rank gets the whole sample, the plan's entry
+    keeps this rank's frames; by default the output stays sharded (``gather_output=False``) and the
+    loss is ``dsp.sharded_mse_loss`` of this rank's piece against its piece of the noise (the SP
+    group's mean, identical on every rank; backward gives each rank its share)."""
     import dsp
     diffusion, c = _stdit_common(cfg, model)
     opts = {"gather_output": False, **options}
-    handle = dsp.parallelize(model, groups.sp_group, **opts)
+    if spec.name == "dsp":
+        handle = dsp.parallelize(model, groups.sp_group, **opts)
+    else:
+        handle = _find_parallelize(spec)(model, groups.sp_group, method=spec.name, **opts)
 
     if opts["gather_output"]:
         def loss(batch):
             return F.mse_loss(_stdit_step(model, diffusion, batch, c), batch["noise"].float())
     else:
         def loss(batch):
-            pred = _stdit_step(model, diffusion, batch, c)        # this rank's T-piece of the output
+            pred = _stdit_step(model, diffusion, batch, c)        # this rank's frames of the output
             target = handle.shard_target(batch["noise"].float())
             return dsp.sharded_mse_loss(pred, target, groups.sp_group).float()
     return Trainable(model, loss, None, [], 0.0, 0, handle)
 
 
-def _stdit_generic(spec, model, groups, options, cfg) -> Trainable:
-    """A baseline plan with DSP's contract: whole input on every SP rank, whole output back
-    (gathered so that each rank's backward keeps the gradient of its own piece)."""
-    parallelize = _find_parallelize(spec)
-    diffusion, c = _stdit_common(cfg, model)
-    handle = parallelize(model, groups.sp_group, **options)
-
-    def loss(batch):
-        return F.mse_loss(_stdit_step(model, diffusion, batch, c), batch["noise"].float())
-    return Trainable(model, loss, None, [], 0.0, 0, handle)
-
-
-_STDIT_BUILDERS = {"none": _stdit_none, "dsp": _stdit_dsp, "_generic": _stdit_generic}
-
-
-def _gla_logits(out):
-    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+_STDIT_BUILDERS = {"none": _stdit_none, "_generic": _stdit_sp}
 
 
 def _gla_none(spec, model, groups, options, cfg) -> Trainable:
     def loss(batch):
-        logits = _gla_logits(model(batch["input_ids"]))
+        logits = model(batch["input_ids"])
         return _lm_loss(logits, batch["labels"]) / batch["labels"].numel()
     return Trainable(model, loss, None, [], 0.0, 0)
 
 
-def _gla_zeco(spec, model, groups, options, cfg) -> Trainable:
-    """ZeCO / LASP-1 / LASP-2: the sequence is cut into contiguous pieces, one per SP rank; the data
-    loader reads only this rank's piece of each window. The loss is the token mean over the SP
-    group's tokens: this rank's summed cross-entropy over all of them (an all-reduce whose
-    backward is the identity)."""
+def _gla_sp(spec, model, groups, options, cfg) -> Trainable:
+    """ZeCO / LASP-1 / LASP-2 (``zeco.parallelize`` swaps the model's GLA op): each SP rank holds a
+    contiguous piece of every sequence, and the data loader reads only that piece of each window
+    (inputs and their next-token labels). The loss is ``zeco.sp_lm_loss``: the token mean over the
+    SP group, identical on every rank, each rank's backward giving its share."""
     import zeco
-    from longseq import functional as LF
     handle = zeco.parallelize(model, groups.sp_group, method=spec.name, **options)
-    P = groups.sp_size
 
     def loss(batch):
-        logits = _gla_logits(model(batch["input_ids"]))
-        local = _lm_loss(logits, batch["labels"])
-        count = batch["labels"].numel()                  # this rank's piece
-        total = batch["tokens_whole"]                    # the SP group's label tokens
-        if P > 1:
-            local = LF.all_reduce_sum(local, groups.sp_group, tag="train.loss.sp")
-        del count
-        return local / total
+        return zeco.sp_lm_loss(model(batch["input_ids"]), batch["labels"], groups.sp_group).float()
     return Trainable(model, loss, "seq", [], 0.0, 0, handle)
 
 
-_GLA_BUILDERS = {"none": _gla_none, "zeco": _gla_zeco, "lasp1": _gla_zeco, "lasp2": _gla_zeco,
-                 "_generic": _gla_zeco}
+_GLA_BUILDERS = {"none": _gla_none, "_generic": _gla_sp}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,4 +506,3 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
-_ = math  # noqa: keep import for estimates kept here

@@ -1,0 +1,127 @@
+"""Config composition and the errors `python -m longseq.train` raises before any process-group
+work, each naming the fix."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from longseq.train import methods
+from longseq.train.config import ConfigError, load_config, resolve_parallel, validate
+from tests import train_helpers as th
+
+
+def cfg(*overrides):
+    return load_config(list(overrides))
+
+
+def error(*overrides, world=1) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(cfg(*overrides), world)
+    return str(e.value)
+
+
+# -- composition ---------------------------------------------------------------------------------
+def test_defaults_and_overrides():
+    c = cfg()
+    assert (c.model.name, c.parallel.method, c.data.kind, c.optim.name) == ("stdit_tiny", "dsp", "synthetic", "adamw")
+    c = cfg("model=stdit_720m", "parallel.sp_size=8", "train.precision=bf16", "train.steps=7", "optim.lr=1e-4")
+    assert (c.model.preset, c.parallel.sp_size, c.train.precision, c.train.steps, c.optim.lr) == \
+        ("720m", 8, "bf16", 7, 1e-4)
+    assert cfg().optim.lr == cfg().model.lr                   # optim.lr follows the model's recommendation
+    for name in ("stdit_tiny", "stdit_720m", "stdit_3b", "gla_tiny", "gla_1b", "gla_3b"):
+        assert cfg(f"model={name}").model.name == name
+    for m in methods.METHODS:
+        assert cfg(f"parallel={m}").parallel.method == m
+
+
+def test_layout_sp_null_is_the_world():
+    assert resolve_parallel(cfg(), 4).sp_size == 4
+    lay = resolve_parallel(cfg("parallel.sp_size=2"), 4)
+    assert (lay.sp_size, lay.dp_size, lay.micro_batch) == (2, 2, 2)
+    assert resolve_parallel(cfg("parallel=none"), 4).dp_size == 4
+
+
+def test_typo_in_a_key_names_it():
+    with pytest.raises(ConfigError, match="stepz"):
+        cfg("train.stepz=5")
+    with pytest.raises(ConfigError, match="help"):
+        cfg("parallel=nonexistent")
+
+
+# -- errors before any process-group work -------------------------------------------------------
+def test_sp_size_not_dividing_world():
+    msg = error("parallel.sp_size=3", world=4)
+    assert "does not divide the world size 4" in msg and "parallel.sp_size among [1, 2, 4]" in msg
+
+
+def test_global_batch_not_divisible_by_dp():
+    msg = error("parallel.sp_size=1", "train.global_batch_size=3", world=2)
+    assert "train.global_batch_size=2" in msg
+
+
+def test_unknown_method():
+    msg = error("parallel.method=bogus")
+    assert "unknown method parallel.method='bogus'" in msg and "dsp" in msg and "zeco" in msg
+
+
+def test_method_not_landed_yet(monkeypatch):
+    spec = methods.MethodSpec("future", "stdit", "a method still being written", ("no_such_module_xyz",))
+    monkeypatch.setitem(methods.METHODS, "future", spec)
+    msg = error("parallel.method=future")
+    assert "not available yet" in msg and "no_such_module_xyz.parallelize" in msg and "Available now" in msg
+
+
+def test_method_for_the_wrong_family():
+    msg = error("parallel=zeco")                                  # model is stdit_tiny
+    assert "parallelizes GLA models" in msg and "dsp" in msg
+
+
+def test_none_with_sp():
+    assert "parallel.sp_size must be 1" in error("parallel=none", "parallel.sp_size=2", world=2)
+
+
+def test_ulysses_heads_not_divisible():
+    c = cfg("parallel.sp_size=4")                                 # stdit_tiny: 2 heads
+    layout = resolve_parallel(c, 4)
+    with pytest.raises(ConfigError) as e:
+        methods.check_model(methods.METHODS["ulysses"], c, layout)
+    assert "must divide num_heads=2" in str(e.value) and "parallel.sp_size in [1, 2]" in str(e.value)
+    if methods.unavailable_reason(methods.METHODS["ulysses"]) is None:   # once Ulysses has landed
+        assert "num_heads=2" in error("parallel=ulysses", "parallel.sp_size=4", world=4)
+
+
+def test_sequence_shorter_than_sp():
+    assert "fewer than parallel.sp_size=4" in error("model.sample.frames=2", "parallel.sp_size=4", world=4)
+
+
+def test_missing_data_path(tmp_path):
+    assert "data.path is required" in error("data=latents")
+    assert "is not a folder" in error("data=latents", f"data.path={tmp_path / 'nope'}")
+    assert "holds no samples" in error("data=latents", f"data.path={tmp_path}")
+    np.save(tmp_path / "a.latent.npy", np.zeros((4, 2, 4, 4), np.float32))
+    assert "no caption file" in error("data=latents", f"data.path={tmp_path}")
+    assert "data=tokens does not fit model.family=stdit" in error("data=tokens", "data.path=x.bin")
+
+
+def test_bad_choices():
+    assert "train.precision='fp8'" in error("train.precision=fp8")
+    assert "optim.schedule" in error("optim.schedule=linear")
+    assert "neither auto/none nor an existing checkpoint" in error("train.resume=/no/such/ckpt.pt")
+
+
+def test_cli_reports_config_errors_before_starting(tmp_path):
+    """Under torchrun: exits non-zero fast with the message, no process group (no gloo output)."""
+    t0 = time.monotonic()
+    p = subprocess.run(th.command(["parallel.sp_size=3", f"train.out_dir={tmp_path}"], 2), cwd=th.ROOT,
+                       env=th.env(), timeout=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.returncode != 0
+    assert "config error: parallel.sp_size=3 does not divide the world size 2" in p.stdout, p.stdout[-3000:]
+    assert "Gloo" not in p.stdout and "ProcessGroup" not in p.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.monotonic() - t0 < 60
+    p = subprocess.run(th.command(["parallel=none", "data=latents"]), cwd=th.ROOT, env=th.env(), timeout=60,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.returncode == 2 and "data.path is required but not set" in p.stdout, p.stdout[-3000:]
