@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from longseq.ledger import LEDGER
 from longseq.sharding import split_sizes
 from zeco import all_scan, all_scan_start, gla, num_blocks_for, sp_gla
-from zeco.all_scan import DEFAULT_BLOCK_BYTES, scan_reference
+from zeco.all_scan import DEFAULT_HALF_BYTES, scan_reference
 
 W = None  # the world group (set in workers)
 REL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -166,7 +166,7 @@ def _scan_case(shape, per_row, reverse, nb, with_init, transposed):
 def test_all_scan(dist_pool, P, reverse):
     shape = (2, 3, 5, 4)  # [B, H, K rows, V]
     numel = 2 * 3 * 5 * 4
-    for nb, expect_n in [(1, 1), (2, 2), (5, 5), (9, 5)]:  # more blocks than rows: clamped to rows
+    for nb, expect_n in [(1, 1), (2, 2), (7, 7), (30, 30), (99, 30)]:  # more blocks than rows (30): clamped
         for per_row, with_init, transposed in [(True, False, False), (False, True, True)]:
             res = dist_pool(P).run(_scan_case, shape, per_row, reverse, nb, with_init, transposed)
             for r, (ok, n, ns, es, nr, er) in enumerate(res):
@@ -180,11 +180,16 @@ def test_all_scan(dist_pool, P, reverse):
 
 def test_num_blocks_rule():
     f4 = torch.float32
-    assert num_blocks_for((1, 4, 256, 512), f4) == -(-(4 * 256 * 512 * 4) // DEFAULT_BLOCK_BYTES)
-    assert num_blocks_for((1, 1, 2, 3), f4) == 1                  # tiny state: one block
-    assert num_blocks_for((64, 64, 4, 1024), f4) == 4             # never more blocks than rows
+    MiB = 1 << 20
+    # N = round(sqrt((P-1) * bytes / 1 MiB)), clamped to [1, rows]
+    assert DEFAULT_HALF_BYTES == MiB
+    assert [num_blocks_for((1, 4, 256, 512), f4, world_size=P) for P in (1, 2, 4, 64)] == [1, 1, 2, 11]
+    assert [num_blocks_for((4, 5, 256, 512), f4, world_size=P) for P in (2, 4)] == [3, 5]
+    assert num_blocks_for((1, 1, 2, 3), f4, world_size=8) == 1             # tiny state: one block
+    assert num_blocks_for((1, 1, 4, 1 << 20), f4, world_size=64) == 4      # never more blocks than rows
+    assert num_blocks_for((1, 4, 256, 512), f4, world_size=2, half_bytes=MiB // 8) == 4
     assert num_blocks_for((2, 2, 8, 8), f4, 3) == 3
-    assert num_blocks_for((2, 2, 8, 8), f4, 100) == 8             # clamped
+    assert num_blocks_for((2, 2, 8, 8), f4, 100) == 32                     # clamped to the 2*2*8 rows
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError):
             num_blocks_for((2, 2, 8, 8), f4, bad)

@@ -13,28 +13,34 @@ global final state. ``reverse=True`` runs the same recurrence from rank P-1 down
 (``in_{P-1} = initial_state``, ``in_i = out_{i+1}``): the backward pass's
 ``dS⁰_i = dS⁰_i(local) + diag(Γ_i) · dS⁰_{i+1}``.
 
-How it moves the state (DESIGN.md, "ZeCO"): the chain of LASP-1, pipelined. The state is cut into
-``N`` blocks of rows (``R`` = K for GLA); rank ``i`` posts receives for the N blocks of ``in_i``
-from its predecessor, and as soon as block ``j`` arrives it computes block ``j`` of
-``out_i = diag(d_i) in_i + L_i`` (the decay is per row, so every block is independent) and
-forwards it to its successor. Block ``j`` therefore travels down the chain while block ``j+1`` is
-still arriving: time ≈ (P-1+N)·(α + state/(N·β)) instead of LASP-1's (P-1)·(α + state/β).
+How it moves the state (DESIGN.md, "ZeCO"): the chain of LASP-1, pipelined. The state, viewed as a
+``[rows, C]`` matrix (rows = every leading index: (b, h, k) for GLA, so the cut runs along K with B
+and H outermost), is cut into ``N`` blocks of consecutive rows, each a contiguous piece of memory
+(no copies). Rank ``i`` posts receives for the N blocks of ``in_i`` from its predecessor, and as
+soon as block ``j`` arrives it computes block ``j`` of ``out_i = diag(d_i) in_i + L_i`` (the decay
+is per row, so every block is independent) and forwards it to its successor. Block ``j``
+therefore travels down the chain while block ``j+1`` is still arriving: time ≈
+(P-1+N)·(α + state/(N·β)) instead of LASP-1's (P-1)·(α + state/β).
 
 **Why exactly one state per rank.** Rank ``i`` needs ``in_i = out_{i-1}``, which depends on every
 earlier rank's data, but only through that one matrix: ``out_{i-1}`` already folds ranks
 ``0..i-1`` together. So the minimum any scheme can deliver to rank ``i`` is one state, and All-Scan
 delivers exactly that: each rank receives its ``N`` blocks once (rank 0 receives nothing: its input
 is the given initial state) and sends its ``N`` blocks of ``out_i`` once, to the next rank only
-(rank P-1 sends nothing: nobody needs the global final state from it, it keeps it). Total per
-rank: ``numel(state)`` elements sent and received, independent of ``P``, against LASP-2's
+(rank P-1 sends nothing: nobody after it needs its state; it keeps the global final state). Total
+per rank: ``numel(state)`` elements sent and received, independent of ``P``, against LASP-2's
 all-gather, where every rank receives ``P-1`` states.
 
-**The N rule** (:func:`num_blocks_for`): ``N = clamp(ceil(state_bytes / DEFAULT_BLOCK_BYTES), 1, R)``
-with ``DEFAULT_BLOCK_BYTES = 256 KiB``: blocks of about 256 KiB, at least one, and never more blocks
-than rows (a block is at least one row). An explicit ``num_blocks`` overrides the rule; it is
-clamped to ``[1, R]`` as well (so ``num_blocks`` larger than the number of rows is legal and means
-"one row per block"); ``num_blocks < 1`` is a ``ValueError``. Every rank must use the same N: the
-rule depends only on shape and dtype, which :func:`zeco.sp_gla` checks across ranks.
+**The N rule** (:func:`num_blocks_for`). Minimising the time model above over N gives
+``N* = sqrt((P-1) · state_bytes / (α·β))``, where ``α·β`` is the message size whose transfer time
+equals the per-message latency. The rule is ``N = clamp(round(sqrt((P-1) · state_bytes /
+DEFAULT_HALF_BYTES)), 1, rows)`` with ``DEFAULT_HALF_BYTES = 1 MiB``, the effective value fitted to
+``python -m benchmarks.zeco_scan --sweep`` on gloo over loopback (per-block cost includes the relay's
+update and thread hand-off, so it exceeds a bare ping-pong's α·β). Examples: a 2 MiB state gives
+N = 1 at P=2, 2 at P=4, 11 at P=64; a 10 MiB state 3 at P=2, 5 at P=4. An explicit ``num_blocks``
+overrides the rule; it is clamped to ``[1, rows]`` too (more blocks than rows is legal and means
+one row per block); ``num_blocks < 1`` is a ``ValueError``. Every rank must use the same N: the
+rule depends only on shape, dtype and P, which :func:`zeco.sp_gla` checks across ranks.
 
 **Asynchronous use.** :func:`all_scan_start` posts the receives and sends and returns an
 :class:`AllScanHandle` at once; ranks that relay (neither first nor last in the chain) do the
@@ -61,29 +67,29 @@ import torch
 from longseq import comm
 from longseq.sharding import split_sizes
 
-__all__ = ["all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_BLOCK_BYTES",
+__all__ = ["all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES",
            "scan_reference"]
 
-#: Target block size of the N rule (bytes). Chosen from ``python -m benchmarks.zeco_scan --sweep``
-#: on gloo/TCP loopback (see docs/zeco.md); on NVLink/InfiniBand a larger block suits better.
-DEFAULT_BLOCK_BYTES = 256 * 1024
+#: α·β of the N rule (bytes): the message size whose transfer time equals the per-message latency.
+#: Fitted on gloo/TCP loopback (docs/zeco.md); set this module attribute to tune for another fabric.
+DEFAULT_HALF_BYTES = 1 << 20
 
 
 def num_blocks_for(state_shape: Sequence[int], dtype: torch.dtype, num_blocks: Optional[int] = None, *,
-                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-    """N for a state of this shape (``[..., R, C]``) and dtype: the rule of the module docstring.
-
-    ``num_blocks`` given: clamped to ``[1, R]`` (``ValueError`` if it is not a positive int)."""
+                   world_size: int = 2, half_bytes: Optional[int] = None) -> int:
+    """N for a state of this shape (``[..., R, C]``), dtype and group size: the rule of the module
+    docstring. ``num_blocks`` given: clamped to ``[1, rows]`` (``ValueError`` unless a positive int)."""
     if len(state_shape) < 2:
         raise ValueError(f"a scanned state must be at least 2-D [..., rows, cols], got shape {tuple(state_shape)}")
-    rows = int(state_shape[-2])
+    rows = math.prod(int(x) for x in state_shape[:-1])
     if num_blocks is not None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         n = num_blocks
     else:
         nbytes = math.prod(state_shape) * torch.empty((), dtype=dtype).element_size()
-        n = max(1, -(-nbytes // int(block_bytes)))
+        hb = DEFAULT_HALF_BYTES if half_bytes is None else half_bytes
+        n = int(round(math.sqrt(max(world_size - 1, 0) * nbytes / hb)))
     return max(1, min(n, max(rows, 1)))
 
 
@@ -103,10 +109,14 @@ def _decay_view(decay: Optional[torch.Tensor], local: torch.Tensor, what: str) -
         f"(one per matrix) for a state of shape {tuple(local.shape)}, got {tuple(decay.shape)}")
 
 
-def _row_slice(x: Optional[torch.Tensor], r0: int, r1: int, per_row: bool) -> Optional[torch.Tensor]:
-    if x is None:
-        return None
-    return x[..., r0:r1, :] if per_row else x
+def _flat_rows(decay: Optional[torch.Tensor], local: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``local`` as a contiguous ``[rows, C]`` matrix (rows = every leading index, e.g. (b, h, k)) and
+    the decay as a ``[rows, 1]`` column (a per-matrix decay repeated over its rows)."""
+    d, _ = _decay_view(decay, local, "all_scan")
+    flat = local.contiguous().view(-1, local.shape[-1])
+    if d is None:
+        return None, flat
+    return d.expand(*local.shape[:-1], 1).reshape(-1, 1), flat
 
 
 class AllScanHandle:
@@ -147,6 +157,8 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     Args:
         decay: ``[..., R]`` (per row), ``[...]`` (per matrix) or ``None``; this rank's ``d_i``.
         local: ``[..., R, C]`` floating tensor, this rank's ``L_i``; the scan runs in its dtype.
+            On the last rank of the chain only its shape and dtype matter unless
+            ``output_final_state`` (it sends nothing).
         group: the process group (ranks are taken in group order).
         initial_state: ``in`` of the first rank of the chain (rank 0, or P-1 when ``reverse``);
             ignored elsewhere. ``None`` = zeros.
@@ -159,89 +171,90 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     """
     if not isinstance(local, torch.Tensor) or not local.is_floating_point() or local.dim() < 2:
         raise ValueError("all_scan: local must be a floating tensor [..., rows, cols]")
-    d, per_row = _decay_view(decay, local, "all_scan")
     if initial_state is not None and tuple(initial_state.shape) != tuple(local.shape):
         raise ValueError(f"all_scan: initial_state must have the state's shape {tuple(local.shape)}, "
                          f"got {tuple(initial_state.shape)}")
     P, me = comm.group_size(group), comm.group_rank(group)
-    N = num_blocks_for(local.shape, local.dtype, num_blocks)
+    N = num_blocks_for(local.shape, local.dtype, num_blocks, world_size=P)
     h = AllScanHandle()
     h.num_blocks = N
-    dt = local.dtype
-    prev = (me + 1 if reverse else me - 1)
-    nxt = (me - 1 if reverse else me + 1)
-    has_prev = 0 <= prev < P
-    has_next = 0 <= nxt < P
-    rows = local.shape[-2]
+    dt, shape, dev = local.dtype, tuple(local.shape), local.device
+    prev, nxt = (me + 1, me - 1) if reverse else (me - 1, me + 1)
+    has_prev, has_next = 0 <= prev < P, 0 <= nxt < P
+    rows, cols = math.prod(shape[:-1]), shape[-1]
     sizes = split_sizes(rows, N)
     bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(N)]
-    block_shape = lambda j: (*local.shape[:-2], bounds[j][1] - bounds[j][0], local.shape[-1])  # noqa: E731
+    need_local = has_next or output_final_state
+    d, loc = _flat_rows(decay, local) if need_local else (None, None)
 
-    def update(inp: torch.Tensor, j: int) -> torch.Tensor:
+    def update(inp: Optional[torch.Tensor], out: torch.Tensor, j: int) -> torch.Tensor:
+        """Block j of out = diag(d) inp + local, written into ``out`` (a contiguous row range)."""
         r0, r1 = bounds[j]
-        loc = local[..., r0:r1, :]
+        if inp is None:
+            return out[r0:r1].copy_(loc[r0:r1])
         if d is None:
-            return (inp + loc).contiguous()
-        dj = _row_slice(d, r0, r1, per_row)
-        return torch.addcmul(loc, dj, inp).contiguous()
+            return torch.add(loc[r0:r1], inp[r0:r1], out=out[r0:r1])
+        return torch.addcmul(loc[r0:r1], d[r0:r1], inp[r0:r1], out=out[r0:r1])
 
     if not has_prev:
-        # first of the chain: the input is known now
-        if initial_state is not None:
-            inp = initial_state.to(dt)
-        else:
-            inp = torch.zeros(local.shape, dtype=dt, device=local.device)
-        if has_next or output_final_state:
-            outs = [update(inp[..., r0:r1, :], j) for j, (r0, r1) in enumerate(bounds)]
-        else:
-            outs = None
-        works = [comm.isend(o, nxt, group, tag=tag) for o in outs] if has_next else []
+        # first of the chain: its input is known now
+        inp = initial_state.to(dt).contiguous().view(rows, cols) if initial_state is not None else None
+        out = None
+        works = []
+        if need_local:
+            if inp is None and initial_state is None:
+                out = loc  # out = local: nothing to compute
+            else:
+                out = torch.empty(rows, cols, dtype=dt, device=dev)
+                for j in range(N):
+                    update(inp, out, j)
+            if has_next:
+                works = [comm.isend(out[r0:r1], nxt, group, tag=tag) for r0, r1 in bounds]
 
         def finish_first():
             for w in works:
                 w.wait()
-            out = torch.cat(outs, dim=-2) if (output_final_state and outs) else None
-            return inp, out
+            i = inp.view(shape) if inp is not None else torch.zeros(shape, dtype=dt, device=dev)
+            return i, (out.view(shape).clone() if out is loc else out.view(shape)) if output_final_state else None
 
         h._finish = finish_first
         return h
 
-    # receive N blocks from the previous rank
-    bufs = [torch.empty(block_shape(j), dtype=dt, device=local.device) for j in range(N)]
-    rworks = [comm.irecv(b, prev, group, tag=tag) for b in bufs]
+    # receive N blocks (contiguous row ranges of one fresh buffer) from the previous rank
+    buf = torch.empty(rows, cols, dtype=dt, device=dev)
+    rworks = [comm.irecv(buf[r0:r1], prev, group, tag=tag) for r0, r1 in bounds]
 
     if not has_next:
-        # last of the chain: just receive
+        # last of the chain: only receive
         def finish_last():
             for w in rworks:
                 w.wait()
-            inp = torch.cat(bufs, dim=-2)
             out = None
             if output_final_state:
-                out = (inp + local) if d is None else torch.addcmul(local, d, inp)
-            return inp, out
+                out = torch.empty(rows, cols, dtype=dt, device=dev)
+                for j in range(N):
+                    update(buf, out, j)
+                out = out.view(shape)
+            return buf.view(shape), out
 
         h._finish = finish_last
         return h
 
     # a relay: receive block j, update it, forward it
-    outs: list = [None] * N
+    out = torch.empty(rows, cols, dtype=dt, device=dev)
     sworks: list = []
 
     def relay():
-        for j in range(N):
+        for j, (r0, r1) in enumerate(bounds):
             rworks[j].wait()
-            outs[j] = update(bufs[j], j)
-            sworks.append(comm.isend(outs[j], nxt, group, tag=tag))
+            sworks.append(comm.isend(update(buf, out, j), nxt, group, tag=tag))
         for w in sworks:
             w.wait()
 
     def finish_relay():
         if not background:
             relay()
-        inp = torch.cat(bufs, dim=-2)
-        out = torch.cat(outs, dim=-2) if output_final_state else None
-        return inp, out
+        return buf.view(shape), (out.view(shape) if output_final_state else None)
 
     if background:
         def target():

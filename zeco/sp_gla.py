@@ -442,7 +442,7 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     V = v.shape[-1]
     P, r = comm.group_size(group), comm.group_rank(group)
     dt = _state_dtype(q, k, v, g)
-    N = num_blocks_for((B, H, K, V), dt, num_blocks)
+    N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
     if P > 1:
         sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
                    state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)

@@ -1,0 +1,216 @@
+"""All-Scan vs LASP-1's chain vs LASP-2's all-gather, and ZeCO's end-to-end overhead, on gloo.
+
+    python -m benchmarks.zeco_scan                 # the default table (under ~2 minutes on 2 cores)
+    python -m benchmarks.zeco_scan --sweep         # also All-Scan time against the number of blocks N
+    python -m benchmarks.zeco_scan --worlds 2 4 --repeats 30 --tokens 512
+
+Spawns P gloo processes on 127.0.0.1 (torch.multiprocessing, spawn) per world size, one intra-op
+thread each. Part 1 times the three ways to get S0 for a per-layer state [B, H, K, V] of the GLA
+presets (the exact code paths sp_gla uses: zeco.all_scan, zeco.sp_gla.lasp1_scan, lasp2_scan): each
+repeat starts after a barrier and counts the slowest rank; the median of the repeats after warm-up
+is reported. Part 2 times a forward+backward step of the GLA operator at the 1b preset's layer shape
+(H=4, K=256, V=512, B=1) with a fixed number of tokens per rank, for each method, against (a) one
+process alone on the machine with the same tokens, and (b) the same P processes running the local
+operator with no communication at all (what the machine can do with P concurrent processes; on a
+2-core machine P=4 is oversubscribed, which (a) would charge to the method).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+# per-layer states [B, H, K, V] of the presets (models/gla.py): 1b is H=4, K=256, V=512
+STATES = {
+    "1b (B=1)": (1, 4, 256, 512),
+    "3b (B=4)": (4, 5, 256, 512),
+}
+LAYER = dict(H=4, K=256, V=512)  # the 1b preset's attention
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed(fn, repeats: int, warmup: int) -> float:
+    """Median over repeats of the slowest rank's time of ``fn()``, each repeat after a barrier."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    t = torch.tensor(ts, dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist())
+
+
+def _comm_part(states, repeats, warmup, sweep):
+    import torch.distributed as dist
+
+    from zeco.all_scan import all_scan, num_blocks_for
+    from zeco.sp_gla import lasp1_scan, lasp2_scan
+
+    W = dist.group.WORLD
+    out = {}
+    for name, shape in states.items():
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        local = torch.randn(*shape, generator=gen)
+        gamma = torch.rand(*shape[:-1], generator=gen)
+        N = num_blocks_for(shape, torch.float32, world_size=dist.get_world_size())
+        row = {"N": N}
+        row["allscan"] = _timed(lambda: all_scan(gamma, local, W), repeats, warmup)
+        row["lasp1"] = _timed(lambda: lasp1_scan(gamma, local, W, shape=shape, dtype=torch.float32), repeats, warmup)
+        row["lasp2"] = _timed(lambda: lasp2_scan(gamma, local, W), repeats, warmup)
+        if sweep:
+            row["sweep"] = {n: _timed(lambda: all_scan(gamma, local, W, num_blocks=n), repeats, warmup)
+                            for n in (1, 2, 3, 4, 6, 8, 16, 32)}
+        out[name] = row
+    return out
+
+
+def _step_part(tokens, repeats, warmup, methods):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from zeco.gla import gla
+    from zeco.sp_gla import sp_gla
+
+    W = dist.group.WORLD
+    H, K, V = LAYER["H"], LAYER["K"], LAYER["V"]
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    q = torch.randn(1, tokens, H, K, generator=gen)
+    k = torch.randn(1, tokens, H, K, generator=gen) * K ** -0.5
+    v = torch.randn(1, tokens, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(1, tokens, H, K, generator=gen) + 3.0) / 16 * 4
+    do = torch.randn(1, tokens, H, V, generator=gen)
+    leaves = [x.requires_grad_() for x in (q, k, v, g)]
+
+    def step(method):
+        def run():
+            for x in leaves:
+                x.grad = None
+            if method == "local":
+                o, _ = gla(*leaves)
+            else:
+                o, _ = sp_gla(*leaves, group=W, method=method, check=False)
+            (o * do).sum().backward()
+        return run
+
+    return {m: _timed(step(m), repeats, warmup) for m in methods}
+
+
+def _worker(rank, world, port, job, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from longseq.ledger import LEDGER
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    LEDGER.enabled = False  # time the transport, not the bookkeeping
+    try:
+        res = {}
+        if job.get("comm"):
+            res["comm"] = _comm_part(STATES, job["repeats"], job["warmup"], job.get("sweep", False))
+        if job.get("step"):
+            res["step"] = _step_part(job["tokens"], job["step_repeats"], 1, job["methods"])
+        if rank == 0:
+            queue.put(res)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(world: int, job: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = queue.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    return res
+
+
+def _ms(t: float) -> str:
+    return f"{t * 1e3:8.2f}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per rank in the end-to-end step")
+    ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--sweep", action="store_true", help="All-Scan time for N = 1..64 blocks")
+    ap.add_argument("--no-step", action="store_true", help="skip the end-to-end step")
+    args = ap.parse_args(argv)
+
+    t_start = time.time()
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo over "
+          f"127.0.0.1, 1 intra-op thread per process; python {platform.python_version()}")
+    print(f"command: python -m benchmarks.zeco_scan {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    results = {}
+    for P in args.worlds:
+        job = dict(comm=True, repeats=args.repeats, warmup=args.warmup, sweep=args.sweep,
+                   step=not args.no_step, tokens=args.tokens, step_repeats=args.step_repeats,
+                   methods=["local", "zeco", "lasp1", "lasp2"])
+        results[P] = launch(P, job)
+    single = None
+    if not args.no_step:
+        single = launch(1, dict(step=True, tokens=args.tokens, step_repeats=args.step_repeats, methods=["local"]))
+
+    print("\nPart 1: getting S0 (one layer's state), median ms of the slowest rank, "
+          f"{args.repeats} repeats after {args.warmup} warm-up")
+    head = f"{'state [B,H,K,V]':<26} {'MiB':>6} {'P':>2} {'N':>3} {'All-Scan':>9} {'LASP-1':>9} {'LASP-2':>9} {'AS/L2':>6}"
+    print(head)
+    print("-" * len(head))
+    for name, shape in STATES.items():
+        mib = torch.Size(shape).numel() * 4 / 2**20
+        for P in args.worlds:
+            r = results[P]["comm"][name]
+            print(f"{name + ' ' + str(list(shape)):<26} {mib:6.2f} {P:>2} {r['N']:>3} {_ms(r['allscan']):>9} "
+                  f"{_ms(r['lasp1']):>9} {_ms(r['lasp2']):>9} {r['allscan'] / r['lasp2']:6.2f}")
+    if args.sweep:
+        print("\nAll-Scan ms against N (blocks):")
+        for name in STATES:
+            for P in args.worlds:
+                sw = results[P]["comm"][name]["sweep"]
+                print(f"  {name:<10} P={P}: " + "  ".join(f"N={n}:{t * 1e3:.2f}" for n, t in sw.items()))
+    if not args.no_step:
+        print(f"\nPart 2: forward+backward of the GLA operator, 1b layer shape H={LAYER['H']} K={LAYER['K']} "
+              f"V={LAYER['V']}, B=1, {args.tokens} tokens per rank; median s of the slowest rank, "
+              f"{args.step_repeats} repeats after 1 warm-up")
+        s1 = single["step"]["local"]
+        print(f"one process alone: {s1:.3f} s")
+        head = f"{'P':>2} {'no-comm xP':>10} {'ZeCO':>7} {'LASP-1':>7} {'LASP-2':>7} {'ZeCO/alone':>10} {'ZeCO/no-comm':>12}"
+        print(head)
+        print("-" * len(head))
+        for P in args.worlds:
+            s = results[P]["step"]
+            print(f"{P:>2} {s['local']:10.3f} {s['zeco']:7.3f} {s['lasp1']:7.3f} {s['lasp2']:7.3f} "
+                  f"{s['zeco'] / s1:10.3f} {s['zeco'] / s['local']:12.3f}")
+    print(f"\n(total {time.time() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
