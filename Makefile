@@ -22,7 +22,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 demo: install
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node $(NPROC) -m longseq.demo
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node $(NPROC) -m longseq.train model=stdit_tiny parallel=dsp parallel.sp_size=2 train.steps=20 train.global_batch_size=8 optim.warmup_steps=2 train.out_dir=outputs/demo train.resume=none
 
 clean:
 	rm -rf $(VENV) build *.egg-info outputs
