@@ -24,6 +24,9 @@ Scalar decay (``g [B, T, H]``), ``BT = 64`` (fla's ``ChunkSimpleGLAFunction`` de
 * backward: ``chunk_simple_gla_bwd(q, k, v, g=gc, g_gamma=None, initial_state, do, dht,
   scale, chunk_size=BT) -> (dq, dk, dv, dg_c, dh0)``, then
   ``dg = chunk_local_cumsum(dg_c, chunk_size=BT, reverse=True)``.
+  fla 0.6 raises RuntimeError in that backward on Hopper GPUs with
+  3.4 <= Triton < 3.7.1 (its issue #640); then the backward runs the per-key GLA
+  kernels above on ``g`` broadcast over K and sums ``dg`` over K (one warning).
 
 fla returns no ``dh0`` without an initial state, so the backward passes a zero
 ``initial_state`` when none is given: ``dh0`` is always returned (SP needs it).
@@ -33,6 +36,7 @@ results do not depend on it mathematically).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -68,6 +72,11 @@ def _load():
 def require_fla() -> dict:
     """The fla functions used here; ImportError (naming the pip package) if unavailable."""
     return _load()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def fla_available() -> bool:
@@ -151,11 +160,29 @@ def fla_gla_bwd(
                 h=None, A=A, do=do, dht=dht, chunk_size=BT,
             )
         else:
-            BT = 64
-            gc = f["chunk_local_cumsum"](g, chunk_size=BT, scale=f["RCP_LN2"])
-            dq, dk, dv, dg, dh0 = f["chunk_simple_gla_bwd"](
-                q=q, k=k, v=v, g=gc, g_gamma=None, initial_state=h0, do=do, dht=dht,
-                scale=scale, chunk_size=BT,
-            )
-            dg = f["chunk_local_cumsum"](dg, chunk_size=BT, reverse=True)
+            try:
+                BT = 64
+                gc = f["chunk_local_cumsum"](g, chunk_size=BT, scale=f["RCP_LN2"])
+                dq, dk, dv, dg, dh0 = f["chunk_simple_gla_bwd"](
+                    q=q, k=k, v=v, g=gc, g_gamma=None, initial_state=h0, do=do, dht=dht,
+                    scale=scale, chunk_size=BT,
+                )
+                dg = f["chunk_local_cumsum"](dg, chunk_size=BT, reverse=True)
+            except RuntimeError as e:
+                # fla 0.6 refuses its gated simple-GLA backward on Hopper with
+                # 3.4 <= Triton < 3.7.1 (fla issue #640, wrong results).  The per-key GLA
+                # kernels are unaffected: run them on g broadcast over K, sum dg over K.
+                if "Triton" not in str(e):
+                    raise
+                _warn_once(f"fla simple-GLA backward unavailable ({e}); "
+                           "using fla's per-key GLA backward with g broadcast over K")
+                BT = _gla_chunk_size(T)
+                ge = g.unsqueeze(-1).expand(B, T, H, K).contiguous()
+                gc = f["chunk_local_cumsum"](ge, chunk_size=BT, scale=f["RCP_LN2"])
+                A = f["chunk_gla_fwd_intra_gk"](q=q, k=k, g=gc, scale=scale, chunk_size=BT)
+                dq, dk, dv, dg, dh0 = f["chunk_gla_bwd"](
+                    q=q, k=k, v=v, g=ge, g_cumsum=gc, scale=scale, initial_state=h0,
+                    h=None, A=A, do=do, dht=dht, chunk_size=BT,
+                )
+                dg = dg.float().sum(-1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0.float()
