@@ -79,7 +79,7 @@ def _sp_vs_serial(T, B, H, K, V, chunk, dtype_name, cases):
         mine = [_piece(x, sizes, me).detach().clone().requires_grad_() for x in (q, k, v, g)]
         h0_sp = h0.detach().clone().requires_grad_()
         o, st = sp_gla(*mine, group=grp, method=method, initial_state=h0_sp, output_final_state=True,
-                       num_blocks=nb, chunk_size=chunk, overlap_backward=overlap)
+                       num_blocks=nb, chunk_size=chunk, overlap=overlap)
         l_sp = (o.double() * _piece(do, sizes, me).double()).sum() + (st.double() * dhts[me].double()).sum()
         l_sp.backward()
         errs = {

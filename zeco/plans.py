@@ -37,7 +37,7 @@ _ORIGINAL = "_zeco_serial_gla_fn"
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
-                overlap_backward: bool = True, check: Any = True) -> torch.nn.Module:
+                overlap: bool = True, check: Any = True) -> torch.nn.Module:
     """Swap the ``gla_fn`` of every submodule that has one for :func:`zeco.sp_gla` over ``group``
     (in place; returns the model). Raises ``ValueError`` when the model has no such layer."""
     if method not in METHODS:
@@ -48,7 +48,7 @@ def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", num
             if not hasattr(mod, _ORIGINAL):
                 setattr(mod, _ORIGINAL, mod.gla_fn)
             mod.gla_fn = functools.partial(sp_gla, group=group, method=method, num_blocks=num_blocks,
-                                           overlap_backward=overlap_backward, check=check)
+                                           overlap=overlap, check=check)
             n += 1
     if n == 0:
         raise ValueError("parallelize: the model has no module with a `gla_fn` attribute (a GLA layer)")

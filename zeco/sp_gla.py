@@ -18,10 +18,11 @@ so S0_i is a prefix scan over ranks of (Γ_i, S_end_i(0)). The three methods obt
   while the scan travels, then adds ``(scale·q ⊙ A)·S0`` (another O(T·K·V) pass). Rank 0 knows its
   S0 at once and runs the local op with it; the last rank needs no summary (it sends nothing).
   Backward: rank i forms ``dS0_i(local) = (scale·q ⊙ A)ᵀ·dO + Γ_i ⊙ dht_i`` and starts the reverse
-  scan (``dS0_i = dS0_i(local) + diag(Γ_i)·dS0_{i+1}``). With ``overlap_backward=True`` (default)
-  it runs the local backward with the user's ``dht`` while the scan travels and then adds the
-  (linear) contribution of ``dS0_{i+1}`` through the final state to dk, dv, dg; with False it waits
-  for ``dS0_{i+1}`` and runs ``gla_bwd(initial_state=S0_i, dht=dht_i + dS0_{i+1})``.
+  scan (``dS0_i = dS0_i(local) + diag(Γ_i)·dS0_{i+1}``), runs the local backward with the user's
+  ``dht`` while the scan travels, and then adds the (linear) contribution of ``dS0_{i+1}`` through
+  the final state to dk, dv, dg. With ``overlap=False`` each rank instead waits for the (still
+  pipelined) scan and runs one local pass with what it received: ``gla_fwd(initial_state=S0_i)``,
+  ``gla_bwd(initial_state=S0_i, dht=dht_i + dS0_{i+1})``.
 * ``"lasp1"``: the same chain with whole states and no overlap: rank i blocks on ``recv`` of S0_i
   from rank i-1, sends ``S_end_i`` to rank i+1 (one message per hop), then runs the local op with
   S0_i. Backward likewise from rank P-1 down.
@@ -203,7 +204,7 @@ def _check_across_ranks(group, signature: dict, mode) -> None:
 # The autograd function
 # ----------------------------------------------------------------------------------------------
 class _Cfg:
-    __slots__ = ("group", "method", "scale", "N", "backend", "chunk_size", "P", "rank", "overlap_bwd", "dt")
+    __slots__ = ("group", "method", "scale", "N", "backend", "chunk_size", "P", "rank", "overlap", "dt")
 
     def __init__(self, **kw):
         for k_, v_ in kw.items():
@@ -231,6 +232,12 @@ def _fwd_zeco_impl(cfg, q, k, v, g, h0):
                         chunk_size=cfg.chunk_size)
         handle.wait()
         return o, ht.to(dt), S0_first, gamma
+    if not cfg.overlap:
+        # wait for S0 (the scan is still pipelined), then one local pass from it
+        S0, _ = handle.wait()
+        o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=S0, backend=cfg.backend,
+                        chunk_size=cfg.chunk_size)
+        return o, ht.to(dt), S0, gamma
     o0, ht0 = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=None, backend=cfg.backend,
                       chunk_size=cfg.chunk_size)
     S0, _ = handle.wait()
@@ -377,7 +384,7 @@ class SPGLAFunction(torch.autograd.Function):
             if last:
                 dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
                 handle.wait()
-            elif cfg.overlap_bwd:
+            elif cfg.overlap:
                 dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
                 X, _ = handle.wait()
                 ck, cv, cg = _final_state_grad_correction(q, k, v, g, S0, gamma, X, dt)
@@ -410,7 +417,7 @@ class SPGLAFunction(torch.autograd.Function):
 def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
            method: str = "zeco", scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
            output_final_state: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
-           chunk_size: int = 64, overlap_backward: bool = True,
+           chunk_size: int = 64, overlap: bool = True,
            check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence-parallel GLA over ``group``: this rank's piece of the output of GLA over the whole
     sequence (the pieces of all ranks concatenated in group-rank order).
@@ -429,8 +436,11 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
             the final state of the whole sequence); differentiable.
         num_blocks: All-Scan's N (default: :func:`zeco.all_scan.num_blocks_for`); zeco only.
         backend, chunk_size: of the local operator :func:`zeco.gla.gla_fwd` / ``gla_bwd``.
-        overlap_backward: zeco's backward overlaps the reverse scan with the local backward
-            (then adds the final-state gradient's contribution); False waits for the scan first.
+        overlap: zeco only. True (default): overlap the scan with the local work, forward and
+            backward (local pass from a zero state / without the incoming state gradient while the
+            scan travels, then an O(T·K·V) correction). False: start the pipelined scan, wait for
+            it, then one local pass with the received state; cheaper when the scan's latency is
+            below the cost of the correction (e.g. CPU processes over loopback at small P).
         check: cross-rank consistency check (module docstring): True (first time per signature),
             "always", or False.
 
@@ -448,6 +458,6 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
                    state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
         _check_across_ranks(group, sig, check)
     cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,
-               backend=backend, chunk_size=chunk_size, P=P, rank=r, overlap_bwd=bool(overlap_backward), dt=dt)
+               backend=backend, chunk_size=chunk_size, P=P, rank=r, overlap=bool(overlap), dt=dt)
     o, ht = SPGLAFunction.apply(q, k, v, g, initial_state, cfg)
     return o, (ht if output_final_state else None)
