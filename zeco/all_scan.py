@@ -244,6 +244,7 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     out = torch.empty(rows, cols, dtype=dt, device=dev)
     sworks: list = []
 
+    @torch.no_grad()
     def relay():
         for j, (r0, r1) in enumerate(bounds):
             rworks[j].wait()

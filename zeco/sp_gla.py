@@ -61,6 +61,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from longseq import comm
 from zeco.all_scan import all_scan_start, num_blocks_for
@@ -357,6 +358,7 @@ class SPGLAFunction(torch.autograd.Function):
         return o, ht.to(cfg.dt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dht):
         q, k, v, g, S0, gamma = ctx.saved_tensors
         cfg = ctx.cfg
@@ -425,7 +427,8 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     Args:
         q, k: ``[B, T_i, H, K]``; v: ``[B, T_i, H, V]``; g: ``[B, T_i, H, K]`` (per-key log decay) or
             ``[B, T_i, H]`` (scalar per head). ``T_i`` may differ between ranks (0 included).
-        group: the sequence-parallel process group (explicit; no global default).
+        group: the sequence-parallel process group (explicit; no global default), or a
+            :class:`longseq.ParallelGroups` (its SP group is used).
         method: ``"zeco"`` (All-Scan, overlapped), ``"lasp1"`` (sequential ring), ``"lasp2"``
             (all-gather).
         scale: ``K ** -0.5`` when None.
@@ -448,6 +451,8 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
     """
     _validate_local(q, k, v, g, initial_state, method)
+    if hasattr(group, "sp_group"):  # a longseq.ParallelGroups
+        group = group.sp_group
     B, _, H, K = q.shape
     V = v.shape[-1]
     P, r = comm.group_size(group), comm.group_rank(group)
