@@ -285,6 +285,7 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
 
     ledger_before = {k: tuple(v) for k, v in LEDGER.totals.items()}
     every = int(cfg.train.checkpoint_every)
+    save = bool(cfg.train.save_checkpoints)
     keep = int(cfg.train.keep_checkpoints)
     log_every = max(1, int(cfg.train.log_every))
     sleep_s = float(cfg.train.debug_sleep_s or 0.0)
@@ -333,7 +334,7 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
             raise FloatingPointError(f"the loss is {loss_value} at step {step}: lower optim.lr, or use "
                                      "train.precision=fp32 to see whether bf16 is the cause")
 
-        if (every and step % every == 0) or step == steps:
+        if save and ((every and step % every == 0) or step == steps):
             rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
             if lead:
                 state = {"format": ckpt.FORMAT, "step": step, "data_position": position,

@@ -260,6 +260,16 @@ def _stdit_step(model: nn.Module, diffusion: Diffusion, batch: dict, channels: i
     return pred[:, :channels].float()
 
 
+def _sharded_mse(pred: torch.Tensor, target: torch.Tensor, group, whole_numel: int) -> torch.Tensor:
+    """MSE over the whole tensors from this rank's pieces: the squared errors summed over the group
+    (one all-reduce of one float64; backward identity, so each rank gets its piece's gradient),
+    over the whole element count. What ``dsp.sharded_mse_loss`` computes, without its count
+    all-reduce (the whole count is known here) and device-safe on CUDA."""
+    from longseq import functional as LF
+    sse = (pred - target).pow(2).sum().to(torch.float64)
+    return (LF.all_reduce_sum(sse, group, tag="train.loss.sp") / whole_numel).float()
+
+
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
 
@@ -441,7 +451,7 @@ def _stdit_sp(spec, model, groups, options, cfg) -> Trainable:
         def loss(batch):
             pred = _stdit_step(model, diffusion, batch, c)        # this rank's frames of the output
             target = handle.shard_target(batch["noise"].float())
-            return dsp.sharded_mse_loss(pred, target, groups.sp_group).float()
+            return _sharded_mse(pred, target, groups.sp_group, batch["noise"].numel())
     return Trainable(model, loss, None, [], 0.0, 0, handle)
 
 
