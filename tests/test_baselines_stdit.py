@@ -257,8 +257,10 @@ def _errors():
     h = sp.parallelize(model, W, "ring")
     catch("t_lt_p", lambda: model(x, ts, y))
     h.remove()
-    # no state is left behind by the failed calls: a valid parallelize still works
-    catch("ok", lambda: sp.parallelize(model, W, "ring"))
+    catch("kernel", lambda: sp.parallelize(model, W, "ring", kernel="flash"))
+    catch("dtype", lambda: sp.parallelize(model, W, "ring", grad_comm_dtype="half-ish"))
+    # no state is left behind by the failed calls: a valid parallelize still works (config-style names)
+    catch("ok", lambda: sp.parallelize(model, W, "ring", grad_comm_dtype="bf16"))
     return msgs
 
 
@@ -272,4 +274,6 @@ def test_errors(dist_pool):
     assert "method 'dsp' takes no ulysses_degree" in msgs["dsp_option"]
     assert "2 attention heads" in msgs["megatron_heads"]
     assert "cannot shard" in msgs["t_lt_p"] and "size 2 over 3 ranks" in msgs["t_lt_p"]
+    assert "unknown ring attention kernel 'flash'" in msgs["kernel"]
+    assert "grad_comm_dtype 'half-ish'" in msgs["dtype"]
     assert msgs["ok"] is None

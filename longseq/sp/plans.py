@@ -221,6 +221,20 @@ def _set_forward(handle: SPHandle, mod: nn.Module, fwd: Callable) -> None:
     handle._undo.append(undo)
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def _dtype(d: Any) -> Optional[torch.dtype]:
+    """A dtype from a dtype or its name (config files pass strings)."""
+    if d is None or isinstance(d, torch.dtype):
+        return d
+    name = str(d).replace("torch.", "")
+    if name not in _DTYPES:
+        raise ValueError(f"grad_comm_dtype {d!r} is not a dtype; valid names: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any = None, gather_output: bool = True,
                 check_inputs: Any = True, ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
                 kernel: str = "auto", grad_comm_dtype: Optional[torch.dtype] = None, dsp_plan: Any = None):
@@ -253,6 +267,10 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
     if method not in ("ring", "usp") and (kernel != "auto" or grad_comm_dtype is not None):
         raise ValueError(f"kernel / grad_comm_dtype are options of ring attention ('ring', 'usp'), not {method!r}")
 
+    from .ring import KERNELS
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown ring attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")
+    grad_comm_dtype = _dtype(grad_comm_dtype)
     sp_plan = _as_sp_plan(plan)
     sp = group.sp_group if isinstance(group, ParallelGroups) else group
     P, r = comm.group_size(sp), comm.group_rank(sp)
