@@ -125,3 +125,55 @@ def test_cli_reports_config_errors_before_starting(tmp_path):
     p = subprocess.run(th.command(["parallel=none", "data=latents"]), cwd=th.ROOT, env=th.env(), timeout=60,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.returncode == 2 and "data.path is required but not set" in p.stdout, p.stdout[-3000:]
+
+
+# -- pieces of the loop, in-process ---------------------------------------------------------------
+def test_lr_schedule():
+    from longseq.train.loop import lr_factor
+    f = [lr_factor(s, total=10, warmup=2, schedule="cosine", min_ratio=0.1) for s in range(10)]
+    assert f[:2] == [0.5, 1.0] and f[2] == 1.0 and all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert abs(lr_factor(10, total=10, warmup=2, schedule="cosine", min_ratio=0.1) - 0.1) < 1e-12
+    assert lr_factor(7, total=10, warmup=2, schedule="constant", min_ratio=0.1) == 1.0
+
+
+@pytest.mark.parametrize("model", ["stdit_tiny", "gla_tiny"])
+def test_activation_checkpointing_keeps_results_and_state_dict(model):
+    import torch
+    c = cfg(f"model={model}")
+    fam = methods.family_of(c)
+    torch.manual_seed(0)
+    a = fam.build(c.model)
+    torch.manual_seed(0)
+    b = fam.build(c.model)
+    assert methods.apply_activation_checkpointing(fam.units(b)) == (4 if model == "stdit_tiny" else 2)
+    assert list(a.state_dict()) == list(b.state_dict())
+    if model == "stdit_tiny":
+        args = (torch.randn(2, 4, 3, 4, 4), torch.tensor([3.0, 500.0]), torch.randn(2, 5, 16))
+    else:
+        args = (torch.randint(0, 64, (2, 20)),)
+    outs = []
+    for m in (a, b):
+        out = m(*args)
+        out.float().pow(2).mean().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for ga, gb in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(ga, gb)
+
+
+def test_checkpoint_files_are_atomic_and_latest_is_found(tmp_path):
+    import torch
+    from longseq.train import checkpoint as ck
+    d = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        ck.save_checkpoint(d, step, {"step": step, "w": torch.full((3,), float(step))}, keep=2)
+    assert [s for s, _ in ck.list_checkpoints(d)] == [4, 6]
+    assert ck.find_latest(d).name == "ckpt_step00000006.pt"
+    assert ck.load_checkpoint(ck.find_latest(d))["step"] == 6
+    (d / ".ckpt_step00000008.pt.tmp.123").write_bytes(b"torn")       # a write killed half-way
+    assert ck.find_latest(d).name == "ckpt_step00000006.pt"
+    (d / "latest").unlink()                                          # killed between file and pointer
+    assert ck.find_latest(d).name == "ckpt_step00000006.pt"
+    (d / "latest").write_text("ckpt_step00000099.pt\n")              # names a file that is gone
+    assert ck.find_latest(d).name == "ckpt_step00000006.pt"
+    assert not [f for f in d.iterdir() if ".tmp." in f.name and f.name != ".ckpt_step00000008.pt.tmp.123"]

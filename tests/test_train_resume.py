@@ -87,6 +87,6 @@ def test_torchrun_restart_after_rank_failure_is_exact(reference, tmp_path):
 
 def test_resume_of_a_finished_run_does_nothing(reference, tmp_path):
     ref_dir, ref = reference
-    p = th.run(BASE + [f"train.out_dir={ref_dir}", "train.resume=auto"], 1 + 1, timeout=120)
+    p = th.run(BASE + [f"train.out_dir={ref_dir}", "train.resume=auto"], 2, timeout=120)
     assert "nothing to do" in p.stdout
     assert th.losses(ref_dir) == ref

@@ -262,8 +262,8 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
                 ckpt.set_rng_state(rng[rank] if len(rng) == world else rng[0])
             resumed_from = path
             del state
-            if lead:
-                truncate_metrics(out_dir / "metrics.jsonl", step)
+    if lead:
+        truncate_metrics(out_dir / "metrics.jsonl", step)        # drop steps a killed attempt logged after it
 
     shard = None
     if trainable.input_shard is not None and groups.sp_size > 1:
