@@ -10,9 +10,11 @@ presets (the exact code paths sp_gla uses: zeco.all_scan, zeco.sp_gla.lasp1_scan
 repeat starts after a barrier and counts the slowest rank; the median of the repeats after warm-up
 is reported. Part 2 times a forward+backward step of the GLA operator at the 1b preset's layer shape
 (H=4, K=256, V=512, B=1) with a fixed number of tokens per rank, for each method, against (a) one
-process alone on the machine with the same tokens, and (b) the same P processes running the local
-operator with no communication at all (what the machine can do with P concurrent processes; on a
-2-core machine P=4 is oversubscribed, which (a) would charge to the method).
+process alone on the machine with the same tokens (rank 0 while the others wait), and (b) the same
+P processes running the local operator with no communication at all (what the machine can do with
+P concurrent processes; on a 2-core machine P=4 is oversubscribed, which (a) would charge to the
+method). All timings of one table are taken round-robin (one of each per round), so a change in
+the machine's load affects them alike.
 """
 from __future__ import annotations
 
@@ -42,22 +44,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed(fn, repeats: int, warmup: int) -> float:
-    """Median over repeats of the slowest rank's time of ``fn()``, each repeat after a barrier."""
+def _timed(fns: dict, repeats: int, warmup: int) -> dict:
+    """Median over repeats of the slowest rank's time of each ``fns[name]()``. The functions are
+    run round-robin (one of each per round, each after a barrier), so a change in the machine's
+    load during the run affects all of them alike."""
     import torch.distributed as dist
 
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns.values():
+            fn()
+    ts = {name: [] for name in fns}
     for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    t = torch.tensor(ts, dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return statistics.median(t.tolist())
+        for name, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, v in ts.items():
+        t = torch.tensor(v, dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out[name] = statistics.median(t.tolist())
+    return out
 
 
 def _comm_part(states, repeats, warmup, sweep):
@@ -73,13 +82,15 @@ def _comm_part(states, repeats, warmup, sweep):
         local = torch.randn(*shape, generator=gen)
         gamma = torch.rand(*shape[:-1], generator=gen)
         N = num_blocks_for(shape, torch.float32, world_size=dist.get_world_size())
-        row = {"N": N}
-        row["allscan"] = _timed(lambda: all_scan(gamma, local, W), repeats, warmup)
-        row["lasp1"] = _timed(lambda: lasp1_scan(gamma, local, W, shape=shape, dtype=torch.float32), repeats, warmup)
-        row["lasp2"] = _timed(lambda: lasp2_scan(gamma, local, W), repeats, warmup)
+        fns = {
+            "allscan": lambda: all_scan(gamma, local, W),
+            "lasp1": lambda: lasp1_scan(gamma, local, W, shape=shape, dtype=torch.float32),
+            "lasp2": lambda: lasp2_scan(gamma, local, W),
+        }
+        row = {"N": N, **_timed(fns, repeats, warmup)}
         if sweep:
-            row["sweep"] = {n: _timed(lambda: all_scan(gamma, local, W, num_blocks=n), repeats, warmup)
-                            for n in (1, 2, 3, 4, 6, 8, 16, 32)}
+            row["sweep"] = _timed({n: (lambda n=n: all_scan(gamma, local, W, num_blocks=n))
+                                   for n in (1, 2, 3, 4, 6, 8, 16, 32)}, repeats, warmup)
         out[name] = row
     return out
 
@@ -105,6 +116,11 @@ def _step_part(tokens, repeats, warmup, methods):
         def run():
             for x in leaves:
                 x.grad = None
+            if method == "alone":  # rank 0 by itself while the others wait at the next barrier
+                if dist.get_rank() == 0:
+                    o, _ = gla(*leaves)
+                    (o * do).sum().backward()
+                return
             if method == "local":
                 o, _ = gla(*leaves)
             elif method == "zeco-wait":
@@ -114,7 +130,7 @@ def _step_part(tokens, repeats, warmup, methods):
             (o * do).sum().backward()
         return run
 
-    return {m: _timed(step(m), repeats, warmup) for m in methods}
+    return _timed({m: step(m) for m in methods}, repeats, warmup)
 
 
 def _worker(rank, world, port, job, queue):
@@ -132,7 +148,7 @@ def _worker(rank, world, port, job, queue):
         if job.get("comm"):
             res["comm"] = _comm_part(STATES, job["repeats"], job["warmup"], job.get("sweep", False))
         if job.get("step"):
-            res["step"] = _step_part(job["tokens"], job["step_repeats"], 1, job["methods"])
+            res["step"] = _step_part(job["tokens"], job["step_repeats"], job.get("step_warmup", 1), job["methods"])
         if rank == 0:
             queue.put(res)
     finally:
@@ -163,11 +179,13 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=512, help="tokens per rank in the end-to-end step")
     ap.add_argument("--step-repeats", type=int, default=3)
+    ap.add_argument("--step-warmup", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="All-Scan time for N = 1..64 blocks")
     ap.add_argument("--no-step", action="store_true", help="skip the end-to-end step")
     args = ap.parse_args(argv)
 
     t_start = time.time()
+    load0 = os.getloadavg()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo over "
           f"127.0.0.1, 1 intra-op thread per process; python {platform.python_version()}")
     print(f"command: python -m benchmarks.zeco_scan {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
@@ -175,11 +193,9 @@ def main(argv=None) -> None:
     for P in args.worlds:
         job = dict(comm=True, repeats=args.repeats, warmup=args.warmup, sweep=args.sweep,
                    step=not args.no_step, tokens=args.tokens, step_repeats=args.step_repeats,
-                   methods=["local", "zeco", "zeco-wait", "lasp1", "lasp2"])
+                   step_warmup=args.step_warmup,
+                   methods=["alone", "local", "zeco", "zeco-wait", "lasp1", "lasp2"])
         results[P] = launch(P, job)
-    single = None
-    if not args.no_step:
-        single = launch(1, dict(step=True, tokens=args.tokens, step_repeats=args.step_repeats, methods=["local"]))
 
     print("\nPart 1: getting S0 (one layer's state), median ms of the slowest rank, "
           f"{args.repeats} repeats after {args.warmup} warm-up")
@@ -202,20 +218,21 @@ def main(argv=None) -> None:
         print(f"\nPart 2: forward+backward of the GLA operator, 1b layer shape H={LAYER['H']} K={LAYER['K']} "
               f"V={LAYER['V']}, B=1, {args.tokens} tokens per rank; median s of the slowest rank, "
               f"{args.step_repeats} repeats after 1 warm-up")
-        s1 = single["step"]["local"]
-        print(f"one process alone: {s1:.3f} s")
-        head = (f"{'P':>2} {'no-comm xP':>10} {'ZeCO':>7} {'ZeCO-wait':>9} {'LASP-1':>7} {'LASP-2':>7} "
+        head = (f"{'P':>2} {'alone':>6} {'no-comm xP':>10} {'ZeCO':>7} {'ZeCO-wait':>9} {'LASP-1':>7} {'LASP-2':>7} "
                 f"{'ZeCO/alone':>10} {'ZeCO/no-comm':>12} {'best ZeCO/no-comm':>17}")
         print(head)
         print("-" * len(head))
         for P in args.worlds:
             s = results[P]["step"]
+            s1 = s["alone"]
             best = min(s["zeco"], s["zeco-wait"])
-            print(f"{P:>2} {s['local']:10.3f} {s['zeco']:7.3f} {s['zeco-wait']:9.3f} {s['lasp1']:7.3f} "
+            print(f"{P:>2} {s1:6.3f} {s['local']:10.3f} {s['zeco']:7.3f} {s['zeco-wait']:9.3f} {s['lasp1']:7.3f} "
                   f"{s['lasp2']:7.3f} {s['zeco'] / s1:10.3f} {s['zeco'] / s['local']:12.3f} {best / s['local']:17.3f}")
-        print("ZeCO = overlapped (default); ZeCO-wait = sp_gla(..., overlap=False): pipelined scan, then one "
-              "local pass from the received state")
-    print(f"\n(total {time.time() - t_start:.0f} s)")
+        print("alone = rank 0 by itself (the others idle); no-comm xP = every rank runs the local operator on "
+              "its tokens, no communication;\nZeCO = overlapped (default); ZeCO-wait = sp_gla(..., overlap=False): "
+              "pipelined scan, then one local pass from the received state")
+    print(f"\n(total {time.time() - t_start:.0f} s; load average at start {load0[0]:.1f}, at end "
+          f"{os.getloadavg()[0]:.1f}: other work on the machine inflates and scatters these timings)")
 
 
 if __name__ == "__main__":
