@@ -76,7 +76,9 @@ def _sp_vs_serial(T, B, H, K, V, chunk, dtype_name, cases):
         loss.backward()
         ref_grads = [x.grad for x in leaves]
         # sequence parallel
-        mine = [_piece(x, sizes, me).detach().clone().requires_grad_() for x in (q, k, v, g)]
+        # leaves stored [B, H, T, D]: the inputs are non-contiguous views [B, T, H, D] (gloo and strides)
+        leaves_t = [_piece(x, sizes, me).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v, g)]
+        mine = [x.transpose(1, 2) for x in leaves_t]
         h0_sp = h0.detach().clone().requires_grad_()
         o, st = sp_gla(*mine, group=grp, method=method, initial_state=h0_sp, output_final_state=True,
                        num_blocks=nb, chunk_size=chunk, overlap=overlap)
@@ -85,10 +87,10 @@ def _sp_vs_serial(T, B, H, K, V, chunk, dtype_name, cases):
         errs = {
             "o": _err(o, _piece(o_ref, sizes, me), dtype),
             "final": _err(st, finals[me], dtype),
-            "dq": _err(mine[0].grad, _piece(ref_grads[0], sizes, me), dtype),
-            "dk": _err(mine[1].grad, _piece(ref_grads[1], sizes, me), dtype),
-            "dv": _err(mine[2].grad, _piece(ref_grads[2], sizes, me), dtype),
-            "dg": _err(mine[3].grad, _piece(ref_grads[3], sizes, me), dtype),
+            "dq": _err(leaves_t[0].grad.transpose(1, 2), _piece(ref_grads[0], sizes, me), dtype),
+            "dk": _err(leaves_t[1].grad.transpose(1, 2), _piece(ref_grads[1], sizes, me), dtype),
+            "dv": _err(leaves_t[2].grad.transpose(1, 2), _piece(ref_grads[2], sizes, me), dtype),
+            "dg": _err(leaves_t[3].grad.transpose(1, 2), _piece(ref_grads[3], sizes, me), dtype),
         }
         # initial_state: rank 0 holds the whole gradient, the others zero (shares sum to the total)
         dh0 = h0_sp.grad.clone()
