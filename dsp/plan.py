@@ -183,11 +183,15 @@ class DSPHandle:
     Usable as a context manager (removes the hooks on exit).
     """
 
-    def __init__(self, model: nn.Module, group: Any, plan: Plan, *, gather_output: bool, check_inputs: Any):
+    def __init__(self, model: nn.Module, group: Any, plan: Plan, *, gather_output: bool, check_inputs: Any,
+                 comm_dtype: Any = None):
         if check_inputs not in _CHECK_MODES:
             raise ValueError(f"check_inputs must be True, False, 'new', 'always' or 'off', not {check_inputs!r}")
         self.model, self.group, self.plan = model, sp_group_of(group), plan
         self.gather_output = bool(gather_output)
+        if not (comm_dtype is None or comm_dtype == "autocast" or isinstance(comm_dtype, torch.dtype)):
+            raise ValueError(f"comm_dtype must be None, 'autocast' or a torch.dtype, not {comm_dtype!r}")
+        self.comm_dtype = comm_dtype
         self.check_mode = _CHECK_MODES[check_inputs]
         self.whole_sizes: dict[str, int] = {}
         self.stages: list[tuple[str, nn.Module, Stage]] = []
@@ -347,6 +351,13 @@ class DSPHandle:
             return out
         return gather(out, _names(b.layout).index(home), self.group, self.whole_sizes[home], tag="dsp.exit")
 
+    def _switch_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype switches send in: ``comm_dtype``, or under "autocast" the active autocast dtype."""
+        if self.comm_dtype != "autocast":
+            return self.comm_dtype
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
     def _stage_pre(self, path: str, st: Stage):
         home = self.plan.home
 
@@ -365,7 +376,7 @@ class DSPHandle:
             self._check_shardable(x, st.layout, st.shard, f"the input of {path!r}")
             names = _names(st.layout)
             x = switch(x, self.group, names.index(st.shard), names.index(home), self.whole_sizes[home],
-                       tag=f"dsp.{path}.in")
+                       tag=f"dsp.{path}.in", comm_dtype=self._switch_dtype(x))
             return (x, *args[1:])
 
         return hook
@@ -386,7 +397,7 @@ class DSPHandle:
                 return None
             names = _names(lay)
             y = switch(y, self.group, names.index(home), names.index(st.shard), self.whole_sizes[st.shard],
-                       tag=f"dsp.{path}.out")
+                       tag=f"dsp.{path}.out", comm_dtype=self._switch_dtype(y))
             if isinstance(out, (tuple, list)):
                 return type(out)((y, *out[1:]))
             return y
@@ -414,7 +425,7 @@ def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Te
 
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,
-                check_inputs: Any = True) -> DSPHandle:
+                check_inputs: Any = True, comm_dtype: Any = None) -> DSPHandle:
     """Make ``model`` run DSP sequence-parallel over ``group`` (a process group, or a
     ``longseq.ParallelGroups`` whose SP group is used), in place, by hooks; returns a
     :class:`DSPHandle` whose ``remove()`` undoes it.
@@ -426,12 +437,15 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
     every rank got the same input shapes and values; ``"always"`` checks every forward; False never.
     The check is collective: a rank whose signature is new while another's is not will hang, so
     use ``"always"`` when shapes vary from step to step and ranks may disagree.
+    ``comm_dtype``: the dtype the switches send in (None: the activation's own; ``"autocast"``: the
+    autocast dtype while autocast is on, as a bf16 model would send; or a ``torch.dtype``).
 
     Every rank of the group must call it, with the same model (same parameters) and plan. Raises
     ``ValueError`` if a plan path matches no submodule, and if the model is already parallelized.
     """
     if model in _PARALLELIZED:
         raise ValueError("this model is already parallelized by DSP; call .remove() on its handle first")
-    handle = DSPHandle(model, group, as_plan(plan), gather_output=gather_output, check_inputs=check_inputs)
+    handle = DSPHandle(model, group, as_plan(plan), gather_output=gather_output, check_inputs=check_inputs,
+                       comm_dtype=comm_dtype)
     _PARALLELIZED[model] = handle
     return handle

@@ -71,12 +71,14 @@ def _check_local(x: torch.Tensor, dim: int, full: int, P: int, r: int, what: str
 
 
 def switch(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int, gather_size: int | None = None,
-           *, tag: str = "dsp.switch") -> torch.Tensor:
+           *, tag: str = "dsp.switch", comm_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Move the sharding of ``x`` from ``gather_dim`` to ``scatter_dim`` with one all-to-all.
 
     ``x`` holds this rank's piece of ``gather_dim`` (whole size ``gather_size``) and all of
     ``scatter_dim``; the result holds all of ``gather_dim`` and this rank's piece of
     ``scatter_dim``. Backward is the switch back (tag ``<tag>.bwd``).
+    ``comm_dtype`` (e.g. ``torch.bfloat16``): send in this dtype and cast back to ``x.dtype`` after,
+    forward and backward; default: ``x.dtype``.
     Raises ``ValueError`` (before any collective) if ``scatter_dim`` or ``gather_size`` is smaller
     than the group, or if this rank's size does not match ``gather_size``.
     """
@@ -90,6 +92,9 @@ def switch(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int, gathe
     if gather_size is None:
         gather_size = whole_size(x.shape[gd], group, tag=tag + ".sizes")
     _check_local(x, gd, int(gather_size), P, r, f"dim {gd} (gather_dim)")
+    if comm_dtype is not None and comm_dtype != x.dtype:
+        y = LF.all_to_all(x.to(comm_dtype), group, scatter_dim=sd, gather_dim=gd, gather_size=int(gather_size), tag=tag)
+        return y.to(x.dtype)
     return LF.all_to_all(x, group, scatter_dim=sd, gather_dim=gd, gather_size=int(gather_size), tag=tag)
 
 

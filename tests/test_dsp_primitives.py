@@ -144,3 +144,25 @@ def _single_rank():
 
 def test_single_rank_group(dist_pool):
     assert dist_pool(2).run(_single_rank) == [True, True]
+
+
+def _switch_in_bf16():
+    """comm_dtype sends the switch in bf16 (half the bytes) and hands back the input dtype, forward and
+    backward; the values equal a float32 switch of the bf16-rounded tensor exactly."""
+    W, P, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    x = torch.randn(2, 3, 4 * P, 5, generator=torch.Generator().manual_seed(r), requires_grad=True)
+    with LEDGER.recording() as rec:
+        y = dsp.switch(x, W, 2, 1, 3 * P, comm_dtype=torch.bfloat16)
+        y.backward(torch.ones_like(y))
+    ref = dsp.switch(x.detach().to(torch.bfloat16).float(), W, 2, 1, 3 * P)
+    return (y.dtype, torch.equal(y, ref), x.grad.dtype, torch.equal(x.grad, torch.ones_like(x)),
+            [(rr.tag, rr.dtype, rr.bytes_sent, rr.elements_sent) for rr in rec])
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_switch_comm_dtype_halves_bytes(dist_pool, P):
+    for ydt, same, gdt, grad_ok, recs in dist_pool(P).run(_switch_in_bf16):
+        assert ydt == torch.float32 and gdt == torch.float32 and same and grad_ok
+        assert [t for t, *_ in recs] == ["dsp.switch", "dsp.switch.bwd"]
+        for _, dt, nbytes, n in recs:
+            assert dt == "bfloat16" and nbytes == 2 * n == 2 * (2 * 3 * 4 * 5 * (P - 1))

@@ -440,6 +440,9 @@ def _stdit_sp(spec, model, groups, options, cfg) -> Trainable:
     diffusion, c = _stdit_common(cfg, model)
     opts = {"gather_output": False, **options}
     if spec.name == "dsp":
+        # Under bf16 autocast the residual stream stays float32 (float32 adaLN tables); switch it in
+        # the autocast dtype, as the other methods' attention inputs already are, unless told otherwise.
+        opts.setdefault("comm_dtype", "autocast")
         handle = dsp.parallelize(model, groups.sp_group, **opts)
     else:
         handle = _find_parallelize(spec)(model, groups.sp_group, method=spec.name, **opts)
