@@ -4,7 +4,22 @@ Installs the packages ``longseq``, ``dsp`` and ``zeco``. ``models/``, ``benchmar
 ``examples/`` are run from the checkout (``python -m models.stdit``, ``python -m benchmarks...``).
 Native kernels in ``csrc/`` are optional and only built where CUDA is present.
 """
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithConfigs(build_py):
+    """Ship the Hydra configs inside the package (``longseq/configs``) in a regular install; an
+    editable install or a run from the checkout reads ``configs/`` at the repository root."""
+
+    def run(self):
+        super().run()
+        shutil.copytree(Path(__file__).parent / "configs", Path(self.build_lib) / "longseq" / "configs",
+                        dirs_exist_ok=True)
+
 
 setup(
     name="longseq",
@@ -14,7 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["longseq", "longseq.*", "dsp", "dsp.*", "zeco", "zeco.*"]),
-    package_data={"longseq": ["../configs/**/*.yaml"]},
+    cmdclass={"build_py": BuildPyWithConfigs},
     install_requires=["torch>=2.4", "einops>=0.7", "hydra-core>=1.3"],
     extras_require={
         # GPU machines: fast kernels, each optional (longseq falls back to pure PyTorch without them).

@@ -23,6 +23,6 @@ def sharded_mse_loss(pred: torch.Tensor, target: torch.Tensor, group: Any, *, ta
     if pred.shape != target.shape:
         raise ValueError(f"sharded_mse_loss: pred {list(pred.shape)} and target {list(target.shape)} differ")
     sse = (pred - target).pow(2).sum()
-    stats = torch.stack([sse.to(torch.float64), torch.tensor(float(pred.numel()), dtype=torch.float64)])
+    stats = torch.stack([sse.to(torch.float64), torch.tensor(float(pred.numel()), dtype=torch.float64, device=pred.device)])
     total = LF.all_reduce_sum(stats, sp_group_of(group), tag=tag)
     return (total[0] / total[1]).to(pred.dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
     """Initialise the default process group from torchrun's environment; returns (rank, world).
 
     Without torchrun's variables, starts a single-process group (world 1) on 127.0.0.1 so scripts
-    also run as plain ``python``.
+    also run as plain ``python``. After a torchrun restart (``--max-restarts``) of a single-node
+    job it joins through a per-attempt store namespace (see ``_restart_store``).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -37,8 +39,39 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(local_device())
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_store(timeout)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _restart_store(timeout: datetime.timedelta):
+    """A fresh store namespace for a worker group that torchrun restarted, or None.
+
+    Since PyTorch 2.5 torchrun's workers share the agent's TCPStore across restarts, so a restarted
+    worker group can read the previous attempt's addresses and fail to connect (PyTorch issue
+    135712; torchrun's own switch is ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). On a restart of a
+    single-node job the process group gets a key prefix of its own per attempt. The restart count is
+    consistent within one agent, not across nodes, so multi-node jobs only get a warning.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    shared = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+              and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1")
+    if restart == 0 or not shared:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world != int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        if os.environ.get("RANK") == "0":
+            warnings.warn("a torchrun restart with the shared rendezvous store may fail to connect (PyTorch "
+                          "issue 135712); launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"longseq/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt{restart}", store)
 
 
 def _free_port() -> int:

@@ -145,14 +145,16 @@ def format_table(summary: dict[tuple[str, str], dict[str, int]] | Iterable[CommR
     """A fixed-width table of a :func:`summarize` result (or of records), one row per (op, tag)."""
     if not isinstance(summary, dict):
         summary = summarize(summary)
-    head = f"{'op':<16} {'tag':<28} {'calls':>6} {'sent':>12} {'received':>12}"
+    ow = max([17] + [len(op) + 1 for op, _ in summary])
+    tw = max([28] + [len(tag) + 1 for _, tag in summary])
+    head = f"{'op':<{ow}} {'tag':<{tw}} {'calls':>6} {'sent':>12} {'received':>12}"
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     tot = dict(calls=0, bytes_sent=0, bytes_recv=0)
     for (op, tag), s in sorted(summary.items()):
-        lines.append(f"{op:<16} {tag:<28} {s['calls']:>6} {_human(s['bytes_sent']):>12} {_human(s['bytes_recv']):>12}")
+        lines.append(f"{op:<{ow}} {tag:<{tw}} {s['calls']:>6} {_human(s['bytes_sent']):>12} {_human(s['bytes_recv']):>12}")
         for k in tot:
             tot[k] += s[k]
     lines.append("-" * len(head))
-    lines.append(f"{'total':<16} {'':<28} {tot['calls']:>6} {_human(tot['bytes_sent']):>12} {_human(tot['bytes_recv']):>12}")
+    lines.append(f"{'total':<{ow}} {'':<{tw}} {tot['calls']:>6} {_human(tot['bytes_sent']):>12} {_human(tot['bytes_recv']):>12}")
     return "\n".join(lines)

@@ -93,36 +93,6 @@ def _backend(cfg, device: torch.device) -> str:
     return b if b != "auto" else ("nccl" if device.type == "cuda" else "gloo")
 
 
-def _init_distributed(backend: str, timeout_s: float) -> None:
-    """``longseq.init_distributed``, plus a work-around for torchrun restarts.
-
-    Since PyTorch 2.5 torchrun's workers share the agent's TCPStore across restarts, so a restarted
-    worker group can read the previous attempt's addresses and fail to connect (PyTorch issue
-    135712; the fix on torchrun's side is ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). On a restart
-    of a single-node job, the process group gets a store prefix of its own per attempt; the
-    restart count is consistent within one agent, not across nodes, so multi-node jobs only get a
-    warning."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    shared = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-              and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1")
-    if restart > 0 and shared and not dist.is_initialized():
-        world = int(os.environ["WORLD_SIZE"])
-        if world == int(os.environ.get("LOCAL_WORLD_SIZE", world)):
-            import datetime
-            timeout = datetime.timedelta(seconds=timeout_s)
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=False, timeout=timeout)
-            store = dist.PrefixStore(f"longseq/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt{restart}", store)
-            if backend == "nccl":
-                torch.cuda.set_device(longseq.launch.local_device())
-            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
-                                    timeout=timeout)
-        elif _env_rank() == 0:
-            _say("warning: a torchrun restart with the shared rendezvous store may fail to connect "
-                 "(PyTorch issue 135712); launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
-    longseq.init_distributed(backend, timeout_s=timeout_s)
-
-
 def _autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -208,7 +178,7 @@ def _grad_norm(params: list, clip: float) -> torch.Tensor:
 def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
     """Run the training described by a validated config; returns a small summary (rank 0's view)."""
     device = _device(cfg)
-    _init_distributed(_backend(cfg, device), float(cfg.train.timeout_s))
+    longseq.init_distributed(_backend(cfg, device), timeout_s=float(cfg.train.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != layout.world:
         raise ConfigError(f"validated for a world of {layout.world} but torch.distributed has {world} ranks")
