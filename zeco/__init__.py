@@ -10,12 +10,12 @@
 See docs/zeco.md.
 """
 from .gla import GLAFunction, gla, gla_bwd, gla_fwd, recurrent_gla_reference
-from .all_scan import DEFAULT_HALF_BYTES, AllScanHandle, all_scan, all_scan_start, num_blocks_for
+from .all_scan import DEFAULT_HALF_BYTES, AllScanHandle, all_scan, all_scan_start, num_blocks_for, set_default_half_bytes
 from .sp_gla import METHODS, sp_gla
 from .plans import parallelize, shard_sequence, shift_labels, sp_lm_loss, unparallelize
 
 __all__ = [
     "gla", "gla_fwd", "gla_bwd", "GLAFunction", "recurrent_gla_reference",
-    "all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES",
+    "all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES", "set_default_half_bytes",
     "sp_gla", "METHODS", "parallelize", "unparallelize", "shard_sequence", "shift_labels", "sp_lm_loss",
 ]

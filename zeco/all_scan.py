@@ -45,7 +45,8 @@ rule depends only on shape, dtype and P, which :func:`zeco.sp_gla` checks across
 **Asynchronous use.** :func:`all_scan_start` posts the receives and sends and returns an
 :class:`AllScanHandle` at once; ranks that relay (neither first nor last in the chain) do the
 receive-update-forward loop on a helper thread, so the chain advances while the caller computes
-its local, zero-initial-state output. :meth:`AllScanHandle.wait` returns ``(in_i, out_i | None)``.
+its local, zero-initial-state output. :meth:`AllScanHandle.wait` returns ``(in_i, out_i | None)``
+(``in_i`` is ``None`` on the first rank of the chain when it starts from zero).
 :func:`all_scan` is start + wait.
 
 Messages go through :func:`longseq.comm.isend` / :func:`longseq.comm.irecv` with a ledger tag
@@ -67,12 +68,22 @@ import torch
 from longseq import comm
 from longseq.sharding import split_sizes
 
-__all__ = ["all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES",
+__all__ = ["all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES", "set_default_half_bytes",
            "scan_reference"]
 
 #: α·β of the N rule (bytes): the message size whose transfer time equals the per-message latency.
-#: Fitted on gloo/TCP loopback (docs/zeco.md); set this module attribute to tune for another fabric.
+#: Fitted on gloo/TCP loopback (docs/zeco.md); :func:`set_default_half_bytes` tunes it for another
+#: fabric (``zeco.all_scan`` is also the name of the function, which hides this module's attributes).
 DEFAULT_HALF_BYTES = 1 << 20
+
+
+def set_default_half_bytes(nbytes: int) -> int:
+    """Set the α·β of the N rule for this process (e.g. measured on NVLink); returns the old value."""
+    global DEFAULT_HALF_BYTES
+    if not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"half_bytes must be a positive int, got {nbytes!r}")
+    old, DEFAULT_HALF_BYTES = DEFAULT_HALF_BYTES, nbytes
+    return old
 
 
 def num_blocks_for(state_shape: Sequence[int], dtype: torch.dtype, num_blocks: Optional[int] = None, *,
@@ -121,8 +132,9 @@ def _flat_rows(decay: Optional[torch.Tensor], local: torch.Tensor) -> tuple[Opti
 
 class AllScanHandle:
     """An All-Scan in flight. :meth:`wait` returns ``(initial, final)``: this rank's incoming state
-    ``in_i`` and, when ``output_final_state`` was asked, its outgoing ``out_i`` (on the last rank of
-    the chain: the global result), else ``None``."""
+    ``in_i`` (``None`` on the first rank of the chain when no ``initial_state`` was given: zero, not
+    materialised) and, when ``output_final_state`` was asked, its outgoing ``out_i`` (on the last
+    rank of the chain: the global result), else ``None``."""
 
     def __init__(self) -> None:
         self.num_blocks = 1
@@ -214,7 +226,7 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         def finish_first():
             for w in works:
                 w.wait()
-            i = inp.view(shape) if inp is not None else torch.zeros(shape, dtype=dt, device=dev)
+            i = inp.view(shape) if inp is not None else None
             return i, (out.view(shape).clone() if out is loc else out.view(shape)) if output_final_state else None
 
         h._finish = finish_first
@@ -274,7 +286,8 @@ def all_scan(decay: Optional[torch.Tensor], local: torch.Tensor, group: Any, *,
              initial_state: Optional[torch.Tensor] = None, reverse: bool = False,
              num_blocks: Optional[int] = None, output_final_state: bool = False,
              tag: str = "zeco.scan") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Blocking All-Scan: ``(in_i, out_i or None)``; see :func:`all_scan_start`."""
+    """Blocking All-Scan: ``(in_i, out_i or None)``; see :func:`all_scan_start` and
+    :meth:`AllScanHandle.wait` (``in_i`` is ``None`` for a zero input on the first rank)."""
     return all_scan_start(decay, local, group, initial_state=initial_state, reverse=reverse,
                           num_blocks=num_blocks, output_final_state=output_final_state,
                           background=False, tag=tag).wait()
