@@ -130,7 +130,24 @@ def _step_part(tokens, repeats, warmup, methods):
             (o * do).sum().backward()
         return run
 
-    return _timed({m: step(m) for m in methods}, repeats, warmup)
+    res = _timed({m: step(m) for m in methods}, repeats, warmup)
+    # the ledger of one step per method (forward + backward), every rank
+    from longseq.ledger import LEDGER
+    LEDGER.enabled = True
+    vol = {}
+    for m in methods:
+        if m in ("alone", "local"):
+            continue
+        with LEDGER.recording() as rec:
+            step(m)()
+        mine = [(r.op, r.tag, r.elements_sent, r.elements_recv, r.bytes_sent, r.bytes_recv) for r in rec]
+        vol[m] = [None] * dist.get_world_size()
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, mine)
+        vol[m] = objs
+    LEDGER.enabled = False
+    res["ledger"] = vol
+    return res
 
 
 def _worker(rank, world, port, job, queue):
@@ -228,6 +245,16 @@ def main(argv=None) -> None:
             best = min(s["zeco"], s["zeco-wait"])
             print(f"{P:>2} {s1:6.3f} {s['local']:10.3f} {s['zeco']:7.3f} {s['zeco-wait']:9.3f} {s['lasp1']:7.3f} "
                   f"{s['lasp2']:7.3f} {s['zeco'] / s1:10.3f} {s['zeco'] / s['local']:12.3f} {best / s['local']:17.3f}")
+        print("\nLedger of one step (forward + backward), per rank: messages, MiB sent / received")
+        for P in args.worlds:
+            for m, per_rank in results[P]["step"]["ledger"].items():
+                cells = []
+                for recs in per_rank:
+                    n = len(recs)
+                    sent = sum(r[4] for r in recs) / 2**20
+                    got = sum(r[5] for r in recs) / 2**20
+                    cells.append(f"{n:>2} msg {sent:5.2f}/{got:5.2f}")
+                print(f"  P={P} {m:<10} " + " | ".join(cells))
         print("alone = rank 0 by itself (the others idle); no-comm xP = every rank runs the local operator on "
               "its tokens, no communication;\nZeCO = overlapped (default); ZeCO-wait = sp_gla(..., overlap=False): "
               "pipelined scan, then one local pass from the received state")
