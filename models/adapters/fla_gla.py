@@ -1,0 +1,454 @@
+"""ZeCO for fla's GLA models (``fla.models.GLAForCausalLM`` / ``GLAModel``), applied from outside.
+
+fla's ``GatedLinearAttention.forward`` (``fla/layers/gla.py``) projects q, k, v and the low-rank
+gate ``gk``, then calls one of its module-level kernels — ``fused_recurrent_gla`` when the sequence
+has at most 64 tokens, else ``chunk_gla`` (``attn_mode``) — and finishes with fla's norm and output
+gate and ``o_proj``. The adapter leaves that code as it is and changes two things from outside:
+
+* **The kernel call.** :func:`adapt` gives each ``GatedLinearAttention`` a ``gla_fn`` attribute
+  (default :func:`zeco.gla.gla`, the project's local operator: fla's Triton kernels on CUDA, the
+  pure-PyTorch chunked kernels elsewhere) and wraps its ``forward`` so that, while it runs, the
+  names ``chunk_gla`` / ``fused_recurrent_gla`` / ``fused_chunk_gla`` that fla's code looks up
+  dispatch to ``self.gla_fn`` (a pass-through dispatcher installed once in fla's layer module: a
+  call from anywhere else, or from a layer that is not adapted, reaches fla's kernel unchanged).
+  The layers then look like the project's own ``models.gla.GLAAttention`` to
+  :func:`zeco.parallelize`, which swaps every ``gla_fn`` for :func:`zeco.sp_gla` over the group —
+  :func:`parallelize` does both. Everything else in fla's GLA model acts per token.
+* **Triton-only modules** (``torch_modules``; default: when the model is not on CUDA, where
+  Triton cannot run): fla's fused ``RMSNorm`` (also with ``fuse_norm=False`` the per-head
+  ``g_norm`` is fla's Triton RMSNorm), ``FusedRMSNormGated`` (norm + swish output gate),
+  ``GatedMLP``'s SwiGLU (also with ``fuse_swiglu=False``), the swish gate function, the feature
+  map, ``ShortConvolution`` and the fused cross-entropy get pure-PyTorch forwards computing the same
+  function (fla's own ``*_ref`` formulas: float32 statistics, output in the input's dtype), in
+  place, on the same parameters. Modules with no stand-in (fused attention residuals
+  ``attnres_block_size``, softmax-attention layers of hybrid configs ``attn=``, fused
+  linear cross-entropy, powLU MLPs, GELU gates) make :func:`adapt` raise ``NotImplementedError``
+  naming them.
+
+Sequence parallelism (``parallelize``): rank i holds the i-th contiguous piece of the tokens
+(``zeco.shard_sequence``, ``tensor_split`` sizes); every GLA layer's recurrence goes through
+``sp_gla`` (All-Scan, LASP-1 or LASP-2), a ``ShortConvolution`` (``use_short_conv=True``) gets the
+``conv_size - 1`` inputs before its piece from the previous ranks (one small all-gather per call,
+backward reduce-scatter), and the loss must be formed on labels shifted on the whole sequence —
+fla's ``forward(labels=...)`` shifts inside the piece and would drop each boundary's target, so
+under SP passing ``labels`` raises; use ``zeco.shift_labels`` then ``zeco.shard_sequence`` and
+``zeco.sp_lm_loss`` on ``model(ids_local).logits``. Padding masks / ``cu_seqlens`` (variable length)
+and caches (``use_cache``) are not supported under SP (``NotImplementedError``): train with
+``use_cache=False`` (or ``model.train()``).
+
+Usage::
+
+    from fla.models import GLAConfig, GLAForCausalLM
+    from models.adapters import fla_gla
+    import zeco
+    model = GLAForCausalLM(GLAConfig(..., use_cache=False))          # the same weights on every rank
+    handle = fla_gla.parallelize(model, groups, method="zeco")
+    labels = zeco.shard_sequence(zeco.shift_labels(ids), groups.sp_group)
+    logits = model(input_ids=zeco.shard_sequence(ids, groups.sp_group)).logits
+    loss = zeco.sp_lm_loss(logits, labels, groups.sp_group)
+    loss.backward(); longseq.sync_gradients(model.parameters(), groups)
+    handle.remove()                                                   # the model is as before
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import types
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "tiny_config", "build", "rms_norm",
+           "rms_norm_gated", "short_conv", "TorchCrossEntropy"]
+
+#: The kernel names fla's GatedLinearAttention.forward looks up in its module.
+KERNEL_NAMES = ("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla")
+
+_STATE = threading.local()          # .layer: the adapted GatedLinearAttention whose forward is running
+_MARK = "_longseq_fla_adapter"      # set on a model that is adapted (the handle)
+
+
+def tiny_config(**overrides) -> dict:
+    """A tiny fla GLA configuration for CPU tests: hidden 32, 2 layers, 2 heads (K 8, V 16 per
+    head), vocab 64, no cache. fla's default fused flags stay on: the adapter's PyTorch stand-ins
+    replace the fused modules on CPU."""
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=64, intermediate_size=64,
+               use_cache=False, max_position_embeddings=4096)
+    cfg.update(overrides)
+    return cfg
+
+
+def build(**overrides) -> nn.Module:
+    """``fla.models.GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))``."""
+    from fla.models import GLAConfig, GLAForCausalLM
+    return GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch stand-ins for fla's Triton modules (fla's reference formulas)
+# ----------------------------------------------------------------------------------------------
+def rms_norm(x, weight, bias, eps, residual=None, prenorm=False, residual_in_fp32=False):
+    """fla's ``rms_norm`` (``LayerNormFunction`` with ``is_rms_norm``): statistics in float32,
+    ``y`` in x's dtype; with ``residual`` the normalised input is ``x + residual`` and ``prenorm``
+    also returns it (in residual's dtype, float32 with ``residual_in_fp32``)."""
+    res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+    xf = x.float()
+    if residual is not None:
+        xf = xf + residual.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    if not prenorm:
+        return y
+    return y, (xf.to(res_dtype) if (residual is not None or res_dtype != x.dtype) else x)
+
+
+def rms_norm_gated(x, g, weight, bias, eps, activation="swish", residual=None, prenorm=False,
+                   residual_in_fp32=False):
+    """fla's ``rms_norm_gated``: ``rms_norm(x) * act(g)``, act swish/silu (``g·sigmoid(g)``) or
+    sigmoid, in float32, output in x's dtype."""
+    out = rms_norm(x, weight, bias, eps, residual, prenorm, residual_in_fp32)
+    y, res = (out if prenorm else (out, None))
+    gf = g.float()
+    if activation in ("swish", "silu"):
+        gate = gf * torch.sigmoid(gf)
+    elif activation == "sigmoid":
+        gate = torch.sigmoid(gf)
+    else:
+        raise NotImplementedError(f"fla gated norm activation {activation!r}")
+    y = (y.float() * gate).to(x.dtype)
+    return (y, res) if prenorm else y
+
+
+def short_conv(x, weight, bias, activation, halo=None):
+    """fla's ``ShortConvolution`` (causal depthwise conv1d, kernel W, then the activation):
+    ``x [B, T, D]``, ``weight [D, 1, W]``; ``halo [B, W-1, D]`` are the inputs just before x (zeros
+    at the start of a sequence)."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    if halo is None:
+        halo = x.new_zeros(B, W - 1, D)
+    xp = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)           # [B, D, W-1+T]
+    y = F.conv1d(xp.float(), weight.float(), None if bias is None else bias.float(), groups=D)
+    if activation in ("swish", "silu"):
+        y = F.silu(y)
+    elif activation is not None:
+        raise NotImplementedError(f"fla ShortConvolution activation {activation!r}")
+    return y.transpose(1, 2).to(x.dtype)
+
+
+class TorchCrossEntropy:
+    """Stands in for fla's ``FusedCrossEntropyLoss`` as ``model.criterion`` (a plain object, not a
+    submodule, so the model's module tree is unchanged): ``F.cross_entropy`` in float32 with
+    ``ignore_index`` and ``reduction`` (fla copies it and sets ``reduction="sum"`` for
+    ``num_items_in_batch``)."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+def _torch_activation(fn: Callable) -> Optional[Callable]:
+    """The PyTorch equivalent of one of fla's (Triton) activation functions, or None."""
+    from fla.modules.activations import ACT2FN
+    table = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
+             "relu": F.relu, "sqrelu": lambda x: F.relu(x).square()}
+    for name, f in ACT2FN.items():
+        if f is fn:
+            return table.get(name)
+    return fn if getattr(fn, "__module__", "").startswith(("torch", "builtins")) else None
+
+
+def _rmsnorm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    return rms_norm(x, self.weight, self.bias, self.eps, residual, prenorm, residual_in_fp32)
+
+
+def _gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+    return rms_norm_gated(x, g, self.weight, self.bias, self.eps, self.activation, residual, prenorm,
+                          residual_in_fp32)
+
+
+def _mlp_forward(self, x, **kwargs):
+    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _conv_forward(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None,
+                  **kwargs):
+    if cache is not None or output_final_state or cu_seqlens is not None:
+        raise NotImplementedError("fla_gla: ShortConvolution with a cache (use_cache) or cu_seqlens is not "
+                                  "supported by the adapter; train with use_cache=False and unpadded batches")
+    if mask is not None:
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+    group = getattr(self, "_longseq_sp_group", None)
+    halo = _gather_halo(x, self.weight.shape[-1] - 1, group) if group is not None else None
+    y = short_conv(x, self.weight, self.bias, self.activation, halo)
+    if residual is not None:
+        y = y + residual
+    return y, None
+
+
+def _gather_halo(x: torch.Tensor, h: int, group: Any) -> torch.Tensor:
+    """The ``h`` tokens before this rank's piece ``x [B, T_r, D]`` (zeros before the sequence start):
+    one all-gather of every rank's last ``h`` tokens (front-padded with zeros when T_r < h) and their
+    counts; backward reduce-scatters, so each piece's tail gets the gradients of every rank that read it."""
+    from longseq import comm
+    from longseq import functional as LF
+    P, r = comm.group_size(group), comm.group_rank(group)
+    B, T, D = x.shape
+    if P == 1 or h == 0:
+        return x.new_zeros(B, h, D)
+    n = min(T, h)
+    tail = torch.cat([x.new_zeros(B, h - n, D), x[:, T - n:]], dim=1)
+    counts = comm.all_gather(torch.tensor([n], dtype=torch.int64), group, dim=0, tag="fla_gla.conv.sizes").tolist()
+    tails = LF.all_gather(tail.unsqueeze(0).contiguous(), group, dim=0, tag="fla_gla.conv.halo")   # [P, B, h, D]
+    # every rank's result must depend on the gathered tensor (rank 0's on an empty slice of it), so
+    # that every rank runs the backward reduce-scatter: a rank that skipped it would hang the others
+    pieces = [tails[j, :, h - counts[j]:] for j in range(r)] or [tails[0, :, :0]]
+    before = torch.cat([x.new_zeros(B, h, D), *pieces], dim=1)
+    return before[:, before.shape[1] - h:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing fla's kernel calls to the layer's gla_fn
+# ----------------------------------------------------------------------------------------------
+_KNOWN = {"q", "k", "v", "g", "gk", "gv", "scale", "initial_state", "output_final_state", "reverse",
+          "state_v_first", "transpose_state_layout", "cu_seqlens", "cu_seqlens_cpu"}
+
+
+def _route(name: str, original: Callable, args: tuple, kwargs: dict):
+    layer = _STATE.layer
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    a: dict = {}
+    for key, val in bound.arguments.items():
+        kind = inspect.signature(original).parameters[key].kind
+        a.update(val if kind is inspect.Parameter.VAR_KEYWORD else {key: val})
+    q, k, v = a.get("q"), a.get("k"), a.get("v")
+    g = a.get("g") if a.get("g") is not None else a.get("gk")
+    unsupported = sorted(key for key in a if key not in _KNOWN)
+    unsupported += [key for key in ("gv", "cu_seqlens", "cu_seqlens_cpu", "reverse") if a.get(key)
+                    is not None and a.get(key) is not False]
+    if q is None or k is None or v is None or g is None:
+        unsupported.append("q, k, v and a key decay g/gk")
+    if unsupported:
+        raise NotImplementedError(
+            f"fla_gla: {type(layer).__name__} called {name} with {unsupported}, which the adapter does not "
+            "route (padding masks / variable-length batches, value gates, reverse scans)")
+    sp = hasattr(layer, "_zeco_serial_gla_fn")      # zeco.parallelize has swapped gla_fn for sp_gla
+    h0, final = a.get("initial_state"), bool(a.get("output_final_state", False))
+    if sp and (h0 is not None or final):
+        raise NotImplementedError("fla_gla: recurrent-state caches (use_cache / past_key_values) are not "
+                                  "supported under sequence parallelism; use use_cache=False for training")
+    v_first = bool(a.get("state_v_first") or a.get("transpose_state_layout"))
+    if h0 is not None and v_first:
+        h0 = h0.transpose(-1, -2)
+    o, ht = layer.gla_fn(q, k, v, g, scale=a.get("scale"), initial_state=h0, output_final_state=final,
+                         **layer._longseq_gla_opts)
+    if ht is not None and v_first:
+        ht = ht.transpose(-1, -2)
+    return o, ht
+
+
+def _dispatcher(name: str, original: Callable) -> Callable:
+    @functools.wraps(original)
+    def kernel(*args, **kwargs):
+        if getattr(_STATE, "layer", None) is None:
+            return original(*args, **kwargs)
+        return _route(name, original, args, kwargs)
+
+    kernel._longseq_original = original
+    return kernel
+
+
+def _install_dispatchers(layer_cls: type) -> None:
+    """Once per module: the kernel names in the globals of ``layer_cls.forward`` become pass-through
+    dispatchers (fla's kernel unless an adapted layer's forward is running in this thread)."""
+    g = layer_cls.forward.__globals__
+    for name in KERNEL_NAMES:
+        f = g.get(name)
+        if f is not None and not hasattr(f, "_longseq_original"):
+            g[name] = _dispatcher(name, f)
+
+
+def _routed_forward(layer, original_forward, *args, **kwargs):
+    prev = getattr(_STATE, "layer", None)
+    _STATE.layer = layer
+    try:
+        return original_forward(*args, **kwargs)
+    finally:
+        _STATE.layer = prev
+
+
+# ----------------------------------------------------------------------------------------------
+# The handle
+# ----------------------------------------------------------------------------------------------
+class FLAGLAHandle:
+    """What :func:`adapt` / :func:`parallelize` changed on the model; ``remove()`` undoes all of it
+    (also as a context manager). ``layers``: the adapted ``GatedLinearAttention`` paths;
+    ``substituted``: ``(path, what)`` for each Triton module given a PyTorch forward."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers: list[str] = []
+        self.substituted: list[tuple[str, str]] = []
+        self.group = None
+        self._undo: list[Callable[[], None]] = []
+
+    def _set(self, obj: Any, attr: str, value: Any) -> None:
+        had = attr in vars(obj)
+        old = vars(obj).get(attr)
+
+        def undo():
+            if had:
+                setattr(obj, attr, old)
+            elif attr in vars(obj):
+                delattr(obj, attr)
+        setattr(obj, attr, value)
+        self._undo.append(undo)
+
+    def remove(self) -> None:
+        if self.group is not None:
+            import zeco
+            zeco.unparallelize(self.model)
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        if vars(self.model).get(_MARK) is self:
+            delattr(self.model, _MARK)
+
+    def __enter__(self) -> "FLAGLAHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
+def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto", chunk_size: int = 64) -> FLAGLAHandle:
+    """Route every fla ``GatedLinearAttention`` in ``model`` through its ``gla_fn`` (default
+    :func:`zeco.gla.gla` with ``backend`` / ``chunk_size``), in place; with ``torch_modules``
+    (``True``, ``False`` or ``"auto"``: when no parameter is on CUDA) also give fla's Triton-only
+    modules PyTorch forwards. Single process; :func:`parallelize` adds sequence parallelism.
+    Raises ``NotImplementedError`` naming modules that cannot run this way, ``ValueError`` when the
+    model has no fla GLA layer or is already adapted."""
+    from fla.layers.gla import GatedLinearAttention
+    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+
+    from zeco.gla import gla as local_gla
+
+    if vars(model).get(_MARK) is not None:
+        raise ValueError("fla_gla: this model is already adapted; call .remove() on its handle first")
+    if torch_modules == "auto":
+        torch_modules = not _on_cuda(model)
+    cfg = getattr(model, "config", None)
+    h = FLAGLAHandle(model)
+    blockers = []
+    if cfg is not None and getattr(cfg, "attnres_block_size", None) is not None:
+        blockers.append("attention residuals (config.attnres_block_size): fla's fused_attnres")
+    if cfg is not None and getattr(cfg, "attn", None) is not None:
+        blockers.append("hybrid softmax-attention layers (config.attn): ZeCO handles GLA layers only")
+    if torch_modules and cfg is not None and getattr(cfg, "fuse_linear_cross_entropy", False):
+        blockers.append("fuse_linear_cross_entropy=True: fla's fused linear cross-entropy (set it False)")
+    covered: list[str] = []          # substituted modules: their children never run
+    try:
+        for path, mod in model.named_modules():
+            if any(path.startswith(c + ".") for c in covered):
+                continue
+            if isinstance(mod, GatedLinearAttention):
+                _install_dispatchers(type(mod))
+                h._set(mod, "forward", functools.partial(_routed_forward, mod, mod.forward))
+                h._set(mod, "gla_fn", local_gla)
+                h._set(mod, "_longseq_gla_opts", {"backend": backend, "chunk_size": chunk_size})
+                h.layers.append(path)
+                if torch_modules:
+                    for attr in ("gate_fn", "feature_map_fn"):
+                        fn = getattr(mod, attr, None)
+                        if fn is None:
+                            continue
+                        sub = _torch_activation(fn)
+                        if sub is None:
+                            blockers.append(f"{path}.{attr}: {getattr(fn, '__name__', fn)!r} has no PyTorch stand-in")
+                        elif sub is not fn:
+                            h._set(mod, attr, sub)
+                            h.substituted.append((f"{path}.{attr}", "activation"))
+            if not torch_modules:
+                continue
+            for cls, fwd, what in ((RMSNorm, _rmsnorm_forward, "RMSNorm"),
+                                   (FusedRMSNormGated, _gated_norm_forward, "FusedRMSNormGated"),
+                                   (GatedMLP, _mlp_forward, "GatedMLP (SwiGLU)"),
+                                   (ShortConvolution, _conv_forward, "ShortConvolution")):
+                if isinstance(mod, cls):
+                    if cls is GatedMLP and mod.hidden_act != "swish":
+                        blockers.append(f"{path}: GatedMLP with hidden_act={mod.hidden_act!r}")
+                    h._set(mod, "forward", types.MethodType(fwd, mod))
+                    h.substituted.append((path, what))
+                    covered.append(path)
+                    break
+            else:
+                if type(mod).__module__.startswith("fla.") and not list(mod.children()) and \
+                        not isinstance(mod, GatedLinearAttention):
+                    blockers.append(f"{path}: {type(mod).__name__} (fla, Triton) has no PyTorch stand-in")
+        if not h.layers:
+            raise ValueError(f"fla_gla: {type(model).__name__} has no fla GatedLinearAttention layer")
+        if torch_modules and cfg is not None and hasattr(model, "criterion") and model.criterion is None and \
+                getattr(cfg, "fuse_cross_entropy", False):
+            h._set(model, "criterion", TorchCrossEntropy())          # fla's FusedCrossEntropyLoss is Triton
+            h.substituted.append(("criterion", "FusedCrossEntropyLoss"))
+        if blockers:
+            raise NotImplementedError("fla_gla: cannot run without fla's Triton kernels:\n  " + "\n  ".join(blockers))
+    except BaseException:
+        h.remove()
+        raise
+    h._set(model, _MARK, h)
+    return h
+
+
+def _refuse_labels(module, args, kwargs):
+    if kwargs.get("labels") is not None or (len(args) > 4 and args[4] is not None):
+        raise ValueError(
+            "fla_gla: under sequence parallelism do not pass labels to the model: fla shifts them inside this "
+            "rank's piece and would drop the target of each piece's last token. Shift on the whole sequence "
+            "and shard (zeco.shard_sequence(zeco.shift_labels(ids), group)), then "
+            "zeco.sp_lm_loss(model(input_ids=ids_local).logits, labels_local, group)")
+    return None
+
+
+def parallelize(model: nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
+                overlap: bool = True, check: Any = True, torch_modules: Any = "auto", backend: str = "auto",
+                chunk_size: int = 64) -> FLAGLAHandle:
+    """Make an fla GLA model sequence-parallel over ``group`` (a process group or a
+    ``longseq.ParallelGroups``): :func:`adapt`, then :func:`zeco.parallelize` (every layer's GLA
+    through :func:`zeco.sp_gla` with ``method`` / ``num_blocks`` / ``overlap`` / ``check``), short
+    convolutions with halos from the previous ranks, and ``labels`` refused (module docstring).
+    Returns the handle; ``remove()`` restores the model."""
+    import zeco
+    from fla.modules import ShortConvolution
+
+    sp_group = group.sp_group if hasattr(group, "sp_group") else group
+    h = adapt(model, torch_modules=torch_modules, backend=backend, chunk_size=chunk_size)
+    try:
+        zeco.parallelize(model, sp_group, method=method, num_blocks=num_blocks, overlap=overlap, check=check)
+        h.group = sp_group
+        for path, mod in model.named_modules():
+            if isinstance(mod, ShortConvolution):
+                if "forward" not in vars(mod):      # fla's Triton conv on CUDA: the PyTorch one with halos
+                    h._set(mod, "forward", types.MethodType(_conv_forward, mod))
+                    h.substituted.append((path, "ShortConvolution (halo)"))
+                h._set(mod, "_longseq_sp_group", sp_group)
+        if "labels" in inspect.signature(model.forward).parameters:
+            hook = model.register_forward_pre_hook(_refuse_labels, with_kwargs=True)
+            h._undo.append(hook.remove)
+    except BaseException:
+        h.remove()
+        raise
+    return h
