@@ -1,0 +1,557 @@
+"""Real runs of every method: step time, tokens/s, ledger bytes and peak memory vs SP size and length.
+
+CPU (default; gloo processes on 127.0.0.1, one intra-op thread each; about 2-3 minutes on 2 cores)::
+
+    python -m benchmarks.scaling                     # P in {1, 2, 4}, two lengths per family
+    python -m benchmarks.scaling --procs 1 2 --repeats 3 --families gla
+
+GPUs (NCCL; one process per GPU)::
+
+    torchrun --nproc_per_node 8 -m benchmarks.scaling --device cuda --procs 1 2 4 8 \\
+        --out benchmarks/results/scaling_h100.json
+    python -m benchmarks.scaling --device cuda --compute-json benchmarks/results/compute_h100.json
+
+For every family (ST-DiT: dsp and the longseq.sp baselines ulysses, ring, megatron_sp, usp; GLA:
+zeco, lasp1, lasp2; methods whose code has not landed are skipped with a note), SP size P and
+length, it runs warm-up steps then ``--repeats`` timed steps (forward + backward + SP gradient
+sync; each repeat starts after a barrier; the step's time is the slowest rank's) and reports the
+median, tokens per second, bytes each rank sent per step (the ledger, SP collectives and in all),
+and peak memory (CUDA: ``max_memory_allocated``; CPU: the peak resident-set growth during the
+timed steps, sampled every millisecond). P = 1 is the model alone on one process ("none").
+
+Compute alone: for every run, each distinct rank (first, middle, last) is also timed in this
+process on a fake process group (``benchmarks.costmodel.fakepg``): the same code at the same
+shapes with no communication, one thread. The simulator's validation prices the recorded ledger on
+the gloo calibration and adds this compute (see docs/scaling.md).
+
+``--compute-json F`` (GPU, one process, no torchrun): for each target of configs/simulate (the
+papers' models and shapes at every P there), times one rank's forward and backward at its real
+shapes on the fake process group, at depth 1 and 2 (extended linearly to the model's depth, so
+that the 3B model at 128 GPUs' shapes fits one GPU), and for GLA also the GLA operator alone
+(serial kernel and sp_gla); writes the per-rank compute the simulator reads with
+``compute_json=F``.
+
+Writes ``--out`` (JSON, default benchmarks/results/scaling_<device>.json), a CSV next to it, a
+table on stdout and figures under ``--figures`` (docs/figures/scaling_<device>_*.png).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.workloads import (GLA_METHODS, STDIT_METHODS, Workload, build_step,  # noqa: E402
+                                  tokens, unavailable_reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workload lists
+# ----------------------------------------------------------------------------------------------
+def cpu_workloads(args) -> list[Workload]:
+    out = []
+    if "stdit" in args.families:
+        ov = dict(hidden_size=args.stdit_hidden, num_heads=4, depth=2)
+        for T in args.stdit_frames:
+            shape = dict(B=1, T=T, H=args.latent[0], W=args.latent[1], N=4)
+            out.append(Workload.make("stdit", "none", args.stdit_preset, shape, ov, precision=args.precision))
+    if "gla" in args.families:
+        ov = dict(hidden_size=args.gla_hidden, num_heads=2, num_layers=2, vocab_size=256, intermediate_size=128)
+        for T in args.gla_tokens:
+            out.append(Workload.make("gla", "none", args.gla_preset, dict(B=1, T=T), ov, precision=args.precision))
+    return out
+
+
+def gpu_workloads(args) -> list[Workload]:
+    out = []
+    if "stdit" in args.families:
+        for T in args.stdit_frames:
+            shape = dict(B=1, T=T, H=args.latent[0], W=args.latent[1], N=120)
+            out.append(Workload.make("stdit", "none", args.stdit_preset, shape, precision=args.precision))
+    if "gla" in args.families:
+        for T in args.gla_tokens:
+            out.append(Workload.make("gla", "none", args.gla_preset, dict(B=1, T=T), precision=args.precision))
+    return out
+
+
+def methods_for(family: str, only: Optional[list]) -> list[str]:
+    ms = STDIT_METHODS if family == "stdit" else GLA_METHODS
+    return [m for m in ms if not only or m in only]
+
+
+# ----------------------------------------------------------------------------------------------
+# On every rank
+# ----------------------------------------------------------------------------------------------
+class _RSSPeak:
+    """Peak resident-set growth of this process while active (sampled every millisecond)."""
+
+    def __init__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def _sync(device):
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_rank(w: Workload, repeats: int, warmup: int, device: str, group=None) -> dict:
+    """Run on every rank of the group: warm-up, timed steps, one recorded step; this rank's results."""
+    import torch
+    import torch.distributed as dist
+    from benchmarks.costmodel.ledger import aggregate
+    from longseq.ledger import LEDGER
+
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    group = group if group is not None else dist.group.WORLD
+    P = dist.get_world_size(group)
+    step = build_step(w, group if (P > 1 or w.method != "none") else None, device)
+
+    def barrier():
+        if P > 1:
+            dist.barrier(group=group)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with _RSSPeak() as rss:
+        for _ in range(repeats):
+            barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    mem = (torch.cuda.max_memory_allocated() - base) if torch.device(device).type == "cuda" else rss.growth
+    barrier()
+    with LEDGER.recording() as rec:
+        step()
+    _sync(device)
+    rows = [r.to_json() for r in aggregate(rec)]
+    return dict(times=times, mem=mem, rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute alone (fake process group, this process)
+# ----------------------------------------------------------------------------------------------
+def compute_alone(w: Workload, P: int, rank: int, repeats: int, warmup: int, device: str = "cpu",
+                  phases: bool = False):
+    """Median seconds of one step of rank ``rank`` of ``P`` with no communication (fake group);
+    with ``phases``, (fwd, bwd) medians instead."""
+    import torch
+    from benchmarks.costmodel.fakepg import fake_world
+
+    with fake_world(rank, P) as group:
+        step = build_step(w, group if (P > 1 or w.method != "none") else None, device)
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        tot, fw, bw = [], [], []
+        for _ in range(repeats):
+            marks = {}
+
+            def mark(name):
+                _sync(device)
+                marks[name] = time.perf_counter()
+            _sync(device)
+            t0 = time.perf_counter()
+            step(mark)
+            tot.append(marks["bwd"] - t0)
+            fw.append(marks["fwd"] - t0)
+            bw.append(marks["bwd"] - marks["fwd"])
+        del step
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    if phases:
+        return statistics.median(fw), statistics.median(bw)
+    return statistics.median(tot)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU driver
+# ----------------------------------------------------------------------------------------------
+def summarize(w: Workload, P: int, per_rank: list[dict]) -> dict:
+    reps = len(per_rank[0]["times"])
+    step_times = [max(r["times"][i] for r in per_rank) for i in range(reps)]
+    med = statistics.median(step_times)
+    sp = [sum(x["elements_sent"] * x["element_size"] for x in r["rows"] if not x["tag"].startswith("grad_sync"))
+          for r in per_rank]
+    allb = [sum(x["elements_sent"] * x["element_size"] for x in r["rows"]) for r in per_rank]
+    return dict(family=w.family, method=w.method, P=P, shape=w.dims, label=w.label(), tokens=tokens(w),
+                workload=[w.family, w.method, w.preset, list(map(list, w.shape)), list(map(list, w.overrides)),
+                          w.precision, w.grad_sync, list(map(list, w.options))],
+                step_s=med, step_times=step_times, tokens_per_s=tokens(w) / med,
+                sp_bytes_per_rank=max(sp), bytes_per_rank=max(allb), peak_mem_mib=max(r["mem"] for r in per_rank) / 2**20,
+                rows={str(i): r["rows"] for i, r in enumerate(per_rank)})
+
+
+def workload_from_json(v) -> Workload:
+    fam, method, preset, shape, ov, prec, gs, opts = v
+    return Workload(fam, method, preset, tuple(map(tuple, shape)), tuple(map(tuple, ov)), prec, gs,
+                    tuple(map(tuple, opts)))
+
+
+def run_cpu(args) -> list[dict]:
+    from tests.distributed import DistributedPool
+    from benchmarks.costmodel.ledger import roles
+
+    base = cpu_workloads(args)
+    results = []
+    for P in args.procs:
+        jobs = []
+        for w in base:
+            if P == 1:
+                jobs.append(w)
+                continue
+            for m in methods_for(w.family, args.methods):
+                why = unavailable_reason(m)
+                if why:
+                    print(f"  skip {m}: {why}")
+                    continue
+                jobs.append(w.replace(method=m))
+        if not jobs:
+            continue
+        with DistributedPool(P, timeout=600) as pool:
+            for w in jobs:
+                t0 = time.time()
+                try:
+                    per_rank = pool.run(bench_rank, w, args.repeats, args.warmup, "cpu")
+                except Exception as e:  # noqa: BLE001 - one method failing must not stop the sweep
+                    print(f"  {w.label()} P={P}: FAILED: {str(e).splitlines()[-1][:200]}")
+                    results.append(dict(family=w.family, method=w.method, P=P, shape=w.dims, label=w.label(),
+                                        error=str(e)[-2000:]))
+                    continue
+                res = summarize(w, P, per_rank)
+                results.append(res)
+                print(f"  P={P} {w.label():<40} step {res['step_s'] * 1e3:8.1f} ms  ({time.time() - t0:.1f} s)",
+                      flush=True)
+    # compute alone, rank by rank, in this process with nothing else running
+    import torch
+    torch.set_num_threads(1)
+    for res in results:
+        if "error" in res:
+            continue
+        w = workload_from_json(res["workload"])
+        P = res["P"]
+        res["compute_alone_s"] = {str(r): compute_alone(w, P, r, args.repeats, args.warmup)
+                                  for r in (roles(w.family, P) if P > 1 else [0])}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU drivers
+# ----------------------------------------------------------------------------------------------
+def run_torchrun(args) -> list[dict]:
+    """Inside torchrun: for each P that fits the world, the first P ranks run every job."""
+    import torch.distributed as dist
+    import longseq
+
+    longseq.init_distributed("nccl" if args.device == "cuda" else "gloo")
+    world, me = dist.get_world_size(), dist.get_rank()
+    results = []
+    for P in args.procs:
+        if P > world:
+            if me == 0:
+                print(f"  skip P={P}: only {world} processes")
+            continue
+        ranks = list(range(P))
+        group = dist.new_group(ranks) if P < world else dist.group.WORLD
+        jobs = []
+        for w in gpu_workloads(args) if args.device == "cuda" else cpu_workloads(args):
+            if P == 1:
+                jobs.append(w)
+                continue
+            jobs += [w.replace(method=m) for m in methods_for(w.family, args.methods) if not unavailable_reason(m)]
+        for w in jobs:
+            out = None
+            if me < P:
+                try:
+                    out = bench_rank(w, args.repeats, args.warmup, args.device, group if P > 1 else None)
+                except Exception as e:  # noqa: BLE001
+                    out = dict(error=f"{type(e).__name__}: {e}")
+            everyone = longseq.comm.all_gather_object(out, dist.group.WORLD, tag="bench.results")
+            if me == 0:
+                per_rank = everyone[:P]
+                errs = [o["error"] for o in per_rank if o and "error" in o]
+                if errs:
+                    print(f"  P={P} {w.label()}: FAILED: {errs[0][:200]}")
+                    results.append(dict(family=w.family, method=w.method, P=P, label=w.label(), error=errs[0]))
+                else:
+                    res = summarize(w, P, per_rank)
+                    results.append(res)
+                    print(f"  P={P} {w.label():<40} step {res['step_s'] * 1e3:8.1f} ms", flush=True)
+    return results if me == 0 else []
+
+
+def compute_json(args) -> None:
+    """Per-rank compute of every simulator target, on this one device (fake process group)."""
+    import torch
+    from benchmarks.costmodel.compute import compute_key, distributed_attentions  # noqa: F401
+    from benchmarks.costmodel.compute import flops_of, gla_compute
+    from benchmarks.costmodel.ledger import roles
+    from benchmarks import simulate as S
+
+    cfg = S.load_config(args.sim_overrides or [])
+    dev = args.device
+    entries = []
+    t0 = time.time()
+    reps, warm = max(3, args.repeats), max(1, args.warmup)
+
+    def depth_lin(w, field, measure):
+        a = measure(w.replace(overrides={**w.config_overrides, field: 1}))
+        b = measure(w.replace(overrides={**w.config_overrides, field: 2}))
+        n = getattr(w.model_config(), field)
+        return [x + (n - 1) * (y - x) for x, y in zip(a, b)], [y - x for x, y in zip(a, b)], a
+
+    for preset in cfg.stdit.presets:
+        for P in cfg.stdit.gpus:
+            P = int(P)
+            for m in cfg.stdit.methods:
+                w = S.stdit_target(cfg, str(preset), P, str(m))
+                if unavailable_reason(str(m)):
+                    continue
+                try:
+                    (fw, bw), _, _ = depth_lin(w, "depth", lambda v: compute_alone(v, P, 0, reps, warm, dev, phases=True))
+                except Exception as e:  # noqa: BLE001 - e.g. Ulysses at P not dividing the heads
+                    print(f"  skip {w.label()} P={P}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    continue
+                fl = flops_of(w)
+                share = (fl.attn_fwd + fl.attn_bwd) / fl.total
+                entries.append(dict(key=compute_key(w, P, 0), label=w.label(), P=P, rank=0, fwd_s=fw, bwd_s=bw,
+                                    attn_fwd_s=fw * share / 3, attn_bwd_s=bw * share * 2 / 3))
+                print(f"  {w.label()} P={P}: fwd {fw * 1e3:.1f} ms bwd {bw * 1e3:.1f} ms  ({time.time() - t0:.0f} s)",
+                      flush=True)
+    tpg = [int(cfg.gla.tokens_per_gpu), int(cfg.gla.headline.tokens_per_gpu)]
+    for n in sorted(set(tpg)):
+        gpus = sorted({1, *map(int, cfg.gla.gpus), int(cfg.gla.headline.gpus)})
+        for P in gpus:
+            for m in (cfg.gla.methods if P > 1 else ["zeco"]):
+                w = S.gla_target(cfg, P, str(m), n)
+                for r in roles("gla", P):
+                    (fw, bw), (lf, lb), (f1, b1) = depth_lin(
+                        w, "num_layers", lambda v: compute_alone(v, P, r, reps, warm, dev, phases=True))
+                    op = _gla_op_times(w, P, r, reps, warm, dev)
+                    L = w.model_config().num_layers
+                    entries.append(dict(
+                        key=compute_key(w, P, r), label=w.label(), P=P, rank=r, layers=L,
+                        other_fwd_s=lf - op["sp_f"], other_bwd_s=lb - op["sp_b"], gla_fwd_s=op["ser_f"],
+                        gla_bwd_s=op["ser_b"], extra_fwd_s=op["sp_f"] - op["ser_f"], extra_bwd_s=op["sp_b"] - op["ser_b"],
+                        head_fwd_s=max(f1 - lf, 0.0), head_bwd_s=max(b1 - lb, 0.0)))
+                    print(f"  {w.label()} P={P} rank {r}: fwd {fw * 1e3:.1f} ms bwd {bw * 1e3:.1f} ms "
+                          f"({time.time() - t0:.0f} s)", flush=True)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    Path(args.compute_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.compute_json).write_text(json.dumps(dict(device=name, entries=entries), indent=1))
+    print(f"wrote {args.compute_json}: {len(entries)} entries in {time.time() - t0:.0f} s")
+
+
+def _gla_op_times(w: Workload, P: int, rank: int, reps: int, warm: int, dev: str) -> dict:
+    """Forward / backward seconds of the serial GLA kernel and of sp_gla (fake group) at the rank's shape."""
+    import torch
+    from benchmarks.costmodel.fakepg import fake_world
+    from zeco import gla, sp_gla
+
+    cfg = w.model_config()
+    B, T = w.dims["B"], w.dims["T"] // P
+    H, K, V = cfg.num_heads, cfg.head_k_dim, cfg.head_v_dim
+    dt = torch.bfloat16 if w.precision != "fp32" else torch.float32
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
+    q, k, v = mk(B, T, H, K), mk(B, T, H, K), mk(B, T, H, V)
+    g = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16).requires_grad_()
+
+    def timed(fn):
+        f, b = [], []
+        for i in range(warm + reps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            o = fn()[0]
+            _sync(dev)
+            t1 = time.perf_counter()
+            o.float().sum().backward()
+            _sync(dev)
+            t2 = time.perf_counter()
+            if i >= warm:
+                f.append(t1 - t0)
+                b.append(t2 - t1)
+        return statistics.median(f), statistics.median(b)
+
+    ser_f, ser_b = timed(lambda: gla(q, k, v, g))
+    if P == 1:
+        return dict(ser_f=ser_f, ser_b=ser_b, sp_f=ser_f, sp_b=ser_b)
+    with fake_world(rank, P) as grp:
+        sp_f, sp_b = timed(lambda: sp_gla(q, k, v, g, group=grp, method=w.method, check=False))
+    return dict(ser_f=ser_f, ser_b=ser_b, sp_f=sp_f, sp_b=sp_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def print_table(results: list[dict]) -> None:
+    head = (f"{'family':<6} {'P':>2} {'method':<12} {'tokens':>7} {'step ms':>9} {'tok/s':>9} {'SP MiB/rank':>11} "
+            f"{'all MiB/rank':>12} {'peak MiB':>9} {'alone ms':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in sorted(results, key=lambda r: (r["family"], r.get("tokens", 0), r["P"], r["method"])):
+        if "error" in r:
+            print(f"{r['family']:<6} {r['P']:>2} {r['method']:<12} FAILED")
+            continue
+        alone = r.get("compute_alone_s", {})
+        a = max(alone.values()) * 1e3 if alone else float("nan")
+        print(f"{r['family']:<6} {r['P']:>2} {r['method']:<12} {r['tokens']:>7} {r['step_s'] * 1e3:9.1f} "
+              f"{r['tokens_per_s']:9.0f} {r['sp_bytes_per_rank'] / 2**20:11.2f} {r['bytes_per_rank'] / 2**20:12.2f} "
+              f"{r['peak_mem_mib']:9.1f} {a:9.1f}")
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    cols = ["family", "method", "P", "label", "tokens", "step_s", "tokens_per_s", "sp_bytes_per_rank",
+            "bytes_per_rank", "peak_mem_mib"]
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(cols + ["compute_alone_max_s", "error"])
+        for r in results:
+            alone = r.get("compute_alone_s", {})
+            wr.writerow([r.get(c, "") for c in cols] + [max(alone.values()) if alone else "", r.get("error", "")[:80]])
+
+
+def plot(results: list[dict], outdir: Path, tag: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fam in ("stdit", "gla"):
+        rs = [r for r in results if r["family"] == fam and "error" not in r]
+        if not rs:
+            continue
+        lengths = sorted({r["tokens"] for r in rs})
+        fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+        for ax, n in zip(axes[0], lengths):
+            sub = [r for r in rs if r["tokens"] == n]
+            base = [r for r in sub if r["P"] == 1]
+            for m in sorted({r["method"] for r in sub if r["P"] > 1}):
+                pts = sorted((r["P"], r["step_s"] * 1e3) for r in sub if r["method"] == m)
+                if base:
+                    pts = [(1, base[0]["step_s"] * 1e3)] + pts
+                ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("SP size P (processes)")
+            ax.set_ylabel("step time (ms)")
+            ax.set_title(f"{fam}, {n} tokens ({tag})", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = outdir / f"scaling_{tag}_{fam}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(str(p))
+    return written
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--procs", type=int, nargs="+", default=None, help="SP sizes (default 1 2 4)")
+    ap.add_argument("--families", nargs="+", default=["stdit", "gla"], choices=["stdit", "gla"])
+    ap.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all that exist)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16-autocast", "bf16"],
+                    help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--stdit-preset", default=None)
+    ap.add_argument("--stdit-hidden", type=int, default=64, help="CPU runs: hidden size of the tiny ST-DiT")
+    ap.add_argument("--stdit-frames", type=int, nargs="+", default=None)
+    ap.add_argument("--latent", type=int, nargs=2, default=None, metavar=("H", "W"))
+    ap.add_argument("--gla-preset", default=None)
+    ap.add_argument("--gla-hidden", type=int, default=64, help="CPU runs: hidden size of the tiny GLA")
+    ap.add_argument("--gla-tokens", type=int, nargs="+", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    ap.add_argument("--compute-json", default=None, help="write per-rank compute of the simulator's targets")
+    ap.add_argument("--sim-overrides", nargs="*", default=None, help="Hydra overrides of configs/simulate")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.procs = args.procs or [1, 2, 4]
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.stdit_preset = args.stdit_preset or ("720m" if cuda else "tiny")
+    args.stdit_frames = args.stdit_frames or ([16, 32] if cuda else [8, 16])
+    args.latent = args.latent or ([64, 64] if cuda else [32, 32])
+    args.gla_preset = args.gla_preset or ("1b" if cuda else "tiny")
+    args.gla_tokens = args.gla_tokens or ([16384, 65536] if cuda else [4096, 16384])
+    tag = "h100" if cuda else "cpu"
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"scaling_{tag}.json")
+
+    if args.compute_json:
+        compute_json(args)
+        return 0
+    t0 = time.time()
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 or cuda:
+        results = run_torchrun(args)
+        import torch.distributed as dist
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return 0
+    else:
+        results = run_cpu(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import platform
+    import torch
+    meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), torch=torch.__version__, repeats=args.repeats, warmup=args.warmup,
+                seconds=time.time() - t0)
+    out.write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
+    write_csv(results, out.with_suffix(".csv"))
+    print()
+    print_table(results)
+    figs = plot(results, Path(args.figures), tag)
+    print(f"\nwrote {out}, {out.with_suffix('.csv')} and {', '.join(figs)} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
