@@ -223,12 +223,12 @@ _KNOWN = {"q", "k", "v", "g", "gk", "gv", "scale", "initial_state", "output_fina
           "state_v_first", "transpose_state_layout", "cu_seqlens", "cu_seqlens_cpu"}
 
 
-def _route(name: str, original: Callable, args: tuple, kwargs: dict):
+def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
     layer = _STATE.layer
-    bound = inspect.signature(original).bind(*args, **kwargs)
+    bound = sig.bind(*args, **kwargs)
     a: dict = {}
     for key, val in bound.arguments.items():
-        kind = inspect.signature(original).parameters[key].kind
+        kind = sig.parameters[key].kind
         a.update(val if kind is inspect.Parameter.VAR_KEYWORD else {key: val})
     q, k, v = a.get("q"), a.get("k"), a.get("v")
     g = a.get("g") if a.get("g") is not None else a.get("gk")
@@ -257,11 +257,13 @@ def _route(name: str, original: Callable, args: tuple, kwargs: dict):
 
 
 def _dispatcher(name: str, original: Callable) -> Callable:
+    sig = inspect.signature(original)
+
     @functools.wraps(original)
     def kernel(*args, **kwargs):
         if getattr(_STATE, "layer", None) is None:
             return original(*args, **kwargs)
-        return _route(name, original, args, kwargs)
+        return _route(name, sig, args, kwargs)
 
     kernel._longseq_original = original
     return kernel
