@@ -44,6 +44,8 @@ from fractions import Fraction
 import torch
 import torch.multiprocessing as mp
 
+from longseq.ledger import human_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(hidden_size=32, num_heads=8, depth=2, caption_channels=16, freq_dim=32)
@@ -155,13 +157,6 @@ def _outside(records) -> dict:
     return out
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
 
 def analyse(P: int, everyone: list[dict]) -> list[dict]:
     """Per method: the checked per-block coefficients and the per-step bytes at each preset."""
@@ -233,7 +228,7 @@ def table(all_rows: list[dict], precision: str) -> str:
                 if r[name] is None:
                     cells += ["n/a (heads)", "-"]
                 else:
-                    cells += [_human(r[name]), f"{r[name] / d[name]:.2f}"]
+                    cells += [human_bytes(r[name]), f"{r[name] / d[name]:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -271,7 +266,7 @@ def main(argv=None) -> int:
                                                             for r in all_rows if r["P"] == all_rows[0]["P"]))
     elem = 4 if args.precision != "bf16" else 2
     print("Gradient all-reduce (longseq.sync_gradients over the SP group; the same for every method), per rank: "
-          + ", ".join(f"{name} P={P}: {_human(_grad_allreduce_bytes(name, P, elem))}"
+          + ", ".join(f"{name} P={P}: {human_bytes(_grad_allreduce_bytes(name, P, elem))}"
                       for name in PRESETS for P in args.worlds))
     less, half = [], []
     for P in args.worlds:

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-__all__ = ["CommRecord", "Ledger", "LEDGER", "summarize", "format_table", "recording"]
+__all__ = ["CommRecord", "Ledger", "LEDGER", "summarize", "format_table", "recording", "human_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def summarize(records: Iterable[CommRecord]) -> dict[tuple[str, str], dict[str, 
     return out
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -152,9 +152,9 @@ def format_table(summary: dict[tuple[str, str], dict[str, int]] | Iterable[CommR
     lines += [head, "-" * len(head)]
     tot = dict(calls=0, bytes_sent=0, bytes_recv=0)
     for (op, tag), s in sorted(summary.items()):
-        lines.append(f"{op:<{ow}} {tag:<{tw}} {s['calls']:>6} {_human(s['bytes_sent']):>12} {_human(s['bytes_recv']):>12}")
+        lines.append(f"{op:<{ow}} {tag:<{tw}} {s['calls']:>6} {human_bytes(s['bytes_sent']):>12} {human_bytes(s['bytes_recv']):>12}")
         for k in tot:
             tot[k] += s[k]
     lines.append("-" * len(head))
-    lines.append(f"{'total':<{ow}} {'':<{tw}} {tot['calls']:>6} {_human(tot['bytes_sent']):>12} {_human(tot['bytes_recv']):>12}")
+    lines.append(f"{'total':<{ow}} {'':<{tw}} {tot['calls']:>6} {human_bytes(tot['bytes_sent']):>12} {human_bytes(tot['bytes_recv']):>12}")
     return "\n".join(lines)
