@@ -71,6 +71,26 @@ def stdit_target(cfg, preset: str, P: int, method: str):
     return Workload.make("stdit", method, preset, shape, precision=str(s.precision))
 
 
+def capture_plan(cfg) -> list:
+    """Every (workload, P, rank) capture the comparisons need (for one parallel prefetch)."""
+    from benchmarks.costmodel.ledger import capture_jobs
+    from benchmarks.workloads import unavailable_reason
+    jobs = []
+    for preset in cfg.stdit.presets:
+        for P in cfg.stdit.gpus:
+            for m in cfg.stdit.methods:
+                w = stdit_target(cfg, str(preset), int(P), str(m))
+                if unavailable_reason(str(m)) or (str(m) == "ulysses" and w.model_config().num_heads % int(P)):
+                    continue
+                jobs += capture_jobs(w, int(P))
+    hl = cfg.gla.headline
+    for P, n in [(int(P), None) for P in cfg.gla.gpus] + [(int(hl.gpus), int(hl.tokens_per_gpu))]:
+        for m in cfg.gla.methods:
+            if not unavailable_reason(str(m)):
+                jobs += capture_jobs(gla_target(cfg, P, str(m), n), P)
+    return jobs
+
+
 def _seconds(flops_obj, topo):
     return flops_obj.scaled(1.0 / (topo.peak_flops * topo.mfu))
 
@@ -383,9 +403,14 @@ def main(argv=None) -> int:
     from benchmarks.costmodel.ledger import LedgerCache
 
     topo = load_topology(cfg.topology)
-    cache = LedgerCache(_path(cfg.ledger_cache))
-    if cache.stale:
-        print(f"(the ledger cache {cfg.ledger_cache} is from other method code: recapturing)")
+    cache = LedgerCache(_path(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
+    t1 = time.time()
+    n = cache.prefetch(capture_plan(cfg))
+    if cache.changed:
+        print(f"(the communication of {', '.join(cache.changed)} changed since {cfg.ledger_cache} was written: "
+              "recapturing)")
+    if n:
+        print(f"(captured {n} ledgers on fake process groups in {time.time() - t1:.0f} s)")
     measured = MeasuredCompute(str(_path(cfg.compute_json))) if cfg.compute_json else None
     print(f"topology {topo.name}: {topo.gpus_per_node} GPUs a node, intra {topo.intra.bw / 1e9:.0f} GB/s "
           f"{topo.intra.alpha * 1e6:.0f} us, inter {topo.inter.bw / 1e9:.0f} GB/s {topo.inter.alpha * 1e6:.0f} us, "

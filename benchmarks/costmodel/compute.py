@@ -202,9 +202,16 @@ def gla_compute(w: Workload, P: int, rank: int) -> GlaCompute:
     m2 = _gla_model_flops(w.preset, ov, B, T, 2)
     layer_f, layer_b = m2[0] - m1[0], m2[1] - m1[1]
     head_f, head_b = m1[0] - layer_f, m1[1] - layer_b
-    ser_f, ser_b = _gla_op_flops("serial", B, T, H, K, V, 1, 0)
+    # The operator's FLOPs are linear in the tokens (whole chunks) and, per rank, depend only on its
+    # role in the chain (first / middle / last), not on P: count them on at most 4096 tokens and on
+    # a chain of at most 3 ranks.
+    Tc = 4096 if (T > 4096 and T % 4096 == 0) else T
+    k_ = T / Tc
+    ser_f, ser_b = (x * k_ for x in _gla_op_flops("serial", B, Tc, H, K, V, 1, 0))
     if P > 1:
-        op_f, op_b = _gla_op_flops(w.method, B, T, H, K, V, P, rank)
+        P3 = min(P, 3)
+        r3 = 0 if rank == 0 else (P3 - 1 if rank == P - 1 else 1)
+        op_f, op_b = (x * k_ for x in _gla_op_flops(w.method, B, Tc, H, K, V, P3, r3))
     else:
         op_f, op_b = ser_f, ser_b
     return GlaCompute(L, layer_f - ser_f, layer_b - ser_b, ser_f, ser_b, op_f - ser_f, op_b - ser_b,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -45,7 +44,7 @@ from benchmarks.workloads import Workload, build_step
 
 __all__ = ["Row", "aggregate", "capture", "capture_roles", "fit_exponents", "scale_rows", "LedgerCache",
            "normalize_tag", "FACTORS", "factor_values", "with_factors", "doubled", "capture_workload",
-           "roles", "scaled_rows", "code_fingerprint", "is_grad_sync"]
+           "roles", "scaled_rows", "is_grad_sync", "capture_jobs"]
 
 ONE_TIME_OPS = ("all_gather_object",)
 FACTORS = {"stdit": ("B", "T", "S", "C", "depth", "N"), "gla": ("B", "T", "depth")}
@@ -313,39 +312,26 @@ def scale_rows(base: Sequence[Row], exps: dict, f0: dict, f1: dict, *, param_rat
 # ----------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------
-_SOURCES = ("longseq", "dsp", "zeco", "models", "benchmarks/workloads.py", "benchmarks/costmodel/ledger.py")
-
-
-def code_fingerprint(root: Optional[Path] = None) -> str:
-    """A hash of the sources whose behaviour the ledger reflects (method code, models, runtime)."""
-    root = Path(root or Path(__file__).resolve().parents[2])
-    h = hashlib.sha256()
-    for src in _SOURCES:
-        p = root / src
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
-        for f in files:
-            if f.is_file() and "train" not in f.relative_to(root).parts:
-                h.update(str(f.relative_to(root)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+def _capture_json(w: Workload, P: int, rank: int) -> list:
+    return [r.to_json() for r in capture(w, P, rank)]
 
 
 class LedgerCache:
-    """Captured rows keyed by (workload, P, rank), stored as JSON with the code fingerprint; a
-    different fingerprint makes the stored rows stale (recaptured on use)."""
+    """Captured rows keyed by (workload, P, rank), stored as JSON.
 
-    def __init__(self, path: Optional[os.PathLike] = None, fingerprint: Optional[str] = None):
+    Validity is checked against the code as it is now, not against file hashes (the runtime and
+    the methods change for reasons that do not touch communication): :meth:`prefetch` recaptures,
+    per method, its smallest job (one fake-group step on small shapes) and compares it with the
+    stored rows; if they differ, every stored entry of that method is dropped and recaptured.
+    ``refresh=True`` recaptures everything."""
+
+    def __init__(self, path: Optional[os.PathLike] = None, refresh: bool = False):
         self.path = Path(path) if path else None
-        self.fingerprint = fingerprint or code_fingerprint()
         self.data: dict = {}
         self.hits = self.misses = 0
-        self.stale = False
-        if self.path and self.path.exists():
-            blob = json.loads(self.path.read_text())
-            if blob.get("fingerprint") == self.fingerprint:
-                self.data = blob.get("rows", {})
-            else:
-                self.stale = True
+        self.changed: list[str] = []
+        if self.path and self.path.exists() and not refresh:
+            self.data = json.loads(self.path.read_text()).get("entries", {})
 
     @staticmethod
     def _key(w: Workload, P: int, rank: int) -> str:
@@ -361,12 +347,66 @@ class LedgerCache:
         self.data[k] = [r.to_json() for r in rows]
         return rows
 
+    def _check(self, jobs: Sequence[tuple]) -> None:
+        """Drop the stored entries of every method whose probe no longer matches."""
+        by_method: dict = {}
+        for w, P, r in jobs:
+            by_method.setdefault(w.method, []).append((w, P, r))
+        for method, js in by_method.items():
+            w, P, r = min(js, key=lambda j: (j[1], j[2]))
+            k = self._key(w, P, r)
+            if k not in self.data:
+                continue
+            try:
+                now = _capture_json(w, P, r)
+            except Exception:  # noqa: BLE001 - get() will raise it where it matters
+                continue
+            if now != self.data[k]:
+                self.changed.append(method)
+                for key in [key for key in self.data if json.loads(key)[0][1] == method]:
+                    del self.data[key]
+                self.data[k] = now
+
+    def prefetch(self, jobs: Sequence[tuple], workers: Optional[int] = None) -> int:
+        """Check the stored entries (:meth:`_check`), then capture the missing ones of ``jobs``
+        ((workload, P, rank) triples) in parallel processes, one per core; returns how many."""
+        self._check(jobs)
+        todo, seen = [], set()
+        for w, P, r in jobs:
+            k = self._key(w, P, r)
+            if k not in seen and k not in self.data:
+                seen.add(k)
+                todo.append((k, w, P, r))
+        if not todo:
+            return 0
+        import concurrent.futures
+        import multiprocessing as mp
+        n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(_capture_json, w, P, r): k for k, w, P, r in todo}
+            for f in concurrent.futures.as_completed(futs):
+                try:
+                    rows = f.result()
+                except Exception:  # noqa: BLE001 - e.g. a method that cannot run at this P: get() re-raises
+                    continue
+                self.data[futs[f]] = rows
+                self.misses += 1
+        return len(todo)
+
     def save(self) -> None:
-        if self.path and self.misses:
+        if self.path and (self.misses or self.changed):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": self.data}, indent=0, sort_keys=True))
+            tmp.write_text(json.dumps({"entries": self.data}, sort_keys=True, separators=(",", ":")))
             tmp.replace(self.path)
+
+
+def capture_jobs(target: Workload, P: int, *, per_rank: int = 1) -> list[tuple]:
+    """The (workload, P, rank) captures :func:`scaled_rows` needs for ``target`` at ``P``."""
+    small = capture_workload(target, P, per_rank=per_rank)
+    f0, f1 = factor_values(small), factor_values(target)
+    ws = [small] + [doubled(small, f) for f in FACTORS[target.family] if f1[f] != f0[f]]
+    return [(w, P, r) for r in roles(target.family, P) for w in ws]
 
 
 def scaled_rows(target: Workload, P: int, cache: Optional[LedgerCache] = None, *,
