@@ -29,7 +29,7 @@ papers' models and shapes at every P there), times one rank's forward and backwa
 shapes on the fake process group, at depth 1 and 2 (extended linearly to the model's depth, so
 that the 3B model at 128 GPUs' shapes fits one GPU), and for GLA also the GLA operator alone
 (serial kernel and sp_gla); writes the per-rank compute the simulator reads with
-``compute_json=F``.
+``compute_json=F``. ``--families`` picks the targets; entries accumulate in F across runs.
 
 Writes ``--out`` (JSON, default benchmarks/results/scaling_<device>.json), a CSV next to it, a
 table on stdout and figures under ``--figures`` (docs/figures/scaling_<device>_*.png).
@@ -346,7 +346,7 @@ def compute_json(args) -> None:
         n = getattr(w.model_config(), field)
         return [x + (n - 1) * (y - x) for x, y in zip(a, b)], [y - x for x, y in zip(a, b)], a
 
-    for preset in cfg.stdit.presets:
+    for preset in (cfg.stdit.presets if "stdit" in args.families else []):
         for P in cfg.stdit.gpus:
             P = int(P)
             for m in cfg.stdit.methods:
@@ -364,7 +364,7 @@ def compute_json(args) -> None:
                                     attn_fwd_s=fw * share / 3, attn_bwd_s=bw * share * 2 / 3))
                 print(f"  {w.label()} P={P}: fwd {fw * 1e3:.1f} ms bwd {bw * 1e3:.1f} ms  ({time.time() - t0:.0f} s)",
                       flush=True)
-    tpg = [int(cfg.gla.tokens_per_gpu), int(cfg.gla.headline.tokens_per_gpu)]
+    tpg = [int(cfg.gla.tokens_per_gpu), int(cfg.gla.headline.tokens_per_gpu)] if "gla" in args.families else []
     for n in sorted(set(tpg)):
         gpus = sorted({1, *map(int, cfg.gla.gpus), int(cfg.gla.headline.gpus)})
         for P in gpus:
@@ -383,8 +383,13 @@ def compute_json(args) -> None:
                     print(f"  {w.label()} P={P} rank {r}: fwd {fw * 1e3:.1f} ms bwd {bw * 1e3:.1f} ms "
                           f"({time.time() - t0:.0f} s)", flush=True)
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    Path(args.compute_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.compute_json).write_text(json.dumps(dict(device=name, entries=entries), indent=1))
+    path = Path(args.compute_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():        # runs of other families (or targets) accumulate in one file
+        old = json.loads(path.read_text())
+        mine = {e["key"] for e in entries}
+        entries = [e for e in old.get("entries", []) if e["key"] not in mine] + entries
+    path.write_text(json.dumps(dict(device=name, entries=entries), indent=1))
     print(f"wrote {args.compute_json}: {len(entries)} entries in {time.time() - t0:.0f} s")
 
 
@@ -519,10 +524,10 @@ def main(argv=None) -> int:
     args.procs = args.procs or [1, 2, 4]
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.stdit_preset = args.stdit_preset or ("720m" if cuda else "tiny")
-    args.stdit_frames = args.stdit_frames or ([16, 32] if cuda else [8, 16])
+    args.stdit_frames = args.stdit_frames or ([8, 16] if cuda else [8, 16])
     args.latent = args.latent or ([64, 64] if cuda else [32, 32])
     args.gla_preset = args.gla_preset or ("1b" if cuda else "tiny")
-    args.gla_tokens = args.gla_tokens or ([16384, 65536] if cuda else [4096, 16384])
+    args.gla_tokens = args.gla_tokens or ([8192, 32768] if cuda else [4096, 16384])
     tag = "h100" if cuda else "cpu"
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"scaling_{tag}.json")
 
