@@ -300,3 +300,29 @@ def test_ledger_volumes(dist_pool, P):
                 assert b["recv"][:3] == ((0, 0, 0) if r == P - 1 else (msgs, 0, S))
                 if r not in (0, P - 1):
                     assert f["send"][3] == [tag + ".fwd"] and b["send"][3] == [tag + ".bwd"]
+
+
+def _autocast_scan_dtypes(method):
+    """Under bf16 autocast, every state message is float32 on both ends (a sender/receiver dtype
+    mismatch corrupts silently on gloo), and the result stays close to the float32 run."""
+    import zeco
+    from longseq.ledger import LEDGER
+    W, r = dist.group.WORLD, dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 1, 16, 2, 8, 8
+    q, k, v = (torch.randn(B, T, H, d, generator=g) for d in (K, K, V))
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=g))
+    sl = slice(r * T // 2, (r + 1) * T // 2)
+    args = [t[:, sl].contiguous() for t in (q, k, v, gk)]
+    ref, _ = zeco.sp_gla(*args, group=W, method=method)
+    with LEDGER.recording() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        o, _ = zeco.sp_gla(*args, group=W, method=method)
+    dtypes = sorted({x.dtype for x in rec if x.op in ("send", "recv")})
+    return dtypes, (o.float() - ref).abs().max().item() / ref.abs().max().item()
+
+
+@pytest.mark.parametrize("method", ["zeco", "lasp1"])
+def test_autocast_state_messages_agree_in_dtype(dist_pool, method):
+    for dtypes, rel in dist_pool(2).run(_autocast_scan_dtypes, method):
+        assert dtypes == ["float32"]
+        assert rel < 5e-2  # bf16 autocast of the local work

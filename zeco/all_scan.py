@@ -186,6 +186,11 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     if initial_state is not None and tuple(initial_state.shape) != tuple(local.shape):
         raise ValueError(f"all_scan: initial_state must have the state's shape {tuple(local.shape)}, "
                          f"got {tuple(initial_state.shape)}")
+    if local.dtype in (torch.float16, torch.bfloat16):
+        # States are scanned in float32: under autocast one rank's summary may come out in half
+        # precision while its neighbour's (or a last rank's placeholder) is float32, and a sender and
+        # receiver of different dtypes corrupt silently on gloo and may hang on NCCL.
+        local = local.float()
     P, me = comm.group_size(group), comm.group_rank(group)
     N = num_blocks_for(local.shape, local.dtype, num_blocks, world_size=P)
     h = AllScanHandle()

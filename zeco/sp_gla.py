@@ -268,6 +268,7 @@ def lasp1_scan(decay: Optional[torch.Tensor], local: Optional[torch.Tensor], gro
     out = None
     if 0 <= nxt < P:
         out = local if inp is None else local + (inp if decay is None else _expand_decay(decay) * inp)
+        out = out.to(dtype)  # the receiver's buffer dtype, whatever autocast made of this rank's summary
         comm.send(out, nxt, group, tag=tag)
     return inp, out
 
