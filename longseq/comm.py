@@ -5,9 +5,16 @@ Every function takes an explicit ``group`` and a ``tag`` naming the call site. P
 are ranks *within the group*. Tensors handed to the backend are made contiguous and receive buffers
 are fresh ``torch.empty`` tensors: gloo silently computes wrong results on non-contiguous tensors.
 Uneven sizes follow ``torch.tensor_split`` (see :mod:`longseq.sharding`).
+
+Device tensors on a gloo group (gloo moves host memory only, except a few collectives) are staged
+through host memory: copied to the CPU before the call and the result copied back (for ``irecv``,
+when its handle's ``wait()`` returns). That lets several processes share one GPU over gloo (NCCL
+refuses two ranks on one device), e.g. to test SP code on a single-GPU machine. The ledger counts
+the collective's bytes, not the host copies. Use NCCL for speed.
 """
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from typing import Any, Sequence
@@ -44,6 +51,40 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+# Tests set this to stage CPU tensors too (through a copy), so the staging code runs without a GPU.
+_STAGE_ALWAYS = False
+
+
+def _stages(x: torch.Tensor, group: Any) -> bool:
+    """True when ``x`` must go through host memory for ``group``'s backend (gloo + a device tensor)."""
+    if _STAGE_ALWAYS:
+        return True
+    return x.device.type != "cpu" and str(dist.get_backend(group)) == "gloo"
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    return x.to("cpu", copy=True).contiguous()
+
+
+class _StagedWork:
+    """A backend work handle whose ``wait()`` also copies a received host buffer to its device
+    tensor (``after``), and keeps a staged send buffer alive until then."""
+
+    def __init__(self, work: Any, after: Any = None, keep: Any = None):
+        self._work, self._after, self._keep = work, after, keep
+
+    def wait(self, *args: Any) -> bool:
+        out = self._work.wait(*args)
+        if self._after is not None:
+            self._after()
+            self._after = None
+        self._keep = None
+        return out
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
 def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_split_sizes: Sequence[int],
                       group: Any, *, tag: str = "untagged") -> torch.Tensor:
     """All-to-all over dim 0 of ``x``: rows ``input_split_sizes[j]`` go to rank j; returns the rows
@@ -62,6 +103,10 @@ def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_
     if P == 1:
         out.copy_(x)
         return out
+    if _stages(x, group):
+        host = torch.empty(out.shape, dtype=out.dtype)
+        dist.all_to_all_single(host, _to_host(x), list(output_split_sizes), list(input_split_sizes), group=group)
+        return out.copy_(host)
     dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
     return out
 
@@ -126,8 +171,13 @@ def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int
     m = max(sizes)
     buf = torch.zeros((m, *front.shape[1:]), dtype=x.dtype, device=x.device)
     buf[: sizes[me]].copy_(front)
-    out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, buf, group=group)
+    if _stages(x, group):
+        out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype)
+        dist.all_gather_into_tensor(out, _to_host(buf), group=group)
+        out = out.to(x.device)
+    else:
+        out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, buf, group=group)
     parts = [out[i * m: i * m + sizes[i]] for i in range(P)]
     return torch.cat(parts, 0).movedim(0, dim).contiguous()
 
@@ -145,16 +195,18 @@ def reduce_scatter(x: torch.Tensor, group: Any, *, dim: int = 0, op: Any = None,
     front = x.movedim(dim, 0).contiguous()
     if P == 1:
         return front.movedim(0, dim).clone()
+    if op not in (None, dist.ReduceOp.SUM) and len(set(sizes)) != 1:
+        raise NotImplementedError("uneven reduce_scatter supports only SUM")
+    if _stages(x, group):
+        front = _to_host(front)
     if len(set(sizes)) == 1:
-        out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=x.device)
+        out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=front.device)
         dist.reduce_scatter_tensor(out, front, op=op or dist.ReduceOp.SUM, group=group)
     else:
-        if op not in (None, dist.ReduceOp.SUM):
-            raise NotImplementedError("uneven reduce_scatter supports only SUM")
-        out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=x.device)
+        out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=front.device)
         dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)
         out = out.view(P, sizes[me], *front.shape[1:]).sum(0)
-    return out.movedim(0, dim).contiguous()
+    return out.to(x.device).movedim(0, dim).contiguous()
 
 
 def all_reduce(x: torch.Tensor, group: Any, *, op: Any = None, tag: str = "untagged") -> torch.Tensor:
@@ -165,7 +217,12 @@ def all_reduce(x: torch.Tensor, group: Any, *, op: Any = None, tag: str = "untag
     if not x.is_contiguous():
         x = x.contiguous()
     if P > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+        if _stages(x, group):
+            host = _to_host(x)
+            dist.all_reduce(host, op=op or dist.ReduceOp.SUM, group=group)
+            x.copy_(host)
+        else:
+            dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
     return x
 
 
@@ -176,7 +233,12 @@ def broadcast(x: torch.Tensor, src: int, group: Any, *, tag: str = "untagged") -
     if not x.is_contiguous():
         x = x.contiguous()
     if P > 1:
-        dist.broadcast(x, src=_global(group, src), group=group)
+        if _stages(x, group):
+            host = _to_host(x)
+            dist.broadcast(host, src=_global(group, src), group=group)
+            x.copy_(host)
+        else:
+            dist.broadcast(x, src=_global(group, src), group=group)
     return x
 
 
@@ -192,7 +254,7 @@ def send(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged") -> Non
     x = x.contiguous()
     _check_p2p(x, dst, group, "send")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
-    dist.send(x, _global(group, dst), group=group)
+    dist.send(_to_host(x) if _stages(x, group) else x, _global(group, dst), group=group)
 
 
 def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, device: Any = "cpu",
@@ -200,6 +262,10 @@ def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, devi
     buf = torch.empty(tuple(shape), dtype=dtype, device=device)
     _check_p2p(buf, src, group, "recv")
     LEDGER.record("recv", tag, group_size(group), dtype, 0, buf.numel())
+    if _stages(buf, group):
+        host = torch.empty(buf.shape, dtype=dtype)
+        dist.recv(host, _global(group, src), group=group)
+        return buf.copy_(host)
     dist.recv(buf, _global(group, src), group=group)
     return buf
 
@@ -208,6 +274,9 @@ def isend(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous send; returns the backend's work handle (call ``.wait()``). Keep ``x`` alive until then."""
     _check_p2p(x, dst, group, "isend")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
+    if _stages(x, group):
+        host = _to_host(x)
+        return _StagedWork(dist.isend(host, _global(group, dst), group=group), keep=host)
     return dist.isend(x, _global(group, dst), group=group)
 
 
@@ -215,6 +284,9 @@ def irecv(buf: torch.Tensor, src: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous receive into ``buf`` (fresh and contiguous); returns the work handle."""
     _check_p2p(buf, src, group, "irecv")
     LEDGER.record("recv", tag, group_size(group), buf.dtype, 0, buf.numel())
+    if _stages(buf, group):
+        host = torch.empty(buf.shape, dtype=buf.dtype)
+        return _StagedWork(dist.irecv(host, _global(group, src), group=group), after=lambda: buf.copy_(host))
     return dist.irecv(buf, _global(group, src), group=group)
 
 
@@ -230,14 +302,29 @@ class P2POp:
 def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged") -> list:
     """Issue several sends and receives together; returns their work handles."""
     P = group_size(group)
-    torch_ops = []
+    torch_ops, afters, keep = [], [], []
     for o in ops:
         _check_p2p(o.tensor, o.peer, group, f"batch_isend_irecv({o.kind})")
         n = o.tensor.numel()
         LEDGER.record(o.kind, tag, P, o.tensor.dtype, n if o.kind == "send" else 0, n if o.kind == "recv" else 0)
         fn = dist.isend if o.kind == "send" else dist.irecv
-        torch_ops.append(dist.P2POp(fn, o.tensor, _global(group, o.peer), group=group))
-    return dist.batch_isend_irecv(torch_ops) if torch_ops else []
+        t, after = o.tensor, None
+        if _stages(t, group):
+            if o.kind == "send":
+                t = _to_host(t)
+            else:
+                t = torch.empty(o.tensor.shape, dtype=o.tensor.dtype)
+                after = functools.partial(o.tensor.copy_, t)
+            keep.append(t)
+        afters.append(after)
+        torch_ops.append(dist.P2POp(fn, t, _global(group, o.peer), group=group))
+    if not torch_ops:
+        return []
+    works = dist.batch_isend_irecv(torch_ops)
+    if not keep:
+        return works
+    # gloo returns one handle per op (NCCL, which never stages, may return one for the batch)
+    return [_StagedWork(w, after=a, keep=keep) for w, a in zip(works, afters)]
 
 
 def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:

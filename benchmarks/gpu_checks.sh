@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks of the project in one place, for a session that has a GPU machine for a while.
+#
+#   benchmarks/gpu_checks.sh ops        # CUDA tests of the GLA operator on fla's kernels (tests/test_gla_ops.py)
+#   benchmarks/gpu_checks.sh tests      # CUDA tests: sp_gla and fla's model over gloo on one GPU (staged)
+#   benchmarks/gpu_checks.sh overhead   # python -m benchmarks.gla_local_overhead (ZeCO's local work vs fla)
+#   benchmarks/gpu_checks.sh scaling    # per-rank compute of the simulator's targets (--compute-json)
+#
+# Logs and JSON go to $OUT (default ./build/gpu-checks). fla is needed for most of it: install
+# flash-linear-attention, or put its wheels in .whl/ (docs/zeco.md says how to carry them to a machine
+# with no package index). Triton's and fla's autotuning caches go to build/triton-cache, so a second
+# call on the same machine skips the (minutes of) autotuning.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu-checks}
+mkdir -p "$OUT" build/triton-cache
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache} PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton
+print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name(0))
+try:
+    import fla; print("fla", getattr(fla, "__version__", "?"))
+except ImportError as e:
+    print("fla missing:", e)
+PY
+rc=0
+for part in ${@:-ops tests overhead}; do
+  case $part in
+    ops)
+      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py \
+          2>&1 | tee "$OUT/ops.log" || rc=1 ;;
+    tests)
+      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
+          tests/test_comm_staging.py tests/test_adapters_fla_gla.py 2>&1 | tee "$OUT/tests.log" || rc=1 ;;
+    overhead)
+      python3 -m benchmarks.gla_local_overhead --json "$OUT/gla_local_overhead.json" \
+          2>&1 | tee "$OUT/gla_local_overhead.txt" || rc=1 ;;
+    scaling)
+      python3 -m benchmarks.scaling --device cuda --families stdit gla \
+          --compute-json "$OUT/compute_cuda.json" 2>&1 | tee "$OUT/scaling.log" || rc=1 ;;
+    *) echo "unknown part '$part' (ops, tests, overhead, scaling)"; exit 2 ;;
+  esac
+done
+exit $rc
