@@ -134,9 +134,9 @@ def _collective(op, sizes, repeats):
             if op == "all_to_all":
                 dist.all_to_all_single(o, x)
             elif op == "all_gather":
-                dist.all_gather_into_tensor(o, x)
+                (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(o, x)
             elif op == "reduce_scatter":
-                dist.reduce_scatter_tensor(o, x)
+                (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(o, x)
             else:
                 dist.all_reduce(x)
             t = time.perf_counter() - t0

@@ -51,6 +51,10 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+# torch >= 2.13 names the flat-tensor collectives *_single (the *_tensor names warn); older torch has only those
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 # Tests set this to stage CPU tensors too (through a copy), so the staging code runs without a GPU.
 _STAGE_ALWAYS = False
 
@@ -173,11 +177,11 @@ def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int
     buf[: sizes[me]].copy_(front)
     if _stages(x, group):
         out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype)
-        dist.all_gather_into_tensor(out, _to_host(buf), group=group)
+        _all_gather_flat(out, _to_host(buf), group=group)
         out = out.to(x.device)
     else:
         out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, buf, group=group)
+        _all_gather_flat(out, buf, group=group)
     parts = [out[i * m: i * m + sizes[i]] for i in range(P)]
     return torch.cat(parts, 0).movedim(0, dim).contiguous()
 
@@ -201,7 +205,7 @@ def reduce_scatter(x: torch.Tensor, group: Any, *, dim: int = 0, op: Any = None,
         front = _to_host(front)
     if len(set(sizes)) == 1:
         out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=front.device)
-        dist.reduce_scatter_tensor(out, front, op=op or dist.ReduceOp.SUM, group=group)
+        _reduce_scatter_flat(out, front, op=op or dist.ReduceOp.SUM, group=group)
     else:
         out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=front.device)
         dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)

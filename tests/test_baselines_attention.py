@@ -214,3 +214,23 @@ def test_split_sizes_match_tensor_split():
     # the contiguous layout of every primitive is torch.tensor_split's
     for n, P in [(10, 4), (11, 3), (14, 4)]:
         assert [t.shape[0] for t in torch.tensor_split(torch.arange(n), P)] == split_sizes(n, P)
+
+
+def _usp_groups_after_reinit(store_path):
+    """USP groups made, the world destroyed and made again (a new store): the groups are made anew
+    and work (before the fix the cache handed back groups of the destroyed world)."""
+    from longseq.sp import init_usp_groups
+    P, r = dist.get_world_size(), dist.get_rank()
+    first = init_usp_groups(dist.group.WORLD, ulysses_degree=2)
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, P), rank=r, world_size=P)
+    second = init_usp_groups(dist.group.WORLD, ulysses_degree=2)
+    x = torch.ones(3)
+    dist.all_reduce(x, group=second.ulysses_group)
+    return second.ulysses_group is not first.ulysses_group, x.tolist()
+
+
+def test_usp_groups_survive_reinit(tmp_path):
+    from .distributed import run_distributed
+    for fresh, summed in run_distributed(_usp_groups_after_reinit, 2, str(tmp_path / "store"), timeout=60):
+        assert fresh and summed == [2.0, 2.0, 2.0]

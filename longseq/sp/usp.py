@@ -83,7 +83,13 @@ def default_degrees(P: int, num_heads: Optional[int] = None, ulysses_degree: Opt
     return int(ulysses_degree), int(ring_degree)
 
 
+# (SP groups, degrees) -> (the default process group they were made in, {(kind, ranks): group})
 _GROUP_CACHE: dict = {}
+
+
+def _default_group() -> Any:
+    """The default process group object; a new one after destroy_process_group + init."""
+    return dist.distributed_c10d._get_default_group()
 
 
 def _sp_global_ranks(group: Any) -> tuple[int, ...]:
@@ -97,7 +103,8 @@ def init_usp_groups(group: Any, ulysses_degree: Optional[int] = None, ring_degre
     """The USP grid over ``group`` (a process group or ``ParallelGroups``: its SP group). Collective
     over the whole world: one small ``all_gather_object`` (tag ``usp.groups``) learns every SP group,
     then every rank creates every Ulysses and ring group of every SP group in the same order.
-    Groups are cached (keyed by the SP groups and degrees), so calling it again creates nothing."""
+    Groups are cached (keyed by the SP groups and degrees), so calling it again creates nothing;
+    after ``destroy_process_group`` and a new ``init_process_group`` they are made anew."""
     sp = group.sp_group if isinstance(group, ParallelGroups) else group
     P, me = comm.group_size(sp), comm.group_rank(sp)
     u, r = default_degrees(P, num_heads, ulysses_degree, ring_degree)
@@ -108,7 +115,8 @@ def init_usp_groups(group: Any, ulysses_degree: Optional[int] = None, ring_degre
                          f"{sorted({(len(x[0]), x[1], x[2]) for x in everyone})}")
     all_sp = sorted({x[0] for x in everyone})
     key = (tuple(all_sp), u, r)
-    if key not in _GROUP_CACHE:
+    world = _default_group()
+    if key not in _GROUP_CACHE or _GROUP_CACHE[key][0] is not world:   # none yet, or made in a destroyed world
         made = {}
         for ranks in all_sp:                     # the same order on every rank of the world
             for g in range(r):
@@ -117,8 +125,8 @@ def init_usp_groups(group: Any, ulysses_degree: Optional[int] = None, ring_degre
             for i in range(u):
                 sub = ranks[i::u]
                 made[("r", sub)] = dist.new_group(list(sub))
-        _GROUP_CACHE[key] = made
-    made = _GROUP_CACHE[key]
+        _GROUP_CACHE[key] = (world, made)
+    made = _GROUP_CACHE[key][1]
     g, i = me // u, me % u
     return USPGroups(sp_group=sp, ulysses_group=made[("u", mine[g * u:(g + 1) * u])],
                      ring_group=made[("r", mine[i::u])], ulysses_degree=u, ring_degree=r, sp_rank=me)
