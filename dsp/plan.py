@@ -108,6 +108,13 @@ class Plan:
             need(st.output_layout, st.shard, f"stage {pat!r} output")
             need(st.output_layout, self.home, f"stage {pat!r} output")
 
+    def pinned(self, name: str | None = None) -> "Plan":
+        """This plan with every stage sharded along ``home``: no switch anywhere, only the input's
+        shard and the output's gather (the boundary that single-dimension methods such as Ulysses
+        or Ring use, distributing an attention inside a stage instead of switching around it)."""
+        stages = tuple((pat, dataclasses.replace(st, shard=self.home)) for pat, st in self.stages)
+        return dataclasses.replace(self, name=name or f"{self.name}-pinned", stages=stages)
+
     @property
     def sharded_dims(self) -> list[str]:
         """The dimensions that are ever sharded: ``home`` and every stage's."""

@@ -68,19 +68,10 @@ class SPPlan:
 
 
 def _stdit_boundary():
-    from dsp import Boundary, Plan, Stage
-    return Plan(
-        name="stdit-single-dim",
-        home="T",
-        input=Boundary("B C T H W", arg=0, name="x"),
-        output=Boundary("B C T H W"),
-        stages=(
-            ("embed", Stage("B C T H W", shard="T", out_layout="B T S C")),
-            ("blocks.*.spatial", Stage("B T S C", shard="T")),
-            ("blocks.*.temporal", Stage("B T S C", shard="T")),   # its attention is distributed instead
-            ("final", Stage("B T S C", shard="T", out_layout="B C T H W")),
-        ),
-    )
+    """DSP's ST-DiT plan pinned to frames: T sharded everywhere; the temporal attention is the one
+    the method distributes instead of switching around it."""
+    from dsp import STDIT_PLAN
+    return STDIT_PLAN.pinned("stdit-single-dim")
 
 
 class _LazyPlan:
