@@ -32,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -53,7 +53,7 @@ def _inputs(B, T, H, K, V, dtype, device, scalar: bool, seed: int = 0):
     return [q, k, v, g], do
 
 
-def _make_rows(args, device, scalar: bool, have_fla: bool) -> list:
+def _make_rows(args, scalar: bool, have_fla: bool) -> list:
     """[(name, fn(q, k, v, g) -> o)] in the order printed; the first is the reference."""
     from zeco import gla, sp_gla
 
@@ -129,7 +129,7 @@ def measure(B, T, H, K, V, dtype, device, scalar: bool, args, have_fla: bool) ->
     """Rows ``{name, fwd_ms, bwd_ms, total_ms, ratio, peak_mib}`` for one shape."""
     xs, do = _inputs(B, T, H, K, V, dtype, device, scalar)
     start, stop = _timer(device)
-    rows = _make_rows(args, device, scalar, have_fla)
+    rows = _make_rows(args, scalar, have_fla)
     times = {name: ([], []) for name, _, _ in rows}
     peaks = {}
     for rnd in range(args.warmup + args.repeats):
