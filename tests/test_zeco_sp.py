@@ -184,6 +184,80 @@ def test_all_scan(dist_pool, P, reverse):
                 assert (nr, er) == ((0, 0) if first else (expect_n, numel))  # one state received
 
 
+
+def _stream_discipline(reverse, with_init):
+    """The CUDA stream protocol of all_scan_start, checked on CPU with a stand-in side stream: the
+    side stream waits for the caller before any message is posted, every send and receive (the
+    helper thread's included) is posted and waited on the side stream, and the caller's stream
+    waits for the side stream before wait() returns."""
+    import contextlib
+    import sys
+    import threading
+
+    from longseq import comm
+
+    A = sys.modules["zeco.all_scan"]   # the module (zeco.all_scan, the attribute, is the function)
+
+    P, me = dist.get_world_size(), dist.get_rank()
+    side, here, log = object(), threading.local(), []
+    saved = {n: getattr(A, n) for n in ("_side_stream", "_fork", "_on", "_join")}
+    saved_comm = {n: getattr(comm, n) for n in ("isend", "irecv")}
+
+    @contextlib.contextmanager
+    def on(stream):
+        prev = getattr(here, "stream", None)
+        here.stream = stream
+        try:
+            yield
+        finally:
+            here.stream = prev
+
+    def traced(name, fn):
+        def call(*a, **k):
+            log.append((name, getattr(here, "stream", None) is side))
+            work = fn(*a, **k)
+
+            class Work:
+                def wait(self):
+                    log.append((name + ".wait", getattr(here, "stream", None) is side))
+                    return work.wait()
+            return Work()
+        return call
+
+    A._side_stream = lambda dev: side
+    A._fork = lambda stream, dev: log.append(("fork", stream is side))
+    A._on = lambda stream: on(stream) if stream is side else contextlib.nullcontext()
+    A._join = lambda stream, dev, *t: log.append(("join", stream is side))
+    comm.isend, comm.irecv = traced("isend", saved_comm["isend"]), traced("irecv", saved_comm["irecv"])
+    try:
+        gen = torch.Generator().manual_seed(1)
+        locs = [torch.randn(2, 4, 3, generator=gen) for _ in range(P)]
+        decs = [torch.rand(2, 4, generator=gen) for _ in range(P)]
+        init = torch.randn(2, 4, 3, generator=gen) if with_init else None
+        h = all_scan_start(decs[me], locs[me], dist.group.WORLD, initial_state=init, reverse=reverse,
+                           num_blocks=2, output_final_state=True)
+        inp, out = h.wait()
+    finally:
+        for n, f in saved.items():
+            setattr(A, n, f)
+        for n, f in saved_comm.items():
+            setattr(comm, n, f)
+    ref = scan_reference(decs, locs, init, reverse=reverse)[me]
+    ok = torch.allclose(out, ref[1]) and (inp is None or torch.allclose(inp, ref[0]))
+    return ok, log
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_all_scan_stream_discipline(dist_pool, reverse):
+    for with_init in (False, True):
+        for r, (ok, log) in enumerate(dist_pool(3).run(_stream_discipline, reverse, with_init)):
+            assert ok, r
+            assert log[0] == ("fork", True) and log[-1] == ("join", True), log
+            msgs = log[1:-1]
+            assert msgs and all(on_side for _, on_side in msgs), f"rank {r}: posted or waited off the side stream: {log}"
+            assert sum(n == "isend" for n, _ in msgs) == (0 if r == (0 if reverse else 2) else 2)
+            assert sum(n == "irecv.wait" for n, _ in msgs) == (0 if r == (2 if reverse else 0) else 2)
+
 def test_num_blocks_rule():
     f4 = torch.float32
     MiB = 1 << 20

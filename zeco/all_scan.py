@@ -49,6 +49,14 @@ its local, zero-initial-state output. :meth:`AllScanHandle.wait` returns ``(in_i
 (``in_i`` is ``None`` on the first rank of the chain when it starts from zero).
 :func:`all_scan` is start + wait.
 
+**CUDA streams.** On CUDA the scan's own work (posting receives and sends, the block updates, the
+buffers) runs on a side stream of high priority, one per device, which first waits for the caller's
+stream (the local summary is ready) and which :meth:`AllScanHandle.wait` makes the caller's stream
+wait for. Without it the relay's updates would queue on the default stream behind the caller's
+local GLA kernels, and NCCL, which orders a send after the work queued on the issuing stream, would
+forward each block only after this rank's local compute: the chain would serialise with compute,
+the opposite of the method.
+
 Messages go through :func:`longseq.comm.isend` / :func:`longseq.comm.irecv` with a ledger tag
 (default ``"zeco.scan"``; ``zeco.sp_gla`` uses ``"zeco.scan.fwd"`` / ``"zeco.scan.bwd"``): one
 ``send`` record per block on every rank but the last of the chain, one ``recv`` record per block on
@@ -59,6 +67,7 @@ and direction at once (``sp_gla`` waits for each before the next).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, Optional, Sequence
@@ -102,6 +111,41 @@ def num_blocks_for(state_shape: Sequence[int], dtype: torch.dtype, num_blocks: O
         hb = DEFAULT_HALF_BYTES if half_bytes is None else half_bytes
         n = int(round(math.sqrt(max(world_size - 1, 0) * nbytes / hb)))
     return max(1, min(n, max(rows, 1)))
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> Optional["torch.cuda.Stream"]:
+    """The scan's side stream for a CUDA device (high priority, made once); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-1)
+    return _SIDE_STREAMS[idx]
+
+
+def _on(stream: Optional["torch.cuda.Stream"]):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _fork(stream: Optional["torch.cuda.Stream"], device: torch.device) -> None:
+    """The side stream waits for the work queued so far on the caller's current stream."""
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+
+
+def _join(stream: Optional["torch.cuda.Stream"], device: torch.device, *made_on_side: Optional[torch.Tensor]) -> None:
+    """The caller's current stream waits for the side stream; tensors allocated on the side stream
+    are marked as used by the caller's stream (so the allocator does not hand their memory out early)."""
+    if stream is None:
+        return
+    cur = torch.cuda.current_stream(device)
+    cur.wait_stream(stream)
+    for t in made_on_side:
+        if t is not None:
+            t.record_stream(cur)
 
 
 def _decay_view(decay: Optional[torch.Tensor], local: torch.Tensor, what: str) -> tuple[Optional[torch.Tensor], bool]:
@@ -203,6 +247,11 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(N)]
     need_local = has_next or output_final_state
     d, loc = _flat_rows(decay, local) if need_local else (None, None)
+    inp0 = None
+    if not has_prev and initial_state is not None:
+        inp0 = initial_state.to(dt).contiguous().view(rows, cols)
+    side = _side_stream(dev)
+    _fork(side, dev)   # everything above (the caller's summary, these views) is ready first
 
     def update(inp: Optional[torch.Tensor], out: torch.Tensor, j: int) -> torch.Tensor:
         """Block j of out = diag(d) inp + local, written into ``out`` (a contiguous row range)."""
@@ -215,22 +264,25 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
 
     if not has_prev:
         # first of the chain: its input is known now
-        inp = initial_state.to(dt).contiguous().view(rows, cols) if initial_state is not None else None
+        inp = inp0
         out = None
         works = []
-        if need_local:
-            if inp is None and initial_state is None:
-                out = loc  # out = local: nothing to compute
-            else:
-                out = torch.empty(rows, cols, dtype=dt, device=dev)
-                for j in range(N):
-                    update(inp, out, j)
-            if has_next:
-                works = [comm.isend(out[r0:r1], nxt, group, tag=tag) for r0, r1 in bounds]
+        with _on(side):
+            if need_local:
+                if inp is None:
+                    out = loc  # out = local: nothing to compute
+                else:
+                    out = torch.empty(rows, cols, dtype=dt, device=dev)
+                    for j in range(N):
+                        update(inp, out, j)
+                if has_next:
+                    works = [comm.isend(out[r0:r1], nxt, group, tag=tag) for r0, r1 in bounds]
 
         def finish_first():
-            for w in works:
-                w.wait()
+            with _on(side):
+                for w in works:
+                    w.wait()
+            _join(side, dev, None if out is loc else out)
             i = inp.view(shape) if inp is not None else None
             return i, (out.view(shape).clone() if out is loc else out.view(shape)) if output_final_state else None
 
@@ -238,14 +290,17 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         return h
 
     # receive N blocks (contiguous row ranges of one fresh buffer) from the previous rank
-    buf = torch.empty(rows, cols, dtype=dt, device=dev)
-    rworks = [comm.irecv(buf[r0:r1], prev, group, tag=tag) for r0, r1 in bounds]
+    with _on(side):
+        buf = torch.empty(rows, cols, dtype=dt, device=dev)
+        rworks = [comm.irecv(buf[r0:r1], prev, group, tag=tag) for r0, r1 in bounds]
 
     if not has_next:
         # last of the chain: only receive
         def finish_last():
-            for w in rworks:
-                w.wait()
+            with _on(side):
+                for w in rworks:
+                    w.wait()
+            _join(side, dev, buf)
             out = None
             if output_final_state:
                 out = torch.empty(rows, cols, dtype=dt, device=dev)
@@ -258,20 +313,23 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         return h
 
     # a relay: receive block j, update it, forward it
-    out = torch.empty(rows, cols, dtype=dt, device=dev)
+    with _on(side):
+        out = torch.empty(rows, cols, dtype=dt, device=dev)
     sworks: list = []
 
     @torch.no_grad()
     def relay():
-        for j, (r0, r1) in enumerate(bounds):
-            rworks[j].wait()
-            sworks.append(comm.isend(update(buf, out, j), nxt, group, tag=tag))
-        for w in sworks:
-            w.wait()
+        with _on(side):   # stream contexts are per thread: the helper thread enters it itself
+            for j, (r0, r1) in enumerate(bounds):
+                rworks[j].wait()
+                sworks.append(comm.isend(update(buf, out, j), nxt, group, tag=tag))
+            for w in sworks:
+                w.wait()
 
     def finish_relay():
         if not background:
             relay()
+        _join(side, dev, buf, out)
         return buf.view(shape), (out.view(shape) if output_final_state else None)
 
     if background:
