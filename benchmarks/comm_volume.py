@@ -23,8 +23,8 @@ How the numbers are obtained (nothing is estimated that can be counted):
 
 Per step and rank the table gives the bytes the blocks send (forward + backward) at the preset
 shape, and the ratio to DSP. Outside the blocks every method moves the same small amounts (the
-one-time input check; the sharded loss: one all-reduce of two float64), listed once; so is the
-gradient all-reduce (``longseq.sync_gradients``: the same parameters for every method).
+input check, an 8-byte digest per rank; the sharded loss: one all-reduce of two float64), listed
+once; so is the gradient all-reduce (``longseq.sync_gradients``: the same parameters for every method).
 
 Methods: DSP; DeepSpeed-Ulysses; ring attention with its dk/dv accumulators sent in float32 (the
 default, as ring-flash-attn) and in bf16; Megatron-SP; USP with Ulysses degree P/2 x ring degree 2
@@ -102,7 +102,7 @@ def _worker(rank: int, P: int, port: int, precision: str, out_path: str) -> None
     for label, method, opts in configs(P):
         handle = sp.parallelize(model, W, method, gather_output=False, **opts)
         with torch.no_grad():
-            model(x, ts, y)                               # warm-up: the one-time input check
+            model(x, ts, y)                               # warm-up (the first forward also checks the weights)
         model.zero_grad(set_to_none=True)
         with LEDGER.recording() as rec:
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else _null()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import fnmatch
 import weakref
 from typing import Any, Mapping, Sequence
@@ -158,7 +159,7 @@ def _matches(pattern: str, path: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 _PARALLELIZED: "weakref.WeakKeyDictionary[nn.Module, DSPHandle]" = weakref.WeakKeyDictionary()
 
-_CHECK_MODES = {True: "new", False: "off", "new": "new", "always": "always", "off": "off", None: "off"}
+_CHECK_MODES = {True: "always", False: "off", "new": "new", "always": "always", "off": "off", None: "off"}
 
 
 def _describe(v: Any) -> Any:
@@ -289,7 +290,11 @@ class DSPHandle:
 
     # -- input check ----------------------------------------------------------------------
     def _check_inputs(self, args: tuple, kwargs: dict) -> None:
-        if self.check_mode == "off":
+        """Every rank of the SP group got the same input shapes and values (and, the first time,
+        the same weights). One all-gather of an 8-byte digest per checked forward (tag
+        ``dsp.check``): every rank sees every digest, so all take the same branch; only when they
+        differ does an ``all_gather_object`` of the details (``dsp.check.detail``) build the error."""
+        if self.check_mode == "off" or self.size == 1:
             return
         items = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"{k}=", v) for k, v in sorted(kwargs.items())]
         sig = tuple((k, _describe(v)) for k, v in items)
@@ -301,7 +306,23 @@ class DSPHandle:
             with torch.no_grad():
                 mine["params"] = float(sum((p.sum(dtype=torch.float64).cpu() for p in self.model.parameters()
                                             if p.device.type != "meta"), torch.zeros((), dtype=torch.float64)))
-        everyone = comm.all_gather_object(mine, self.group, tag="dsp.check")
+        if not self._digests_agree(mine):
+            self._raise_mismatch(mine, comm.all_gather_object(mine, self.group, tag="dsp.check.detail"))
+        if check_params:
+            self._params_checked = True
+        self._seen.add(sig)
+
+    def _digests_agree(self, mine: dict) -> bool:
+        digest = hashlib.blake2b(repr(mine).encode(), digest_size=8).digest()
+        t = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64,
+                         device=comm.collective_device(self.group))
+        everyone = comm.all_gather(t, self.group, tag="dsp.check")
+        return bool((everyone == everyone[0]).all())
+
+    def _raise_mismatch(self, mine: dict, everyone: list) -> None:
+        """Raise the error that says what differs (the same on every rank). Returns when nothing
+        differs but the digests' text (e.g. -0.0 against 0.0)."""
+        sig = mine["sig"]
         if any(o["sig"] != sig for o in everyone):
             lines = "\n".join(f"  rank {r}: " + ", ".join(f"{k} {_pretty(d)}" for k, d in o["sig"])
                               for r, o in enumerate(everyone))
@@ -315,14 +336,12 @@ class DSPHandle:
                     f"DSP: the ranks of a sequence-parallel group got different values in {k} (fingerprints "
                     f"{vals}); every rank of an SP group must load the same sample (ranks of different DP groups "
                     "load different ones)")
-        if check_params:
+        if "params" in mine:
             vals = [o["params"] for o in everyone]
             if not all(_same((v,), (vals[0],)) for v in vals):
                 raise ValueError(
                     f"DSP: the model's parameters differ across the ranks of the sequence-parallel group (sums "
                     f"{vals}); build it with the same seed on every rank or broadcast the weights first")
-            self._params_checked = True
-        self._seen.add(sig)
 
     # -- hooks ----------------------------------------------------------------------------
     def _enter(self, module, args, kwargs):
@@ -440,10 +459,11 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
     ``plan``: a :class:`Plan`, a registered name or a dict (default ``dsp.plans.STDIT_PLAN``).
     ``gather_output``: the model returns the whole output on every rank (default), or, if False,
     this rank's piece along the home dimension (use :func:`dsp.sharded_mse_loss`).
-    ``check_inputs``: True (default) checks on the first forward of each new input signature that
-    every rank got the same input shapes and values; ``"always"`` checks every forward; False never.
-    The check is collective: a rank whose signature is new while another's is not will hang, so
-    use ``"always"`` when shapes vary from step to step and ranks may disagree.
+    ``check_inputs``: True / ``"always"`` (default) checks on every forward that every rank got the
+    same input shapes and values (one all-gather of an 8-byte digest; details only on a mismatch),
+    and on the first that the weights agree; ``"new"`` checks only the first forward of each new
+    input signature (no per-step collective, but a rank whose signature is new while another's is
+    not waits in the check); False never.
     ``comm_dtype``: the dtype the switches send in (None: the activation's own; ``"autocast"``: the
     autocast dtype while autocast is on, as a bf16 model would send; or a ``torch.dtype``).
 

@@ -29,7 +29,7 @@ from .sharding import split_sizes
 __all__ = [
     "group_size", "group_rank", "all_to_all_single", "all_to_all", "all_gather", "reduce_scatter",
     "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv",
-    "all_gather_object",
+    "all_gather_object", "collective_device",
 ]
 
 
@@ -41,6 +41,16 @@ def group_size(group: Any) -> int:
 def group_rank(group: Any) -> int:
     require_initialized("a longseq collective")
     return dist.get_rank(group)
+
+
+def collective_device(group: Any) -> torch.device:
+    """Where small bookkeeping tensors (checks, scalars) for ``group`` go: the CPU, unless the group's
+    backend is NCCL alone (then this process's current CUDA device)."""
+    require_initialized("a longseq collective")
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _global(group: Any, rank_in_group: int) -> int:

@@ -218,14 +218,15 @@ def test_ledger_two_switches_per_block_each_way(dist_pool, P, shape, patch):
         if T % P == 0 and S % P == 0:                       # DESIGN: (P-1)·M/P² elements per switch
             M = B * T * S * C
             assert {x[2] for x in a2a} == {(P - 1) * M // P**2}
-        # Everything else: the one-time input check, the exit all-gather; the entry is free.
+        # Everything else: the input check (an 8-byte digest per rank), the exit all-gather; the entry is free.
         others = sorted((x[0], x[1]) for x in recs if x[0] != "all_to_all")
-        assert others == [("all_gather", "dsp.exit"), ("all_gather_object", "dsp.check")]
+        assert others == [("all_gather", "dsp.check"), ("all_gather", "dsp.exit")]
+        assert next(x for x in recs if x[1] == "dsp.check")[2] == P - 1     # one int64 to each other rank
         exit_rec = next(x for x in recs if x[1] == "dsp.exit")
         assert exit_rec[2] == B * C_IN * ts[r] * H * W * (P - 1)
         # The sharded loss replaces the exit all-gather by one all-reduce of two numbers.
         others = sorted((x[0], x[1], x[2]) for x in res["records_sharded"] if x[0] != "all_to_all")
-        assert others == [("all_gather_object", "dsp.check", others[0][2]), ("all_reduce", "dsp.loss", 2 * 2 * (P - 1) // P)]
+        assert others == [("all_gather", "dsp.check", P - 1), ("all_reduce", "dsp.loss", 2 * 2 * (P - 1) // P)]
         assert sorted(x[1:4] for x in res["records_sharded"] if x[0] == "all_to_all") == sorted(x[1:4] for x in a2a)
 
 
@@ -256,15 +257,18 @@ def _bad(kind):
     return msg, [(x.op, x.tag) for x in rec]
 
 
+DETAIL = [("all_gather", "dsp.check"), ("all_gather_object", "dsp.check.detail")]   # digest, then what differs
+
+
 @pytest.mark.parametrize("kind,words,ops", [
-    ("T_small", ["T (dim 2 of the model's input", "size 3", "4 ranks"], [("all_gather_object", "dsp.check")]),
+    ("T_small", ["T (dim 2 of the model's input", "size 3", "4 ranks"], [("all_gather", "dsp.check")]),
     ("T_small_unchecked", ["T (dim 2", "size 3", "4 ranks"], []),
     ("S_small", ["S (dim 2 of the input of 'blocks.0.temporal'", "size 3", "4 ranks"],
-     [("all_gather_object", "dsp.check")]),
+     [("all_gather", "dsp.check")]),
     ("shapes", ["different shapes", "rank 1: argument 0 [1, 4, 6, 3, 3]", "rank 0: argument 0 [1, 4, 5, 3, 3]"],
-     [("all_gather_object", "dsp.check")]),
-    ("values", ["different values in argument 0", "same sample"], [("all_gather_object", "dsp.check")]),
-    ("params", ["parameters differ"], [("all_gather_object", "dsp.check")]),
+     DETAIL),
+    ("values", ["different values in argument 0", "same sample"], DETAIL),
+    ("params", ["parameters differ"], DETAIL),
 ])
 def test_bad_inputs_raise_on_every_rank(dist_pool, kind, words, ops):
     """Every rank raises the same clear ValueError (no hang), before any all-to-all."""
@@ -313,29 +317,40 @@ def test_parallelize_is_undone_by_remove():
 def _check_modes():
     W, r = dist.group.WORLD, dist.get_rank()
     model = _model(patch=1)
-    counts = {}
+    counts, msgs = {}, {}
     with torch.no_grad():
-        for mode in (True, "always", False):
+        for mode in (True, "always", "new", False):
             handle = dsp.parallelize(model, W, check_inputs=mode)
             with LEDGER.recording() as rec:
                 for shape, seed in [((1, 4, 3, 3), 1), ((1, 4, 3, 3), 2), ((1, 5, 3, 3), 3), ((1, 4, 3, 3), 4)]:
                     x, ts, y, y_mask, _ = _inputs(shape, seed)
                     model(x, ts, y, y_mask)
-            counts[str(mode)] = rec.count("all_gather_object", tag="dsp.check")
+            counts[str(mode)] = (rec.count("all_gather", tag="dsp.check"),
+                                 rec.count("all_gather_object", tag="dsp.check.detail"))
             handle.remove()
-        # "always" also catches an SP rank loading a different sample on a later step
-        handle = dsp.parallelize(model, W, check_inputs="always")
-        model(*_inputs((1, 4, 3, 3), 1)[:4])
-        try:
-            model(*_inputs((1, 4, 3, 3), 2 + (r == 1))[:4])
-            msg = None
-        except ValueError as e:
-            msg = str(e)
-        handle.remove()
-    return counts, msg
+
+        def second_step_error(x2_shape, seed2):
+            handle = dsp.parallelize(model, W)            # the default
+            model(*_inputs((1, 4, 3, 3), 1)[:4])
+            try:
+                model(*_inputs(x2_shape, seed2)[:4])
+                return None
+            except ValueError as e:
+                return str(e)
+            finally:
+                handle.remove()
+
+        # an SP rank loading a different sample on a later step
+        msgs["values"] = second_step_error((1, 4, 3, 3), 2 + (r == 1))
+        # a later step where rank 0 sees a shape it has seen and rank 1 a new one: with a check only
+        # on new signatures rank 1 would wait in it while rank 0 went on to the all-to-alls
+        msgs["shapes"] = second_step_error((1, 4, 3, 3) if r == 0 else (1, 6, 3, 3), 2)
+    return counts, msgs
 
 
 def test_input_check_modes(dist_pool):
-    for counts, msg in dist_pool(2).run(_check_modes):
-        assert counts == {"True": 2, "always": 4, "False": 0}   # default: once per new input signature
-        assert msg is not None and "different values" in msg
+    for counts, msgs in dist_pool(2).run(_check_modes):
+        # default: an 8-byte digest every forward, the details never (nothing differs)
+        assert counts == {"True": (4, 0), "always": (4, 0), "new": (2, 0), "False": (0, 0)}
+        assert msgs["values"] is not None and "different values" in msgs["values"]
+        assert msgs["shapes"] is not None and "different shapes" in msgs["shapes"]

@@ -104,7 +104,7 @@ def _barrier(tag: str) -> None:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return comm.collective_device(dist.group.WORLD)
 
 
 def _summed_ledger(before: dict) -> dict:
