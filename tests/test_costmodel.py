@@ -282,3 +282,32 @@ def test_non_monomial_rows_are_refused():
         fit_exponents(base, {"T": [Row("all_to_all", "x", 2, "float32", 4, 1, 30, 30)]})
     with pytest.raises(ValueError, match="changes which collectives"):
         fit_exponents(base, {"T": [Row("all_to_all", "y", 2, "float32", 4, 1, 20, 20)]})
+
+
+def test_measured_compute_round_trip(tmp_path):
+    """``benchmarks.scaling --compute-json`` (here on the CPU, tiny targets) writes entries that
+    ``benchmarks.simulate compute_json=`` finds for every target: no silent fallback to FLOPs."""
+    import json
+    import subprocess
+    import sys
+
+    tiny = ["stdit.presets=[tiny]", "stdit.gpus=[2]", "stdit.methods=[dsp,ring]", "stdit.frames_per_gpu=1",
+            "stdit.latent=[8,8]", "stdit.caption_tokens=4", "gla.preset=tiny", "gla.gpus=[2]",
+            "gla.tokens_per_gpu=64", "gla.headline.tokens_per_gpu=64", "gla.headline.gpus=2",
+            "gla.methods=[zeco,lasp2]"]
+    cj, out = tmp_path / "compute.json", tmp_path / "sim.json"
+    run = dict(capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--device", "cpu", "--repeats", "1",
+                        "--warmup", "1", "--compute-json", str(cj), "--sim-overrides", *tiny], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    entries = json.loads(cj.read_text())["entries"]
+    assert entries and all(e.get("fwd_s", e.get("gla_fwd_s", 0)) > 0 for e in entries)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.simulate", f"compute_json={cj}", *tiny, "validate=false",
+                        f"out={out}", f"figures={tmp_path / 'fig'}", f"ledger_cache={tmp_path / 'cache.json'}"], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sim = json.loads(out.read_text())
+    stdit = sim["stdit"]
+    gla = sim["gla"]["rows"] + sim["gla"]["layer_sync"] + [sim["gla"]["single"]]
+    assert stdit and all(rec["compute_source"] == "measured" for rec in stdit), [rec["compute_source"] for rec in stdit]
+    assert gla and all(rec["compute_source"] == "measured" for rec in gla), [rec.get("compute_source") for rec in gla]
+    assert "compute: measured (cpu" in r.stdout
