@@ -4,7 +4,8 @@
 #   benchmarks/gpu_checks.sh ops        # CUDA tests of the GLA operator on fla's kernels (tests/test_gla_ops.py)
 #   benchmarks/gpu_checks.sh tests      # CUDA tests: sp_gla and fla's model over gloo on one GPU (staged)
 #   benchmarks/gpu_checks.sh overhead   # python -m benchmarks.gla_local_overhead (ZeCO's local work vs fla)
-#   benchmarks/gpu_checks.sh scaling    # per-rank compute of the simulator's targets (--compute-json)
+#   benchmarks/gpu_checks.sh scaling-stdit scaling-gla   # per-rank compute of the simulator's targets
+#                                       # (--compute-json; each part under 10 minutes, docs/scaling.md)
 #
 # Logs and JSON go to $OUT (default ./build/gpu-checks). fla is needed for most of it: install
 # flash-linear-attention, or put its wheels in .whl/ (docs/zeco.md says how to carry them to a machine
@@ -22,12 +23,15 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, triton
-print("torch", torch.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name(0))
+print("torch", torch.__version__, "| triton", triton.__version__, "|",
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
 try:
     import fla; print("fla", getattr(fla, "__version__", "?"))
 except ImportError as e:
     print("fla missing:", e)
 PY
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "no CUDA device is visible: these checks need a GPU"; exit 3; }
 rc=0
 for part in ${@:-ops tests overhead}; do
   case $part in
@@ -40,10 +44,10 @@ for part in ${@:-ops tests overhead}; do
     overhead)
       python3 -m benchmarks.gla_local_overhead --json "$OUT/gla_local_overhead.json" \
           2>&1 | tee "$OUT/gla_local_overhead.txt" || rc=1 ;;
-    scaling)
-      python3 -m benchmarks.scaling --device cuda --families stdit gla \
-          --compute-json "$OUT/compute_cuda.json" 2>&1 | tee "$OUT/scaling.log" || rc=1 ;;
-    *) echo "unknown part '$part' (ops, tests, overhead, scaling)"; exit 2 ;;
+    scaling-stdit|scaling-gla)
+      python3 -m benchmarks.scaling --device cuda --families "${part#scaling-}" \
+          --compute-json "$OUT/compute_cuda.json" 2>&1 | tee -a "$OUT/scaling.log" || rc=1 ;;
+    *) echo "unknown part '$part' (ops, tests, overhead, scaling-stdit, scaling-gla)"; exit 2 ;;
   esac
 done
 exit $rc
