@@ -54,7 +54,8 @@ def _inputs(B, T, H, K, V, dtype, device, scalar: bool, seed: int = 0):
 
 
 def _make_rows(args, scalar: bool, have_fla: bool) -> list:
-    """[(name, fn(q, k, v, g) -> o)] in the order printed; the first is the reference."""
+    """[(name, fn(q, k, v, g[, _grp]) -> o, rank on the fake group or None)] in the order printed; the first
+    is the reference."""
     from zeco import gla, sp_gla
 
     rows = []
