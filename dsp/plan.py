@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import fnmatch
+import hashlib
 import weakref
 from typing import Any, Mapping, Sequence
 
