@@ -229,7 +229,7 @@ def _cuda_sp_errors(names):
     P, r = dist.get_world_size(), dist.get_rank()
     out = {}
     for name in names:
-        ref_model, ids, ref_logits, ref_loss, ref_grads = _cuda_reference(name)
+        _, ids, ref_logits, ref_loss, ref_grads = _cuda_reference(name)
         overrides, T, method = CUDA_CASES[name]
         model = _model(overrides).cuda()
         handle = fla_gla.parallelize(model, groups, method=method)
