@@ -254,6 +254,27 @@ def run_gla(cfg, topo, cache, measured) -> dict:
     return dict(rows=res, layer_sync=sync, single=single, headline=headline)
 
 
+def _gla_step_rows(rows: list, cfg, methods: list, single: dict) -> list[str]:
+    """One line per GPU count: each method's step time, the other methods' slowdown against ZeCO,
+    and ZeCO's step over one device's."""
+    lines = []
+    for P in cfg.gla.gpus:
+        byP = {r["method"]: r for r in rows if r["P"] == int(P)}
+        cells = [f"{byP[m]['step_s']:9.3f}" if "step_s" in byP.get(m, {}) else f"{'-':>9}" for m in methods]
+        z = byP.get("zeco", {}).get("step_s")
+
+        def vs_zeco(m):
+            s = byP.get(m, {}).get("step_s")
+            return f"{100 * (s / z - 1):+.1f}%" if (s and z) else "-"
+        others = [byP[m]["step_s"] for m in methods if m != "zeco" and "step_s" in byP.get(m, {})]
+        best = f"{100 * (min(others) / z - 1):+.1f}%" if (others and z) else "-"
+        eff = f"{z / single['step_s']:.3f}" if (z and single.get("step_s")) else "-"
+        T = next(iter(byP.values()))["T"]
+        lines.append(f"{int(P):>5} {T / 2**20:6.2f}M | " + " ".join(cells)
+                     + f" | {vs_zeco('lasp1'):>14} {vs_zeco('lasp2'):>9} {best:>8} | {eff:>10}")
+    return lines
+
+
 def print_gla(res: dict, cfg) -> str:
     methods = [str(m) for m in cfg.gla.methods]
     single = res["single"]
@@ -264,39 +285,13 @@ def print_gla(res: dict, cfg) -> str:
     lines.append("step time (s)")
     lines.append(head)
     lines.append("-" * len(head))
-    for P in cfg.gla.gpus:
-        byP = {r["method"]: r for r in res["rows"] if r["P"] == int(P)}
-        cells = [f"{byP[m]['step_s']:9.3f}" if "step_s" in byP.get(m, {}) else f"{'-':>9}" for m in methods]
-        z = byP.get("zeco", {}).get("step_s")
-
-        def sp(m):
-            s = byP.get(m, {}).get("step_s")
-            return f"{100 * (s / z - 1):+.1f}%" if (s and z) else "-"
-        others = [byP[m]["step_s"] for m in methods if m != "zeco" and "step_s" in byP.get(m, {})]
-        best = f"{100 * (min(others) / z - 1):+.1f}%" if (others and z) else "-"
-        eff = f"{z / single['step_s']:.3f}" if (z and single.get("step_s")) else "-"
-        T = next(iter(byP.values()))["T"]
-        lines.append(f"{int(P):>5} {T / 2**20:6.2f}M | " + " ".join(cells)
-                     + f" | {sp('lasp1'):>14} {sp('lasp2'):>9} {best:>8} | {eff:>10}")
+    lines += _gla_step_rows(res["rows"], cfg, methods, single)
     lines.append("(a speedup of x% means the other method's step takes x% longer than ZeCO's)")
     lines.append("the same with every layer synchronising all ranks (the ZeCO paper's accounting: a chain's "
                  "latency paid per layer)")
     lines.append(head)
     lines.append("-" * len(head))
-    for P in cfg.gla.gpus:
-        byP = {r["method"]: r for r in res["layer_sync"] if r["P"] == int(P)}
-        cells = [f"{byP[m]['step_s']:9.3f}" if "step_s" in byP.get(m, {}) else f"{'-':>9}" for m in methods]
-        z = byP.get("zeco", {}).get("step_s")
-
-        def sp2(m):
-            s_ = byP.get(m, {}).get("step_s")
-            return f"{100 * (s_ / z - 1):+.1f}%" if (s_ and z) else "-"
-        others = [byP[m]["step_s"] for m in methods if m != "zeco" and "step_s" in byP.get(m, {})]
-        best = f"{100 * (min(others) / z - 1):+.1f}%" if (others and z) else "-"
-        eff = f"{z / single['step_s']:.3f}" if (z and single.get("step_s")) else "-"
-        T = next(iter(byP.values()))["T"]
-        lines.append(f"{int(P):>5} {T / 2**20:6.2f}M | " + " ".join(cells)
-                     + f" | {sp2('lasp1'):>14} {sp2('lasp2'):>9} {best:>8} | {eff:>10}")
+    lines += _gla_step_rows(res["layer_sync"], cfg, methods, single)
     h = res["headline"]
     if "ratio" in h:
         lines.append(f"headline: ZeCO, {h['gpus']} GPUs x {h['tokens_per_gpu'] // 1024}K tokens "

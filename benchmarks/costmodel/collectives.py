@@ -52,22 +52,22 @@ def ring_step(topo: Topology, P: int, chunk: float, start: int = 0, stride: int 
     return link.alpha + chunk / link.bw
 
 
-def all_gather(topo: Topology, P: int, sent: float, start: int = 0, stride: int = 1) -> float:
+def _ring_collective(op: str, topo: Topology, P: int, sent: float, start: int, stride: int) -> float:
+    """A fitted time for ``op`` when the topology has one, else P-1 ring steps of sent/(P-1) bytes."""
     if P <= 1 or sent <= 0:
         return 0.0
-    t = _fit(topo, "all_gather", P, sent)
+    t = _fit(topo, op, P, sent)
     if t is not None:
         return t
     return (P - 1) * ring_step(topo, P, sent / (P - 1), start, stride)
+
+
+def all_gather(topo: Topology, P: int, sent: float, start: int = 0, stride: int = 1) -> float:
+    return _ring_collective("all_gather", topo, P, sent, start, stride)
 
 
 def reduce_scatter(topo: Topology, P: int, sent: float, start: int = 0, stride: int = 1) -> float:
-    if P <= 1 or sent <= 0:
-        return 0.0
-    t = _fit(topo, "reduce_scatter", P, sent)
-    if t is not None:
-        return t
-    return (P - 1) * ring_step(topo, P, sent / (P - 1), start, stride)
+    return _ring_collective("reduce_scatter", topo, P, sent, start, stride)
 
 
 def all_reduce(topo: Topology, P: int, sent: float, start: int = 0, stride: int = 1) -> float:

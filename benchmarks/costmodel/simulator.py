@@ -185,16 +185,21 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
                 t[i] = done + gla[i] + after[i]
 
     zeco = method == "zeco"
-    for _ in range(L):
-        for i in range(P):
-            t[i] += comps[i].other_fwd / 2
-        ef = [c.extra_fwd for c in comps]
-        exchange(fwd, [c.gla_fwd for c in comps], [e / 2 if zeco else e for e in ef],
-                 [e / 2 if zeco else 0.0 for e in ef], reverse=False)
-        for i in range(P):
-            t[i] += comps[i].other_fwd / 2
-        if layer_barrier:
-            t[:] = [max(t)] * P
+
+    def layers(times, other, kernel, extra, reverse):
+        """L layers: half the other work, the GLA exchange (ZeCO splits its extra work around the
+        kernel), the other half; all ranks meet after each layer with ``layer_barrier``."""
+        for _ in range(L):
+            for i in range(P):
+                t[i] += other[i] / 2
+            exchange(times, kernel, [e / 2 if zeco else e for e in extra],
+                     [e / 2 if zeco else 0.0 for e in extra], reverse=reverse)
+            for i in range(P):
+                t[i] += other[i] / 2
+            if layer_barrier:
+                t[:] = [max(t)] * P
+
+    layers(fwd, [c.other_fwd for c in comps], [c.gla_fwd for c in comps], [c.extra_fwd for c in comps], False)
     for i in range(P):
         t[i] += comps[i].head_fwd
     fwd_end = list(t)
@@ -203,16 +208,7 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
     for i in range(P):
         waited[i] += sync - t[i]
         t[i] = sync + comps[i].head_bwd
-    for _ in range(L):
-        for i in range(P):
-            t[i] += comps[i].other_bwd / 2
-        eb = [c.extra_bwd for c in comps]
-        exchange(bwd, [c.gla_bwd for c in comps], [e / 2 if zeco else e for e in eb],
-                 [e / 2 if zeco else 0.0 for e in eb], reverse=True)
-        for i in range(P):
-            t[i] += comps[i].other_bwd / 2
-        if layer_barrier:
-            t[:] = [max(t)] * P
+    layers(bwd, [c.other_bwd for c in comps], [c.gla_bwd for c in comps], [c.extra_bwd for c in comps], True)
     return {"fwd_end": fwd_end, "end": list(t), "waited": waited}
 
 
