@@ -88,7 +88,7 @@ def _busy(repeats):
     on this rank alone (the others wait at a barrier), then on every rank at once."""
     import torch
     import torch.distributed as dist
-    me, P = dist.get_rank(), dist.get_world_size()
+    me = dist.get_rank()
     a = torch.randn(192, 192)
 
     def work():

@@ -216,8 +216,8 @@ def _grad_allreduce_bytes(preset: str, P: int, elem: int) -> float:
 
 
 def table(all_rows: list[dict], precision: str) -> str:
-    head = (f"| P | method | per block fwd+bwd (elements, x m) | 720m: bytes/rank/step | x DSP | "
-            f"3b: bytes/rank/step | x DSP |")
+    head = ("| P | method | per block fwd+bwd (elements, x m) | 720m: bytes/rank/step | x DSP | "
+            "3b: bytes/rank/step | x DSP |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
     for P in sorted({r["P"] for r in all_rows}):
         rows = [r for r in all_rows if r["P"] == P]

@@ -46,7 +46,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -329,8 +329,7 @@ def run_torchrun(args) -> list[dict]:
 def compute_json(args) -> None:
     """Per-rank compute of every simulator target, on this one device (fake process group)."""
     import torch
-    from benchmarks.costmodel.compute import compute_key, distributed_attentions  # noqa: F401
-    from benchmarks.costmodel.compute import flops_of, gla_compute
+    from benchmarks.costmodel.compute import compute_key, flops_of
     from benchmarks.costmodel.ledger import roles
     from benchmarks import simulate as S
 

@@ -23,15 +23,12 @@ Writes ``out`` (JSON) and figures under ``figures``.
 """
 from __future__ import annotations
 
-import itertools
 import json
-import math
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 

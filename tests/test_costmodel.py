@@ -7,7 +7,6 @@ the test process may hold another)."""
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import multiprocessing as mp
 
 import pytest

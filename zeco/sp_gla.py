@@ -56,7 +56,6 @@ shapes vary from call to call.)
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Union
 
 import torch
@@ -302,7 +301,7 @@ def lasp2_scan(decay: torch.Tensor, local: torch.Tensor, group: Any, *, initial_
 
 
 def _fwd_lasp1(cfg, q, k, v, g, h0):
-    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    dt = cfg.dt
     B, _, H, K = q.shape
     V = v.shape[-1]
     gamma, s_end0 = local_summary(k, v, g, dt)

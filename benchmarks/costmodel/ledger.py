@@ -38,8 +38,6 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import torch
-
 from benchmarks.workloads import Workload, build_step
 
 __all__ = ["Row", "aggregate", "capture", "capture_roles", "fit_exponents", "scale_rows", "LedgerCache",
