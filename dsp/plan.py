@@ -43,7 +43,7 @@ import difflib
 import fnmatch
 import hashlib
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -314,10 +314,8 @@ class DSPHandle:
 
     def _digests_agree(self, mine: dict) -> bool:
         digest = hashlib.blake2b(repr(mine).encode(), digest_size=8).digest()
-        t = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64,
-                         device=comm.collective_device(self.group))
-        everyone = comm.all_gather(t, self.group, tag="dsp.check")
-        return bool((everyone == everyone[0]).all())
+        everyone = comm.all_gather_int(int.from_bytes(digest, "little", signed=True), self.group, tag="dsp.check")
+        return len(set(everyone)) == 1
 
     def _raise_mismatch(self, mine: dict, everyone: list) -> None:
         """Raise the error that says what differs (the same on every rank). Returns when nothing

@@ -51,7 +51,7 @@ def whole_size(local: int, group: Any, *, tag: str) -> int:
     P = comm.group_size(group)
     if P == 1:
         return local
-    sizes = comm.all_gather(torch.tensor([local], dtype=torch.int64), group, dim=0, tag=tag).tolist()
+    sizes = comm.all_gather_int(local, group, tag=tag)
     n = sum(sizes)
     if sizes != split_sizes(n, P):
         raise ValueError(

@@ -29,7 +29,7 @@ from .sharding import split_sizes
 __all__ = [
     "group_size", "group_rank", "all_to_all_single", "all_to_all", "all_gather", "reduce_scatter",
     "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv",
-    "all_gather_object", "collective_device",
+    "all_gather_object", "collective_device", "all_gather_int",
 ]
 
 
@@ -51,6 +51,13 @@ def collective_device(group: Any) -> torch.device:
     if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_gather_int(value: int, group: Any, *, tag: str = "untagged") -> list[int]:
+    """Every rank's integer (sizes, counts, digests), in rank order: one all-gather of one int64 per
+    rank, on :func:`collective_device` (so it works on NCCL as on gloo)."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device(group))
+    return all_gather(t, group, dim=0, tag=tag).tolist()
 
 
 def _global(group: Any, rank_in_group: int) -> int:

@@ -207,7 +207,7 @@ def _gather_halo(x: torch.Tensor, h: int, group: Any) -> torch.Tensor:
         return x.new_zeros(B, h, D)
     n = min(T, h)
     tail = torch.cat([x.new_zeros(B, h - n, D), x[:, T - n:]], dim=1)
-    counts = comm.all_gather(torch.tensor([n], dtype=torch.int64), group, dim=0, tag="fla_gla.conv.sizes").tolist()
+    counts = comm.all_gather_int(n, group, tag="fla_gla.conv.sizes")
     tails = LF.all_gather(tail.unsqueeze(0).contiguous(), group, dim=0, tag="fla_gla.conv.halo")   # [P, B, h, D]
     # every rank's result must depend on the gathered tensor (rank 0's on an empty slice of it), so
     # that every rank runs the backward reduce-scatter: a rank that skipped it would hang the others
