@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from fractions import Fraction
 import torch
 import torch.multiprocessing as mp
 
+from longseq.launch import free_port
 from longseq.ledger import human_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +65,6 @@ def configs(P: int) -> list[tuple[str, str, dict]]:
     u = max(P // 2, 1)
     rows.append((f"USP {u}x{P // u}", "usp", {"ulysses_degree": u}))
     return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +126,7 @@ def count(P: int, precision: str) -> list[dict]:
     """Every rank's ledger records, per method label, of one step of the tiny model on P processes."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "ledger.pt")
-        mp.start_processes(_worker, args=(P, _free_port(), precision, path), nprocs=P, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(P, free_port(), precision, path), nprocs=P, join=True, start_method="spawn")
         return torch.load(path, weights_only=False)
 
 

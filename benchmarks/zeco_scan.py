@@ -22,7 +22,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -30,18 +29,14 @@ import time
 import torch
 import torch.multiprocessing as mp
 
+from longseq.launch import free_port
+
 # per-layer states [B, H, K, V] of the presets (models/gla.py): 1b is H=4, K=256, V=512
 STATES = {
     "1b (B=1)": (1, 4, 256, 512),
     "3b (B=4)": (4, 5, 256, 512),
 }
 LAYER = dict(H=4, K=256, V=512)  # the 1b preset's attention
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fns: dict, repeats: int, warmup: int) -> dict:
@@ -175,7 +170,7 @@ def _worker(rank, world, port, job, queue):
 def launch(world: int, job: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, job, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "default_backend", "local_device", "destroy"]
+__all__ = ["init_distributed", "default_backend", "local_device", "destroy", "free_port"]
 
 
 def default_backend() -> str:
@@ -35,7 +35,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
     backend = backend or default_backend()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(local_device())
@@ -74,7 +74,8 @@ def _restart_store(timeout: datetime.timedelta):
     return dist.PrefixStore(f"longseq/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt{restart}", store)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for single-machine rendezvous: tests, benchmarks)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,10 +15,11 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable
+
+from longseq.launch import free_port
 
 __all__ = ["DistributedPool", "DistributedTestError", "DistributedTimeout", "run_distributed"]
 
@@ -29,12 +30,6 @@ class DistributedTestError(RuntimeError):
 
 class DistributedTimeout(RuntimeError):
     """A rank hung past the timeout or died without reporting."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, pg_timeout: float) -> None:
@@ -75,7 +70,7 @@ class DistributedPool:
         ctx = mp.get_context("spawn")
         self._out = ctx.Queue()
         self._ins = [ctx.Queue() for _ in range(self.world_size)]
-        port = _free_port()
+        port = free_port()
         self._procs = [
             ctx.Process(target=_worker, args=(r, self.world_size, port, self.backend, self._ins[r], self._out,
                                               max(self.timeout, 30.0)), daemon=True)
