@@ -25,6 +25,8 @@ import longseq  # noqa: E402
 import zeco  # noqa: E402
 from longseq.sharding import shard_range  # noqa: E402
 
+from .tensor_checks import assert_close, param_grads  # noqa: E402
+
 RTOL, ATOL = 2e-5, 1e-7
 B, VOCAB = 2, 64
 
@@ -51,8 +53,6 @@ def _ids(T, seed=5):
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _sp_run(names):
@@ -76,7 +76,8 @@ def _sp_run(names):
         except ValueError as e:
             refused = str(e)
         handle.remove()
-        out[name] = dict(logits=logits.detach(), loss=loss.detach(), grads=_grads(model), refused=refused,
+        out[name] = dict(logits=logits.detach(), loss=loss.detach(), grads=param_grads(model, skip_missing=True),
+                         refused=refused,
                          restored=not any("forward" in vars(m) or hasattr(m, "gla_fn") for m in model.modules()))
     return out
 
@@ -93,12 +94,12 @@ def _reference(name):
         loss = lm_loss(logits, zeco.shift_labels(ids))
         loss.backward()
         fla_loss = model(input_ids=ids, labels=ids).loss     # fla's own loss path (its shift, stand-in CE)
-    return logits.detach(), loss.detach(), _grads(model), fla_loss.detach(), len(list(model.parameters()))
+    return (logits.detach(), loss.detach(), param_grads(model, skip_missing=True), fla_loss.detach(),
+            len(list(model.parameters())))
 
 
 def _close(a, b, what):
-    err, scale = (a - b).abs().max().item(), b.abs().max().item()
-    assert err <= RTOL * scale + ATOL, f"{what}: max|a-b| = {err:.3e} > {RTOL} * {scale:.3e} + {ATOL}"
+    assert_close(a, b, what, RTOL, ATOL)
 
 
 @pytest.mark.parametrize("P", [2, 3])
@@ -213,7 +214,7 @@ def _cuda_reference(name):
     logits = model(input_ids=ids).logits
     loss = lm_loss(logits, zeco.shift_labels(ids))
     loss.backward()
-    return model, ids, logits.detach(), loss.detach(), _grads(model)
+    return model, ids, logits.detach(), loss.detach(), param_grads(model, skip_missing=True)
 
 
 def _rel(a, b):
@@ -238,7 +239,7 @@ def _cuda_sp_errors(names):
         loss.backward()
         longseq.sync_gradients(model.parameters(), groups)
         a, b = shard_range(T, P, r)
-        grads = _grads(model)
+        grads = param_grads(model, skip_missing=True)
         out[name] = dict(
             substituted=[what for _, what in handle.substituted],
             logits=_rel(logits, ref_logits[:, a:b]), loss=_rel(loss, ref_loss),

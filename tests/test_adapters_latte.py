@@ -28,6 +28,8 @@ import longseq  # noqa: E402
 from longseq.ledger import LEDGER  # noqa: E402
 from longseq.sharding import shard_range, split_sizes  # noqa: E402
 
+from .tensor_checks import assert_close, param_grads  # noqa: E402
+
 B, C_IN, N_TEXT, C_TEXT = 2, 4, 3, 12
 RTOL, ATOL = 1e-5, 1e-8
 
@@ -51,8 +53,6 @@ def _inputs(T, H, W, seed=1, mask=False):
     return x, t, y, m, target
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _latte_run(T, H, W, mask):
@@ -69,7 +69,7 @@ def _latte_run(T, H, W, mask):
         loss = F.mse_loss(out, target)
         loss.backward()
     longseq.sync_gradients(model.parameters(), groups)
-    res.update(out=out.detach(), loss=loss.detach(), grads=_grads(model),
+    res.update(out=out.detach(), loss=loss.detach(), grads=param_grads(model),
                records=[(r.op, r.tag, r.elements_sent, r.elements_recv) for r in rec])
     handle.remove()
     model.zero_grad(set_to_none=True)
@@ -79,7 +79,7 @@ def _latte_run(T, H, W, mask):
     loss = dsp.sharded_mse_loss(out_local, handle.shard_target(target), W_)
     loss.backward()
     longseq.sync_gradients(model.parameters(), groups)
-    res.update(out_local=out_local.detach(), loss_sharded=loss.detach(), grads_sharded=_grads(model))
+    res.update(out_local=out_local.detach(), loss_sharded=loss.detach(), grads_sharded=param_grads(model))
     handle.remove()
     res["buffer_restored"] = tuple(model.temp_pos_embed.shape)
     return res
@@ -92,7 +92,7 @@ def _reference(T, H, W, mask):
     out = model(x, timestep=t, encoder_hidden_states=y, encoder_attention_mask=m).sample
     loss = F.mse_loss(out, target)
     loss.backward()
-    return out.detach(), loss.detach(), _grads(model), tuple(model.temp_pos_embed.shape)
+    return out.detach(), loss.detach(), param_grads(model), tuple(model.temp_pos_embed.shape)
 
 
 _RUNS: dict = {}
@@ -106,8 +106,7 @@ def _run(pool_of, P, T, H, W, mask):
 
 
 def _close(a, b, what):
-    err, scale = (a - b).abs().max().item(), b.abs().max().item()
-    assert err <= RTOL * scale + ATOL, f"{what}: max|a-b| = {err:.3e} > {RTOL} * {scale:.3e} + {ATOL}"
+    assert_close(a, b, what, RTOL, ATOL)
 
 
 CASES = [

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 import longseq
 from longseq.ledger import LEDGER
-from longseq.sharding import split_sizes
+
+from .tensor_checks import assert_close, param_grads
 
 STD = 0.1
 C_IN, C_TEXT, N_TEXT, HIDDEN, HEADS, DEPTH = 4, 16, 3, 32, 4, 2
@@ -45,8 +46,6 @@ def _inputs(shape, seed):
     return x, ts, y, y_mask, target
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _run_methods(methods, shape, patch, seed):
@@ -67,7 +66,7 @@ def _run_methods(methods, shape, patch, seed):
             with LEDGER.recording() as rec_bwd:
                 loss.backward()
         longseq.sync_gradients(model.parameters(), groups)
-        res.update(out=pred.detach(), loss=loss.detach(), grads=_grads(model),
+        res.update(out=pred.detach(), loss=loss.detach(), grads=param_grads(model),
                    records=[(r.op, r.tag, r.elements_sent) for r in rec],
                    bwd_tags=sorted({r.tag for r in rec_bwd}))
         handle.remove()
@@ -77,7 +76,7 @@ def _run_methods(methods, shape, patch, seed):
         loss = dsp.sharded_mse_loss(pred, handle.shard_target(target), W)
         loss.backward()
         longseq.sync_gradients(model.parameters(), groups)
-        res.update(loss_sharded=loss.detach(), grads_sharded=_grads(model))
+        res.update(loss_sharded=loss.detach(), grads_sharded=param_grads(model))
         handle.remove()
         model.zero_grad(set_to_none=True)
         # the model is as before: no attn_fn, no hooks left
@@ -99,13 +98,12 @@ def _reference(shape, patch, seed):
         pred = model(x, ts, y, y_mask)
         loss = F.mse_loss(pred, target)
         loss.backward()
-        _REF[key] = (pred.detach(), loss.detach(), _grads(model))
+        _REF[key] = (pred.detach(), loss.detach(), param_grads(model))
     return _REF[key]
 
 
 def _close(a, b, what, rtol=1e-5, atol=1e-8):
-    err, scale = (a - b).abs().max().item(), b.abs().max().item()
-    assert err <= rtol * scale + atol, f"{what}: max|a-b| = {err:.3e} > {rtol} * {scale:.3e} + {atol}"
+    assert_close(a, b, what, rtol, atol)
 
 
 _RUNS: dict = {}
@@ -160,7 +158,6 @@ def _expected(method, opts, P, r, B, T, S, C, H):
     temporal stage), from the shapes; even sizes (P | T, P | S, P | H)."""
     Tr, Sr, D = T // P, S // P, C // H
     N = B * S                                  # temporal attention: one sequence per location
-    m = B * Tr * S * C
     if method == "dsp":
         t2s = B * Tr * (S - Sr) * C            # keep my S-piece of my frames, send the rest
         s2t = B * Sr * (T - Tr) * C

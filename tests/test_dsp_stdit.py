@@ -24,6 +24,8 @@ import longseq
 from longseq.ledger import LEDGER
 from longseq.sharding import shard_range, split_sizes
 
+from .tensor_checks import assert_close, param_grads
+
 STD = 0.1          # init_for_testing's scale: large enough that every gradient is well above roundoff
 C_IN, C_TEXT, N_TEXT, HIDDEN, DEPTH = 4, 16, 3, 32, 2
 
@@ -57,8 +59,6 @@ def _inputs(shape, seed, dtype=torch.float32):
     return x, ts, y, y_mask, target
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def _records(rec):
@@ -81,7 +81,7 @@ def _dsp_run(shape, patch, dtype, seed):
         loss = F.mse_loss(out, target)
         loss.backward()
     longseq.sync_gradients(model.parameters(), groups)
-    res.update(out=out.detach(), loss=loss.detach(), grads=_grads(model), records=_records(rec))
+    res.update(out=out.detach(), loss=loss.detach(), grads=param_grads(model), records=_records(rec))
     handle.remove()
     model.zero_grad(set_to_none=True)
     # 2. output left sharded: the loss is reduced from the pieces
@@ -91,7 +91,7 @@ def _dsp_run(shape, patch, dtype, seed):
         loss = dsp.sharded_mse_loss(out_local, handle.shard_target(target), W)
         loss.backward()
     longseq.sync_gradients(model.parameters(), groups)
-    res.update(out_local=out_local.detach(), loss_sharded=loss.detach(), grads_sharded=_grads(model),
+    res.update(out_local=out_local.detach(), loss_sharded=loss.detach(), grads_sharded=param_grads(model),
                records_sharded=_records(rec))
     handle.remove()
     return res
@@ -108,7 +108,7 @@ def _dsp_sp_dp(shape, patch):
     loss.backward()
     longseq.sync_gradients(model.parameters(), groups)
     handle.remove()
-    return loss.detach(), _grads(model)
+    return loss.detach(), param_grads(model)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +123,7 @@ def _reference(shape, patch, dtype, seeds):
         losses.append(F.mse_loss(out, target))
     loss = sum(losses) / len(losses)
     loss.backward()
-    return outs, [l.detach() for l in losses], _grads(model)
+    return outs, [l.detach() for l in losses], param_grads(model)
 
 
 _RUNS: dict = {}
@@ -137,8 +137,7 @@ def _run(pool_of, P, shape, patch, dtype=torch.float32, seed=1):
 
 
 def _close(a, b, what, rtol=1e-5, atol=1e-8):
-    err, scale = (a - b).abs().max().item(), b.abs().max().item()
-    assert err <= rtol * scale + atol, f"{what}: max|a-b| = {err:.3e} > {rtol} * {scale:.3e} + {atol}"
+    assert_close(a, b, what, rtol, atol)
 
 
 # ----------------------------------------------------------------------------------------------
