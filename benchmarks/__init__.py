@@ -1,4 +1,4 @@
-"""Benchmarks, run from the repository root (``python -m benchmarks.<name>``).
+"""Benchmarks, run from the repository root (``python -m longseq.benchmarks.<name>``).
 
 * ``benchmarks.scaling``    real runs of every method (gloo CPU processes, or GPUs with NCCL): step
   time, tokens/s, ledger bytes, peak memory; per-rank compute times for the simulator

@@ -1,6 +1,6 @@
 """Measure gloo's latency and bandwidth on this machine and fit alpha-beta lines for the simulator.
 
-    python -m benchmarks.calibrate            # about half a minute on 2 cores
+    python -m longseq.benchmarks.calibrate            # about half a minute on 2 cores
 
 Runs P gloo processes on 127.0.0.1 (one intra-op thread each, as the benchmarks do) and times,
 after warm-up, the median of repeated calls at several message sizes:
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     p2p = dict(raw["pingpong_fit"])
     dil = {1: 1.0, **{int(k): v for k, v in raw.get("dilation", {}).items()}}
     lines = [
-        "# gloo over TCP loopback on this machine, measured by python -m benchmarks.calibrate",
+        "# gloo over TCP loopback on this machine, measured by python -m longseq.benchmarks.calibrate",
         f"# ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; raw points in benchmarks/results/gloo_calibration.json).",
         "# One 'node' holds every process; the ping-pong fit is its link; each collective has its own fit",
         "# (p2p@P: every rank sending to the next and receiving from the previous at once).",

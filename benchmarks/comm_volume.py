@@ -1,8 +1,8 @@
 """Communication volume of DSP and the single-dimension SP baselines on ST-DiT, per rank per step.
 
-    python -m benchmarks.comm_volume                       # P = 2, 4, 8; presets 720m and 3b; bf16
-    python -m benchmarks.comm_volume --worlds 2 4 --precision bf16-autocast
-    python -m benchmarks.comm_volume --dry                 # formulas only, no processes
+    python -m longseq.benchmarks.comm_volume                       # P = 2, 4, 8; presets 720m and 3b; bf16
+    python -m longseq.benchmarks.comm_volume --worlds 2 4 --precision bf16-autocast
+    python -m longseq.benchmarks.comm_volume --dry                 # formulas only, no processes
 
 How the numbers are obtained (nothing is estimated that can be counted):
 
@@ -77,11 +77,11 @@ def _worker(rank: int, P: int, port: int, precision: str, out_path: str) -> None
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P,
                             timeout=datetime.timedelta(seconds=300))
-    import dsp
+    from longseq import dsp
     import longseq.sp as sp
     from longseq import comm
     from longseq.ledger import LEDGER
-    from models import STDiT, init_for_testing, stdit_config
+    from longseq.models import STDiT, init_for_testing, stdit_config
 
     W = dist.group.WORLD
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -205,7 +205,7 @@ def dry_rows(P: int, precision: str) -> list[dict]:
 
 
 def _grad_allreduce_bytes(preset: str, P: int, elem: int) -> float:
-    from models.stdit import count_parameters
+    from longseq.models.stdit import count_parameters
     return 2 * count_parameters(preset) * (P - 1) / P * elem
 
 

@@ -1,8 +1,8 @@
 """What ZeCO adds to one rank's local GLA work, against fla's own ``chunk_gla`` without SP.
 
-    python -m benchmarks.gla_local_overhead                       # CUDA + fla: the 1b layer, bf16 and fp32
-    python -m benchmarks.gla_local_overhead --tokens 8192 32768 --dtypes bf16 --json out.json
-    python -m benchmarks.gla_local_overhead --device cpu --tokens 256 --heads 2 --head-k 16 --head-v 32
+    python -m longseq.benchmarks.gla_local_overhead                       # CUDA + fla: the 1b layer, bf16 and fp32
+    python -m longseq.benchmarks.gla_local_overhead --tokens 8192 32768 --dtypes bf16 --json out.json
+    python -m longseq.benchmarks.gla_local_overhead --device cpu --tokens 256 --heads 2 --head-k 16 --head-v 32
 
 One process, one device, no communication. Each row is one forward + backward (autograd, random
 ``do``) of the GLA operator over this rank's ``T`` tokens at the layer shape ``[B, T, H, K]`` /
@@ -56,7 +56,7 @@ def _inputs(B, T, H, K, V, dtype, device, scalar: bool, seed: int = 0):
 def _make_rows(args, scalar: bool, have_fla: bool) -> list:
     """[(name, fn(q, k, v, g[, _grp]) -> o, rank on the fake group or None)] in the order printed; the first
     is the reference."""
-    from zeco import gla, sp_gla
+    from longseq.zeco import gla, sp_gla
 
     rows = []
     if have_fla:
@@ -120,7 +120,7 @@ def _role(rank: Optional[int], P: int):
     if rank is None:
         yield None
         return
-    from benchmarks.costmodel.fakepg import fake_world
+    from longseq.benchmarks.costmodel.fakepg import fake_world
 
     with fake_world(rank, P) as grp:
         yield grp
@@ -189,7 +189,7 @@ def main(argv: Optional[list] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available; use --device cpu")
-    from zeco.gla import fla_available
+    from longseq.zeco.gla import fla_available
 
     have_fla = device.type == "cuda" and fla_available()
     if device.type == "cuda" and not have_fla:

@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_checks.sh ops        # CUDA tests of the GLA operator on fla's kernels (tests/test_gla_ops.py)
 #   benchmarks/gpu_checks.sh tests      # CUDA tests: sp_gla and fla's model over gloo on one GPU (staged)
-#   benchmarks/gpu_checks.sh overhead   # python -m benchmarks.gla_local_overhead (ZeCO's local work vs fla)
+#   benchmarks/gpu_checks.sh overhead   # python -m longseq.benchmarks.gla_local_overhead (ZeCO's local work vs fla)
 #   benchmarks/gpu_checks.sh scaling-stdit scaling-gla   # per-rank compute of the simulator's targets
 #                                       # (--compute-json; each part under 10 minutes, docs/scaling.md)
 #

@@ -2,14 +2,14 @@
 
 CPU (default; gloo processes on 127.0.0.1, one intra-op thread each; about 2-3 minutes on 2 cores)::
 
-    python -m benchmarks.scaling                     # P in {1, 2, 4}, two lengths per family
-    python -m benchmarks.scaling --procs 1 2 --repeats 3 --families gla
+    python -m longseq.benchmarks.scaling                     # P in {1, 2, 4}, two lengths per family
+    python -m longseq.benchmarks.scaling --procs 1 2 --repeats 3 --families gla
 
 GPUs (NCCL; one process per GPU)::
 
     torchrun --nproc_per_node 8 -m benchmarks.scaling --device cuda --procs 1 2 4 8 \\
         --out benchmarks/results/scaling_h100.json
-    python -m benchmarks.scaling --device cuda --compute-json benchmarks/results/compute_h100.json
+    python -m longseq.benchmarks.scaling --device cuda --compute-json benchmarks/results/compute_h100.json
 
 For every family (ST-DiT: dsp and the longseq.sp baselines ulysses, ring, megatron_sp, usp; GLA:
 zeco, lasp1, lasp2; methods whose code has not landed are skipped with a note), SP size P and
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.workloads import (GLA_METHODS, STDIT_METHODS, Workload, build_step,  # noqa: E402
+from longseq.benchmarks.workloads import (GLA_METHODS, STDIT_METHODS, Workload, build_step,  # noqa: E402
                                   tokens, unavailable_reason)
 
 
@@ -137,7 +137,7 @@ def bench_rank(w: Workload, repeats: int, warmup: int, device: str, group=None) 
     """Run on every rank of the group: warm-up, timed steps, one recorded step; this rank's results."""
     import torch
     import torch.distributed as dist
-    from benchmarks.costmodel.ledger import aggregate
+    from longseq.benchmarks.costmodel.ledger import aggregate
     from longseq.ledger import LEDGER
 
     if device == "cuda":
@@ -182,7 +182,7 @@ def compute_alone(w: Workload, P: int, rank: int, repeats: int, warmup: int, dev
     """Median seconds of one step of rank ``rank`` of ``P`` with no communication (fake group);
     with ``phases``, (fwd, bwd) medians instead."""
     import torch
-    from benchmarks.costmodel.fakepg import fake_world
+    from longseq.benchmarks.costmodel.fakepg import fake_world
 
     with fake_world(rank, P) as group:
         step = build_step(w, group if (P > 1 or w.method != "none") else None, device)
@@ -236,7 +236,7 @@ def workload_from_json(v) -> Workload:
 
 def run_cpu(args) -> list[dict]:
     from tests.distributed import DistributedPool
-    from benchmarks.costmodel.ledger import roles
+    from longseq.benchmarks.costmodel.ledger import roles
 
     base = cpu_workloads(args)
     results = []
@@ -329,9 +329,9 @@ def run_torchrun(args) -> list[dict]:
 def compute_json(args) -> None:
     """Per-rank compute of every simulator target, on this one device (fake process group)."""
     import torch
-    from benchmarks.costmodel.compute import compute_key, flops_of
-    from benchmarks.costmodel.ledger import roles
-    from benchmarks import simulate as S
+    from longseq.benchmarks.costmodel.compute import compute_key, flops_of
+    from longseq.benchmarks.costmodel.ledger import roles
+    from longseq.benchmarks import simulate as S
 
     cfg = S.load_config(args.sim_overrides or [])
     dev = args.device
@@ -395,8 +395,8 @@ def compute_json(args) -> None:
 def _gla_op_times(w: Workload, P: int, rank: int, reps: int, warm: int, dev: str) -> dict:
     """Forward / backward seconds of the serial GLA kernel and of sp_gla (fake group) at the rank's shape."""
     import torch
-    from benchmarks.costmodel.fakepg import fake_world
-    from zeco import gla, sp_gla
+    from longseq.benchmarks.costmodel.fakepg import fake_world
+    from longseq.zeco import gla, sp_gla
 
     cfg = w.model_config()
     B, T = w.dims["B"], w.dims["T"] // P

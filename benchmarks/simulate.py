@@ -1,8 +1,8 @@
 """The cost-model simulator: the DSP and ZeCO papers' comparisons at 8-256 GPUs, and its validation.
 
-    python -m benchmarks.simulate                          # both comparison tables + validation
-    python -m benchmarks.simulate topology.mfu=0.5 grad_sync=serial stdit.frames_per_gpu=4
-    python -m benchmarks.simulate compute_json=benchmarks/results/compute_h100.json
+    python -m longseq.benchmarks.simulate                          # both comparison tables + validation
+    python -m longseq.benchmarks.simulate topology.mfu=0.5 grad_sync=serial stdit.frames_per_gpu=4
+    python -m longseq.benchmarks.simulate compute_json=benchmarks/results/compute_h100.json
 
 Configuration: configs/simulate/default.yaml (Hydra; any key can be overridden as ``key=value``),
 topologies in configs/simulate/topology/. For every (method, P) the simulator
@@ -16,8 +16,8 @@ topologies in configs/simulate/topology/. For every (method, P) the simulator
    (``benchmarks.costmodel.simulator``).
 
 Validation (``validate=true``): the same pricing with the gloo calibration of this machine
-(``python -m benchmarks.calibrate``), the ledgers recorded in the real runs and the per-rank
-compute measured alone (``python -m benchmarks.scaling``), against the step times those runs
+(``python -m longseq.benchmarks.calibrate``), the ledgers recorded in the real runs and the per-rank
+compute measured alone (``python -m longseq.benchmarks.scaling``), against the step times those runs
 measured: predicted vs measured ratio of every pair of methods run at the same P and shape.
 Writes ``out`` (JSON) and figures under ``figures``.
 """
@@ -41,7 +41,7 @@ def load_config(overrides: list[str]):
 
 def load_topology(name_or_cfg):
     from omegaconf import OmegaConf
-    from benchmarks.costmodel.topology import Topology
+    from longseq.benchmarks.costmodel.topology import Topology
     if isinstance(name_or_cfg, str):
         path = ROOT / "configs" / "simulate" / "topology" / f"{name_or_cfg}.yaml"
         if not path.exists():
@@ -61,7 +61,7 @@ def _path(p: Optional[str]) -> Optional[Path]:
 # ST-DiT: DSP vs Ulysses, Ring, Megatron-SP (and USP)
 # ----------------------------------------------------------------------------------------------
 def stdit_target(cfg, preset: str, P: int, method: str):
-    from benchmarks.workloads import Workload
+    from longseq.benchmarks.workloads import Workload
     s = cfg.stdit
     H, W = (int(x) for x in s.latent)
     shape = dict(B=int(s.batch), T=int(s.frames_per_gpu) * P, H=H, W=W, N=int(s.caption_tokens))
@@ -70,8 +70,8 @@ def stdit_target(cfg, preset: str, P: int, method: str):
 
 def capture_plan(cfg) -> list:
     """Every (workload, P, rank) capture the comparisons need (for one parallel prefetch)."""
-    from benchmarks.costmodel.ledger import capture_jobs
-    from benchmarks.workloads import unavailable_reason
+    from longseq.benchmarks.costmodel.ledger import capture_jobs
+    from longseq.benchmarks.workloads import unavailable_reason
     jobs = []
     for preset in cfg.stdit.presets:
         for P in cfg.stdit.gpus:
@@ -93,10 +93,10 @@ def _seconds(flops_obj, topo):
 
 
 def run_stdit(cfg, topo, cache, measured) -> list[dict]:
-    from benchmarks.costmodel.compute import stdit_compute
-    from benchmarks.costmodel.ledger import scaled_rows
-    from benchmarks.costmodel.simulator import stdit_estimate
-    from benchmarks.workloads import tokens, unavailable_reason
+    from longseq.benchmarks.costmodel.compute import stdit_compute
+    from longseq.benchmarks.costmodel.ledger import scaled_rows
+    from longseq.benchmarks.costmodel.simulator import stdit_estimate
+    from longseq.benchmarks.workloads import tokens, unavailable_reason
 
     out = []
     for preset in cfg.stdit.presets:
@@ -191,7 +191,7 @@ def print_stdit(res: list[dict], cfg) -> str:
 # GLA: ZeCO vs LASP-1, LASP-2
 # ----------------------------------------------------------------------------------------------
 def gla_target(cfg, P: int, method: str, tokens_per_gpu: Optional[int] = None):
-    from benchmarks.workloads import Workload
+    from longseq.benchmarks.workloads import Workload
     g = cfg.gla
     n = int(tokens_per_gpu or g.tokens_per_gpu)
     return Workload.make("gla", method, str(g.preset), dict(B=int(g.batch), T=n * P), precision=str(g.precision))
@@ -199,10 +199,10 @@ def gla_target(cfg, P: int, method: str, tokens_per_gpu: Optional[int] = None):
 
 def gla_one(cfg, topo, cache, measured, method: str, P: int, tokens_per_gpu: Optional[int] = None,
             layer_barrier: bool = False) -> dict:
-    from benchmarks.costmodel.compute import gla_compute
-    from benchmarks.costmodel.ledger import roles, scaled_rows
-    from benchmarks.costmodel.simulator import gla_estimate
-    from benchmarks.workloads import tokens, unavailable_reason
+    from longseq.benchmarks.costmodel.compute import gla_compute
+    from longseq.benchmarks.costmodel.ledger import roles, scaled_rows
+    from longseq.benchmarks.costmodel.simulator import gla_estimate
+    from longseq.benchmarks.workloads import tokens, unavailable_reason
 
     w = gla_target(cfg, P, method, tokens_per_gpu)
     rec = dict(family="gla", P=P, method=method, tokens=tokens(w), T=w.dims["T"])
@@ -304,12 +304,12 @@ def print_gla(res: dict, cfg) -> str:
 # Validation against the measured CPU runs
 # ----------------------------------------------------------------------------------------------
 def validate(cfg) -> Optional[dict]:
-    from benchmarks.costmodel.validation import validate_runs
+    from longseq.benchmarks.costmodel.validation import validate_runs
     scal = _path(cfg.validation.scaling)
     topo = load_topology(str(cfg.validation.topology))
     if scal is None or not scal.exists() or topo is None:
-        print(f"\nvalidation skipped: needs {cfg.validation.scaling} (python -m benchmarks.scaling) and "
-              f"configs/simulate/topology/{cfg.validation.topology}.yaml (python -m benchmarks.calibrate)")
+        print(f"\nvalidation skipped: needs {cfg.validation.scaling} (python -m longseq.benchmarks.scaling) and "
+              f"configs/simulate/topology/{cfg.validation.topology}.yaml (python -m longseq.benchmarks.calibrate)")
         return None
     return validate_runs(json.loads(scal.read_text()), topo)
 
@@ -391,8 +391,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     t0 = time.time()
     cfg = load_config(argv)
-    from benchmarks.costmodel.compute import MeasuredCompute
-    from benchmarks.costmodel.ledger import LedgerCache
+    from longseq.benchmarks.costmodel.compute import MeasuredCompute
+    from longseq.benchmarks.costmodel.ledger import LedgerCache
 
     topo = load_topology(cfg.topology)
     cache = LedgerCache(_path(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     val = validate(cfg) if cfg.validate else None
     txt3 = ""
     if val:
-        from benchmarks.costmodel.validation import format_validation
+        from longseq.benchmarks.costmodel.validation import format_validation
         txt3 = format_validation(val)
         print(txt3)
     figs = figures(stdit, gla, val, cfg, _path(cfg.figures))

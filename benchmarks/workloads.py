@@ -72,9 +72,9 @@ class Workload:
 
     def model_config(self):
         if self.family == "stdit":
-            from models.stdit import stdit_config
+            from longseq.models.stdit import stdit_config
             return stdit_config(self.preset, **self.config_overrides)
-        from models.gla import gla_config
+        from longseq.models.gla import gla_config
         return gla_config(self.preset, **self.config_overrides)
 
     def label(self) -> str:
@@ -131,11 +131,11 @@ def unavailable_reason(method: str) -> Optional[str]:
     if method not in METHODS:
         return f"unknown method {method!r} (known: {', '.join(METHODS)})"
     if method == "dsp":
-        return None if _import("dsp") is not None else "the dsp package is missing"
+        return None if _import("longseq.dsp") is not None else "the dsp package is missing"
     if METHODS[method] == "gla":
-        if _import("zeco") is None:
+        if _import("longseq.zeco") is None:
             return "the zeco package is missing"
-        if _import("models.gla") is None:
+        if _import("longseq.models.gla") is None:
             return "models/gla.py has not landed"
         return None
     if _baseline_parallelize(method) is None:
@@ -190,10 +190,10 @@ def _build_model(w: Workload, device):
     cfg = w.model_config()
     with torch.device(device):
         if w.family == "stdit":
-            from models.stdit import STDiT
+            from longseq.models.stdit import STDiT
             model = STDiT(cfg)
         else:
-            from models.gla import GLAForCausalLM
+            from longseq.models.gla import GLAForCausalLM
             model = GLAForCausalLM(cfg)
     return model.to(_param_dtype(w)), cfg
 
@@ -226,7 +226,7 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
             def fwd():
                 return F.mse_loss(model(x, t, y)[:, :c].float(), target[:, :c].float())
         elif w.method == "dsp":
-            import dsp
+            from longseq import dsp
             handle = dsp.parallelize(model, group, gather_output=False, **opts)
             tgt = handle.shard_target(target)
 
@@ -235,7 +235,7 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
                 return dsp.sharded_mse_loss(out[:, :c].float(), tgt[:, :c].float(), group)
         else:
             # the same contract as DSP's: output left sharded, loss on the shards
-            import dsp
+            from longseq import dsp
             handle = _baseline_parallelize(w.method)(model, group, gather_output=False, **opts)
             tgt = handle.shard_target(target)
 
@@ -244,8 +244,8 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
                 return dsp.sharded_mse_loss(out[:, :c].float(), tgt[:, :c].float(), group)
     else:
         ids = _gla_inputs(w, cfg, device)
-        from zeco import parallelize, shard_sequence, shift_labels, sp_lm_loss
-        from models.gla import lm_loss
+        from longseq.zeco import parallelize, shard_sequence, shift_labels, sp_lm_loss
+        from longseq.models.gla import lm_loss
         labels = shift_labels(ids)
         if w.method == "none" or P == 1:
             def fwd():

@@ -1,8 +1,8 @@
 """All-Scan vs LASP-1's chain vs LASP-2's all-gather, and ZeCO's end-to-end overhead, on gloo.
 
-    python -m benchmarks.zeco_scan                 # the default table (under ~2 minutes on 2 cores)
-    python -m benchmarks.zeco_scan --sweep         # also All-Scan time against the number of blocks N
-    python -m benchmarks.zeco_scan --worlds 2 4 --repeats 30 --tokens 512
+    python -m longseq.benchmarks.zeco_scan                 # the default table (under ~2 minutes on 2 cores)
+    python -m longseq.benchmarks.zeco_scan --sweep         # also All-Scan time against the number of blocks N
+    python -m longseq.benchmarks.zeco_scan --worlds 2 4 --repeats 30 --tokens 512
 
 Spawns P gloo processes on 127.0.0.1 (torch.multiprocessing, spawn) per world size, one intra-op
 thread each. Part 1 times the three ways to get S0 for a per-layer state [B, H, K, V] of the GLA
@@ -67,8 +67,8 @@ def _timed(fns: dict, repeats: int, warmup: int) -> dict:
 def _comm_part(states, repeats, warmup, sweep):
     import torch.distributed as dist
 
-    from zeco.all_scan import all_scan, num_blocks_for
-    from zeco.sp_gla import lasp1_scan, lasp2_scan
+    from longseq.zeco.all_scan import all_scan, num_blocks_for
+    from longseq.zeco.sp_gla import lasp1_scan, lasp2_scan
 
     W = dist.group.WORLD
     out = {}
@@ -94,8 +94,8 @@ def _step_part(tokens, repeats, warmup, methods):
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from zeco.gla import gla
-    from zeco.sp_gla import sp_gla
+    from longseq.zeco.gla import gla
+    from longseq.zeco.sp_gla import sp_gla
 
     W = dist.group.WORLD
     H, K, V = LAYER["H"], LAYER["K"], LAYER["V"]
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo over "
           f"127.0.0.1, 1 intra-op thread per process; python {platform.python_version()}")
-    print(f"command: python -m benchmarks.zeco_scan {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"command: python -m longseq.benchmarks.zeco_scan {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     results = {}
     for P in args.worlds:
         job = dict(comm=True, repeats=args.repeats, warmup=args.warmup, sweep=args.sweep,

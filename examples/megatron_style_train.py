@@ -14,8 +14,8 @@ Models (``--model``):
   frames, the temporal attention runs with the spatial tokens sharded (two all-to-alls a block);
 * ``gla``    — ``models.gla.GLAForCausalLM`` (tiny), ZeCO (``zeco.parallelize``, All-Scan):
   the tokens are sharded, labels shifted on the whole sequence first;
-* ``latte``  — diffusers' ``LatteTransformer3DModel`` (tiny) with ``models.adapters.latte``;
-* ``fla-gla`` — fla's ``GLAForCausalLM`` (tiny) with ``models.adapters.fla_gla``.
+* ``latte``  — diffusers' ``LatteTransformer3DModel`` (tiny) with ``longseq.adapters.latte``;
+* ``fla-gla`` — fla's ``GLAForCausalLM`` (tiny) with ``longseq.adapters.fla_gla``.
 
 CPU (gloo), two processes, CP 2::
 
@@ -48,9 +48,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:          # models/ is run from the checkout
     sys.path.insert(0, ROOT)
 
-import dsp  # noqa: E402
+from longseq import dsp  # noqa: E402
 import longseq  # noqa: E402
-import zeco  # noqa: E402
+from longseq import zeco  # noqa: E402
 from longseq import functional as LF  # noqa: E402
 
 MODELS = ("stdit", "gla", "latte", "fla-gla")
@@ -174,19 +174,19 @@ def model_provider(args, groups: longseq.ParallelGroups) -> torch.nn.Module:
     """Build the model (the same weights on every rank: seeded) and make it context-parallel."""
     torch.manual_seed(args.seed)
     if args.model == "stdit":
-        from models.stdit import STDiT, stdit_config
+        from longseq.models.stdit import STDiT, stdit_config
         model = STDiT(stdit_config("tiny"))
         STATE["handle"] = dsp.parallelize(model, groups, gather_output=False)
     elif args.model == "latte":
-        from models.adapters import latte
+        from longseq.adapters import latte
         model = latte.build(video_length=args.num_frames, sample_size=args.img_h, out_channels=4)
         STATE["handle"] = latte.parallelize(model, groups, gather_output=False)
     elif args.model == "gla":
-        from models.gla import GLAForCausalLM, gla_config
+        from longseq.models.gla import GLAForCausalLM, gla_config
         model = GLAForCausalLM(gla_config("tiny"))
         zeco.parallelize(model, groups.sp_group, method=args.cp_comm_type)
     else:
-        from models.adapters import fla_gla
+        from longseq.adapters import fla_gla
         model = fla_gla.build()
         STATE["handle"] = fla_gla.parallelize(model, groups, method=args.cp_comm_type)
     return model

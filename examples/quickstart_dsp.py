@@ -14,9 +14,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # run from the checkout
-import dsp  # noqa: E402
+from longseq import dsp  # noqa: E402
 import longseq  # noqa: E402
-from models.stdit import STDiT, stdit_config  # noqa: E402
+from longseq.models.stdit import STDiT, stdit_config  # noqa: E402
 
 rank, world = longseq.init_distributed()
 groups = longseq.init_parallel_groups(sp_size=world)          # one SP group of every rank

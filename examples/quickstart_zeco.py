@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # run from the checkout
 import longseq  # noqa: E402
-import zeco  # noqa: E402
-from models.gla import GLAForCausalLM, gla_config  # noqa: E402
+from longseq import zeco  # noqa: E402
+from longseq.models.gla import GLAForCausalLM, gla_config  # noqa: E402
 
 rank, world = longseq.init_distributed()
 groups = longseq.init_parallel_groups(sp_size=world)

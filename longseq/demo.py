@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(8, 8), metavar=("H", "W"))
     args = ap.parse_args(argv)
 
-    import dsp
+    from longseq import dsp
     try:
-        from models import STDiT, stdit_config
+        from longseq.models import STDiT, stdit_config
     except ImportError as e:  # pragma: no cover - models/ lives in the checkout
         raise SystemExit(f"longseq.demo runs from the repository root (it needs models/): {e}")
 

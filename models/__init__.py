@@ -1,17 +1,17 @@
 """Models built on longseq. No distributed code here: parallel plans wrap the models' submodules.
 
-Names are loaded lazily (PEP 562), so that ``python -m models.stdit`` runs cleanly.
+Names are loaded lazily (PEP 562), so that ``python -m longseq.models.stdit`` runs cleanly.
 """
 import importlib
 
 _EXPORTS = {
-    "STDiT": "models.stdit",
-    "STDiTBlock": "models.stdit",
-    "STDiTConfig": "models.stdit",
-    "STDIT_PRESETS": "models.stdit",
-    "stdit_config": "models.stdit",
-    "count_parameters": "models.stdit",
-    "init_for_testing": "models.stdit",
+    "STDiT": "longseq.models.stdit",
+    "STDiTBlock": "longseq.models.stdit",
+    "STDiTConfig": "longseq.models.stdit",
+    "STDIT_PRESETS": "longseq.models.stdit",
+    "stdit_config": "longseq.models.stdit",
+    "count_parameters": "longseq.models.stdit",
+    "init_for_testing": "longseq.models.stdit",
 }
 __all__ = list(_EXPORTS)
 
@@ -19,7 +19,7 @@ __all__ = list(_EXPORTS)
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+    raise AttributeError(f"module 'longseq.models' has no attribute {name!r}")
 
 
 def __dir__():

@@ -20,7 +20,7 @@ The model holds no communication code. Each :class:`GLAAttention` calls ``self.g
 ``(o, final_state)``; :func:`zeco.parallelize` swaps it for :func:`zeco.sp_gla` to make the model
 sequence-parallel.
 
-    python -m models.gla --preset 1b      # prints the parameter count (built on the meta device)
+    python -m longseq.models.gla --preset 1b      # prints the parameter count (built on the meta device)
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zeco.gla import gla as _serial_gla
+from longseq.zeco.gla import gla as _serial_gla
 
 __all__ = ["GLAConfig", "GLA_PRESETS", "gla_config", "GLAForCausalLM", "GLABlock", "GLAAttention", "SwiGLU",
            "RMSNorm", "count_parameters", "lm_loss"]

@@ -13,7 +13,7 @@ No stage stores a size: each reads what it needs from its input. Conditioning is
 its own learned ``scale_shift_table``. The model holds no distributed code; a parallel plan wraps
 ``embed``, ``blocks[i].spatial``, ``blocks[i].temporal`` and ``final`` from outside.
 
-    python -m models.stdit --preset 720m     # prints the parameter count (built on the meta device)
+    python -m longseq.models.stdit --preset 720m     # prints the parameter count (built on the meta device)
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 pytest.importorskip("fla")
 
 import longseq  # noqa: E402
-import zeco  # noqa: E402
+from longseq import zeco  # noqa: E402
 from longseq.sharding import shard_range  # noqa: E402
 
 from .tensor_checks import assert_close, param_grads  # noqa: E402
@@ -39,7 +39,7 @@ CASES = {
 
 
 def _model(overrides):
-    from models.adapters import fla_gla
+    from longseq.adapters import fla_gla
     torch.manual_seed(0)
     model = fla_gla.build(**overrides)
     with torch.no_grad():   # nonzero everywhere (biases, conv weights), so every gradient is tested
@@ -56,7 +56,7 @@ def _ids(T, seed=5):
 
 
 def _sp_run(names):
-    from models.adapters import fla_gla
+    from longseq.adapters import fla_gla
     group = dist.group.WORLD
     groups = longseq.from_existing_groups(group)
     out = {}
@@ -84,8 +84,8 @@ def _sp_run(names):
 
 @functools.lru_cache(maxsize=None)
 def _reference(name):
-    from models.adapters import fla_gla
-    from models.gla import lm_loss
+    from longseq.adapters import fla_gla
+    from longseq.models.gla import lm_loss
     overrides, T, _ = CASES[name]
     model = _model(overrides)
     ids = _ids(T)
@@ -131,7 +131,7 @@ def test_stand_ins_match_fla_references():
     from fla.modules.norm.layernorm import rms_norm_ref
     from fla.modules.norm.layernorm_gated import rms_norm_ref as gated_ref
 
-    from models.adapters.fla_gla import rms_norm, rms_norm_gated, short_conv
+    from longseq.adapters.fla_gla import rms_norm, rms_norm_gated, short_conv
     g = torch.Generator().manual_seed(0)
     x, res, z = (torch.randn(3, 5, 16, generator=g) for _ in range(3))
     w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
@@ -153,7 +153,7 @@ def test_kernel_routing_matches_fla_naive_kernel():
     adapted model on zeco.gla: the routing hands the kernel fla's q, k, v, gk and scale unchanged."""
     from fla.ops.gla.naive import naive_recurrent_gla
 
-    from models.adapters import fla_gla
+    from longseq.adapters import fla_gla
 
     def naive(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, **_):
         assert scale is None or scale == q.shape[-1] ** -0.5
@@ -173,7 +173,7 @@ def test_kernel_routing_matches_fla_naive_kernel():
 
 
 def test_adapt_errors():
-    from models.adapters import fla_gla
+    from longseq.adapters import fla_gla
     model = _model({})
     with fla_gla.adapt(model):
         with pytest.raises(ValueError, match="already adapted"):
@@ -207,7 +207,7 @@ CUDA_RTOL = 1e-2
 def _cuda_reference(name):
     """fla's model on CUDA exactly as fla runs it: logits, our loss on whole-sequence shifted
     targets, every gradient."""
-    from models.gla import lm_loss
+    from longseq.models.gla import lm_loss
     overrides, T, _ = CUDA_CASES[name]
     model = _model(overrides).cuda()
     ids = _ids(T).cuda()
@@ -224,7 +224,7 @@ def _rel(a, b):
 def _cuda_sp_errors(names):
     """In each of P gloo processes sharing GPU 0: the reference, then the same weights through
     fla_gla.parallelize; relative errors of this rank's logits, the loss and every gradient."""
-    from models.adapters import fla_gla
+    from longseq.adapters import fla_gla
     group = dist.group.WORLD
     groups = longseq.from_existing_groups(group)
     P, r = dist.get_world_size(), dist.get_rank()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-import dsp  # noqa: E402
+from longseq import dsp  # noqa: E402
 import longseq  # noqa: E402
 from longseq.ledger import LEDGER  # noqa: E402
 from longseq.sharding import shard_range, split_sizes  # noqa: E402
@@ -35,8 +35,8 @@ RTOL, ATOL = 1e-5, 1e-8
 
 
 def _model(T, H):
-    from models.adapters import latte
-    from models.stdit import init_for_testing
+    from longseq.adapters import latte
+    from longseq.models.stdit import init_for_testing
     return init_for_testing(latte.build(video_length=T, sample_size=H), std=0.1, seed=0)
 
 
@@ -56,7 +56,7 @@ def _inputs(T, H, W, seed=1, mask=False):
 
 
 def _latte_run(T, H, W, mask):
-    from models.adapters import latte
+    from longseq.adapters import latte
     W_ = dist.group.WORLD
     groups = longseq.from_existing_groups(W_)
     model = _model(T, H)
@@ -167,7 +167,7 @@ def test_latte_ledger_two_switches_per_layer_each_way(dist_pool):
 # Errors, raised before any collective (one process suffices: a group of one)
 # ----------------------------------------------------------------------------------------------
 def _errors():
-    from models.adapters import latte
+    from longseq.adapters import latte
     W_ = dist.group.WORLD
     model = latte.build(video_length=5, sample_size=6)
     x, t, y, _, _ = _inputs(5, 6, 6)

@@ -30,7 +30,7 @@ C_IN, C_TEXT, N_TEXT, HIDDEN, HEADS, DEPTH = 4, 16, 3, 32, 4, 2
 
 
 def _model(patch):
-    from models import STDiT, init_for_testing, stdit_config
+    from longseq.models import STDiT, init_for_testing, stdit_config
     return init_for_testing(STDiT(stdit_config("tiny", patch_size=patch, num_heads=HEADS)), std=STD, seed=0)
 
 
@@ -50,7 +50,7 @@ def _inputs(shape, seed):
 
 def _run_methods(methods, shape, patch, seed):
     """On every rank: each (method, options) with both loss paths; rank 0 returns the tensors."""
-    import dsp
+    from longseq import dsp
     import longseq.sp as sp
     W = dist.group.WORLD
     groups = longseq.from_existing_groups(W)
@@ -246,7 +246,7 @@ def _errors():
     catch("usp_heads", lambda: sp.parallelize(model, W, "usp", ulysses_degree=3))
     catch("ring_option", lambda: sp.parallelize(model, W, "ulysses", ulysses_degree=1))
     catch("dsp_option", lambda: sp.parallelize(model, W, "dsp", ulysses_degree=1))
-    from models import STDiT, stdit_config
+    from longseq.models import STDiT, stdit_config
     two = STDiT(stdit_config("tiny"))       # 2 heads < 3 ranks
     catch("megatron_heads", lambda: sp.parallelize(two, W, "megatron_sp"))
     # T = 2 frames over 3 ranks: every rank needs a frame (raised at the first forward, on every rank)

@@ -52,7 +52,7 @@ def test_staged_sp_gla_equals_serial(dist_pool):
 # ----------------------------------------------------------------------------------------------
 def _cuda_sp_gla(T, dtype_name):
     """sp_gla on CUDA (fla's kernels when installed) vs zeco.gla on the whole sequence, one GPU."""
-    from zeco import gla, sp_gla
+    from longseq.zeco import gla, sp_gla
     from longseq.sharding import split_sizes
 
     dtype = getattr(torch, dtype_name)

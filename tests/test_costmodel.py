@@ -12,13 +12,13 @@ import multiprocessing as mp
 import pytest
 import torch.distributed as dist
 
-from benchmarks.costmodel import collectives as C
-from benchmarks.costmodel.compute import GlaCompute, StditCompute
-from benchmarks.costmodel.ledger import (Row, aggregate, capture, capture_workload, doubled, factor_values,
+from longseq.benchmarks.costmodel import collectives as C
+from longseq.benchmarks.costmodel.compute import GlaCompute, StditCompute
+from longseq.benchmarks.costmodel.ledger import (Row, aggregate, capture, capture_workload, doubled, factor_values,
                                          fit_exponents, scale_rows, with_factors)
-from benchmarks.costmodel.simulator import gla_estimate, gla_timeline, grad_sync_exposed, stdit_estimate
-from benchmarks.costmodel.topology import Link, Topology
-from benchmarks.workloads import Workload, build_step
+from longseq.benchmarks.costmodel.simulator import gla_estimate, gla_timeline, grad_sync_exposed, stdit_estimate
+from longseq.benchmarks.costmodel.topology import Link, Topology
+from longseq.benchmarks.workloads import Workload, build_step
 
 INTRA, INTER = Link(5e-6, 360e9), Link(10e-6, 45e9)
 H100 = Topology("h100", 8, INTRA, INTER, peak_flops=989e12, mfu=0.4)
@@ -210,7 +210,7 @@ def _fake_scaling_check(w, P):
     """Fit exponents from a small capture and its doublings, predict a third shape, capture it."""
     small = capture_workload(w, P)
     f0 = factor_values(small)
-    from benchmarks.costmodel.ledger import FACTORS
+    from longseq.benchmarks.costmodel.ledger import FACTORS
     base = capture(small, P, 0)
     dbl = {f: capture(doubled(small, f), P, 0) for f in FACTORS[w.family]}
     exps = fit_exponents(base, dbl)
@@ -296,12 +296,12 @@ def test_measured_compute_round_trip(tmp_path):
             "gla.methods=[zeco,lasp2]"]
     cj, out = tmp_path / "compute.json", tmp_path / "sim.json"
     run = dict(capture_output=True, text=True, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--device", "cpu", "--repeats", "1",
+    r = subprocess.run([sys.executable, "-m", "longseq.benchmarks.scaling", "--device", "cpu", "--repeats", "1",
                         "--warmup", "1", "--compute-json", str(cj), "--sim-overrides", *tiny], **run)
     assert r.returncode == 0, r.stderr[-2000:]
     entries = json.loads(cj.read_text())["entries"]
     assert entries and all(e.get("fwd_s", e.get("gla_fwd_s", 0)) > 0 for e in entries)
-    r = subprocess.run([sys.executable, "-m", "benchmarks.simulate", f"compute_json={cj}", *tiny, "validate=false",
+    r = subprocess.run([sys.executable, "-m", "longseq.benchmarks.simulate", f"compute_json={cj}", *tiny, "validate=false",
                         f"out={out}", f"figures={tmp_path / 'fig'}", f"ledger_cache={tmp_path / 'cache.json'}"], **run)
     assert r.returncode == 0, r.stderr[-2000:]
     sim = json.loads(out.read_text())

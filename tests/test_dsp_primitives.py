@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dsp
+from longseq import dsp
 from longseq.ledger import LEDGER
 from longseq.sharding import shard_range, split_sizes
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import dsp
+from longseq import dsp
 import longseq
 from longseq.ledger import LEDGER
 from longseq.sharding import shard_range, split_sizes
@@ -41,7 +41,7 @@ CASES = [
 
 
 def _model(patch, dtype=torch.float32, seed=0):
-    from models import STDiT, init_for_testing, stdit_config
+    from longseq.models import STDiT, init_for_testing, stdit_config
     cfg = stdit_config("tiny", patch_size=patch)
     assert (cfg.hidden_size, cfg.depth, cfg.caption_channels) == (HIDDEN, DEPTH, C_TEXT)
     return init_for_testing(STDiT(cfg), std=STD, seed=seed).to(dtype)

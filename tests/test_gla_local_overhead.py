@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import gla_local_overhead
+from longseq.benchmarks import gla_local_overhead
 
 
 def test_cpu_run_writes_every_row(tmp_path, capsys):

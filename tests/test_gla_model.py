@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 import longseq
 from longseq.ledger import LEDGER
-from models.gla import GLA_PRESETS, GLAConfig, GLAForCausalLM, count_parameters, gla_config, lm_loss
-from zeco import parallelize, shard_sequence, shift_labels, sp_gla, sp_lm_loss, unparallelize
-from zeco.gla import gla
+from longseq.models.gla import GLA_PRESETS, GLAConfig, GLAForCausalLM, count_parameters, gla_config, lm_loss
+from longseq.zeco import parallelize, shard_sequence, shift_labels, sp_gla, sp_lm_loss, unparallelize
+from longseq.zeco.gla import gla
 
 
 def _err(a, ref, dtype):
@@ -88,7 +88,7 @@ def test_model_serial_matches_reference_gla():
     cfg = gla_config("tiny")
     model = GLAForCausalLM(cfg).double()
     attn = model.layers[0].attn
-    from zeco.gla import recurrent_gla_reference
+    from longseq.zeco.gla import recurrent_gla_reference
 
     calls = []
 

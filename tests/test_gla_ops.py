@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeco.gla import (
+from longseq.zeco.gla import (
     ChunkGLAFunction,
     GLAFunction,
     chunk_gla_bwd,
@@ -27,7 +27,7 @@ from zeco.gla import (
     recurrent_gla_reference,
     resolve_backend,
 )
-from zeco.gla import fla_backend
+from longseq.zeco.gla import fla_backend
 
 REL32 = 1e-4
 ABS64 = 1e-10

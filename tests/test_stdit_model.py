@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import STDIT_PRESETS, STDiT, count_parameters, init_for_testing, stdit_config
-from models import stdit as stdit_module
+from longseq.models import STDIT_PRESETS, STDiT, count_parameters, init_for_testing, stdit_config
+from longseq.models import stdit as stdit_module
 
 ROOT = Path(__file__).resolve().parents[1]
 C_TEXT = STDIT_PRESETS["tiny"].caption_channels
@@ -167,7 +167,7 @@ def test_preset_parameter_counts():
 
 def test_cli_prints_parameter_count():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "models.stdit", "--preset", "720m"], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "longseq.models.stdit", "--preset", "720m"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert f"{count_parameters('720m'):,}" in res.stdout

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from longseq.ledger import LEDGER
 from longseq.sharding import split_sizes
-from zeco import all_scan, all_scan_start, gla, num_blocks_for, set_default_half_bytes, sp_gla
-from zeco.all_scan import DEFAULT_HALF_BYTES, scan_reference
+from longseq.zeco import all_scan, all_scan_start, gla, num_blocks_for, set_default_half_bytes, sp_gla
+from longseq.zeco.all_scan import DEFAULT_HALF_BYTES, scan_reference
 
 W = None  # the world group (set in workers)
 REL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -196,7 +196,7 @@ def _stream_discipline(reverse, with_init):
 
     from longseq import comm
 
-    A = sys.modules["zeco.all_scan"]   # the module (zeco.all_scan, the attribute, is the function)
+    A = sys.modules["longseq.zeco.all_scan"]   # the module (zeco.all_scan, the attribute, is the function)
 
     P, me = dist.get_world_size(), dist.get_rank()
     side, here, log = object(), threading.local(), []
@@ -379,7 +379,7 @@ def test_ledger_volumes(dist_pool, P):
 def _autocast_scan_dtypes(method):
     """Under bf16 autocast, every state message is float32 on both ends (a sender/receiver dtype
     mismatch corrupts silently on gloo), and the result stays close to the float32 run."""
-    import zeco
+    from longseq import zeco
     from longseq.ledger import LEDGER
     W, r = dist.group.WORLD, dist.get_rank()
     g = torch.Generator().manual_seed(0)

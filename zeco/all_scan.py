@@ -35,7 +35,7 @@ all-gather, where every rank receives ``P-1`` states.
 ``N* = sqrt((P-1) · state_bytes / (α·β))``, where ``α·β`` is the message size whose transfer time
 equals the per-message latency. The rule is ``N = clamp(round(sqrt((P-1) · state_bytes /
 DEFAULT_HALF_BYTES)), 1, rows)`` with ``DEFAULT_HALF_BYTES = 1 MiB``, the effective value fitted to
-``python -m benchmarks.zeco_scan --sweep`` on gloo over loopback (per-block cost includes the relay's
+``python -m longseq.benchmarks.zeco_scan --sweep`` on gloo over loopback (per-block cost includes the relay's
 update and thread hand-off, so it exceeds a bare ping-pong's α·β). Examples: a 2 MiB state gives
 N = 1 at P=2, 2 at P=4, 11 at P=64; a 10 MiB state 3 at P=2, 5 at P=4. An explicit ``num_blocks``
 overrides the rule; it is clamped to ``[1, rows]`` too (more blocks than rows is legal and means

@@ -63,8 +63,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from longseq import comm
-from zeco.all_scan import all_scan_start, num_blocks_for
-from zeco.gla import gla_bwd, gla_fwd
+from longseq.zeco.all_scan import all_scan_start, num_blocks_for
+from longseq.zeco.gla import gla_bwd, gla_fwd
 
 __all__ = ["sp_gla", "METHODS", "SPGLAFunction", "local_summary", "lasp1_scan", "lasp2_scan"]
 

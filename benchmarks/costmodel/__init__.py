@@ -1,4 +1,4 @@
-"""The cost model behind ``python -m benchmarks.simulate`` (see docs/scaling.md).
+"""The cost model behind ``python -m longseq.benchmarks.simulate`` (see docs/scaling.md).
 
 * :mod:`.topology`    nodes, links (alpha-beta), peak FLOP/s and utilisation, measured fits
 * :mod:`.collectives` costs of all-to-all, ring all-gather / reduce-scatter, all-reduce, p2p,

@@ -19,7 +19,7 @@ configs/simulate/topology/*.yaml).
   (ZeCO adds a local summary and a correction pass; LASP-1 and LASP-2 a summary), forward and
   backward separately (the forward / backward GLA kernel is the window All-Scan hides under).
 
-**Measured.** ``python -m benchmarks.scaling --device cuda --compute-json F`` writes, for each
+**Measured.** ``python -m longseq.benchmarks.scaling --device cuda --compute-json F`` writes, for each
 target of configs/simulate, the time of the same per-rank work measured on one GPU (fake process
 group: the real method code at the rank's real shapes, no communication). :class:`MeasuredCompute`
 reads it; entries it lacks fall back to FLOPs.
@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from benchmarks.workloads import Workload
+from longseq.benchmarks.workloads import Workload
 
 __all__ = ["StditCompute", "GlaCompute", "stdit_compute", "gla_compute", "MeasuredCompute", "flops_of",
            "compute_key"]
@@ -130,7 +130,7 @@ def distributed_attentions() -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _stdit_flops(preset: str, overrides: tuple, shape: tuple, depth: int) -> tuple:
-    from models.stdit import STDiT, stdit_config
+    from longseq.models.stdit import STDiT, stdit_config
     d = dict(shape)
     cfg = stdit_config(preset, **dict(overrides), depth=depth)
     with torch.device("meta"):
@@ -158,7 +158,7 @@ def stdit_compute(w: Workload, P: int) -> StditCompute:
 
 @functools.lru_cache(maxsize=None)
 def _gla_model_flops(preset: str, overrides: tuple, B: int, T: int, layers: int) -> tuple:
-    from models.gla import GLAForCausalLM, gla_config, lm_loss
+    from longseq.models.gla import GLAForCausalLM, gla_config, lm_loss
     cfg = gla_config(preset, **dict(overrides), num_layers=layers)
     with torch.device("meta"):
         model = GLAForCausalLM(cfg)
@@ -170,7 +170,7 @@ def _gla_model_flops(preset: str, overrides: tuple, B: int, T: int, layers: int)
 def _gla_op_flops(method: str, B: int, T: int, H: int, K: int, V: int, P: int, rank: int) -> tuple:
     """(fwd, bwd) FLOPs of the GLA operator on one rank: ``zeco.sp_gla`` on a fake group of P, or
     the serial ``zeco.gla.gla`` when ``method == "serial"``."""
-    from zeco import gla, sp_gla
+    from longseq.zeco import gla, sp_gla
     from .fakepg import fake_world
 
     def run(group=None):

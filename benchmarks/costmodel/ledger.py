@@ -38,7 +38,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from benchmarks.workloads import Workload, build_step
+from longseq.benchmarks.workloads import Workload, build_step
 
 __all__ = ["Row", "aggregate", "capture", "capture_roles", "fit_exponents", "scale_rows", "LedgerCache",
            "normalize_tag", "FACTORS", "factor_values", "with_factors", "doubled", "capture_workload",
@@ -276,9 +276,9 @@ def _param_count(w: Workload) -> int:
 @functools.lru_cache(maxsize=None)
 def _param_count_cached(family: str, preset: str, overrides: tuple) -> int:
     if family == "stdit":
-        from models.stdit import count_parameters, stdit_config as make
+        from longseq.models.stdit import count_parameters, stdit_config as make
     else:
-        from models.gla import count_parameters, gla_config as make
+        from longseq.models.gla import count_parameters, gla_config as make
     return count_parameters(make(preset, **dict(overrides)))
 
 

@@ -31,7 +31,7 @@ def _rows(run: dict) -> dict:
 
 
 def predict_run(run: dict, topo: Topology) -> Optional[dict]:
-    from benchmarks.scaling import workload_from_json
+    from longseq.benchmarks.scaling import workload_from_json
     from .compute import flops_of, gla_compute
     from .simulator import gla_estimate, stdit_estimate
 
@@ -89,7 +89,7 @@ def validate_runs(blob: dict, topo: Topology) -> dict:
 
 def format_validation(v: dict) -> str:
     lines = [f"\nValidation on this machine ({v['topology']}; gloo, CPU processes): step times of the runs of "
-             "python -m benchmarks.scaling, predicted from their own ledgers + per-rank compute alone"]
+             "python -m longseq.benchmarks.scaling, predicted from their own ledgers + per-rank compute alone"]
     head = f"{'family':<6} {'P':>2} {'tokens':>6} {'method':<12} {'measured ms':>11} {'predicted ms':>12} {'error':>7}"
     lines += [head, "-" * len(head)]
     for p in sorted(v["runs"], key=lambda p: (p["family"], p["tokens"], p["P"], p["method"])):

@@ -70,7 +70,7 @@ class SPPlan:
 def _stdit_boundary():
     """DSP's ST-DiT plan pinned to frames: T sharded everywhere; the temporal attention is the one
     the method distributes instead of switching around it."""
-    from dsp import STDIT_PLAN
+    from longseq.dsp import STDIT_PLAN
     return STDIT_PLAN.pinned("stdit-single-dim")
 
 
@@ -249,7 +249,7 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
                                       grad_comm_dtype=grad_comm_dtype).items() if v is not None}
         if extra or kernel != "auto":
             raise ValueError(f"method 'dsp' takes no {', '.join(extra) or 'kernel'} option (dsp_plan= chooses its plan)")
-        import dsp
+        from longseq import dsp
         return dsp.parallelize(model, group, dsp_plan, gather_output=gather_output, check_inputs=check_inputs)
     if dsp_plan is not None:
         raise ValueError(f"dsp_plan is for method 'dsp', not {method!r} (use plan=)")
@@ -295,7 +295,7 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
         from .usp import init_usp_groups
         usp_groups = init_usp_groups(sp, ulysses_degree, ring_degree, num_heads=min(heads.values()) if heads else None)
 
-    import dsp
+    from longseq import dsp
     boundary = dsp.parallelize(model, sp, sp_plan.boundary.get() if isinstance(sp_plan.boundary, _LazyPlan)
                                else sp_plan.boundary, gather_output=gather_output, check_inputs=check_inputs)
     handle = SPHandle(model, sp, method, sp_plan, boundary)

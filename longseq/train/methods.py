@@ -118,7 +118,7 @@ class STDiTFamily(Family):
     data_kinds = ("synthetic", "latents")
 
     def _module(self):
-        mod = _import("models.stdit")
+        mod = _import("longseq.models.stdit")
         if mod is None:
             raise ConfigError("model.family=stdit needs models/stdit.py; run from the longseq checkout "
                               "(the `models` package is not installed with longseq)")
@@ -166,7 +166,7 @@ class GLAFamily(Family):
     data_kinds = ("synthetic", "tokens")
 
     def _module(self):
-        mod = _import("models.gla")
+        mod = _import("longseq.models.gla")
         if mod is None:
             raise ConfigError("model.family=gla needs models/gla.py (the GLA language model), which has not "
                               "landed yet; use an ST-DiT model (model=stdit_tiny) for now")
@@ -291,15 +291,15 @@ _SP_PLANS = ("longseq.sp.plans",)          # the single-dimension baselines for 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("none", "any", "no sequence parallelism; DP only"),
-    MethodSpec("dsp", "stdit", "Dynamic Sequence Parallelism (switch T<->S with one all-to-all)", ("dsp",)),
+    MethodSpec("dsp", "stdit", "Dynamic Sequence Parallelism (switch T<->S with one all-to-all)", ("longseq.dsp",)),
     MethodSpec("ulysses", "stdit", "DeepSpeed-Ulysses (heads<->sequence all-to-all)", _SP_PLANS,
                min_heads_divisible=True),
     MethodSpec("ring", "stdit", "ring attention (k, v around the ring)", _SP_PLANS),
     MethodSpec("megatron_sp", "stdit", "Megatron-SP (all-gather / reduce-scatter around attention)", _SP_PLANS),
     MethodSpec("usp", "stdit", "USP (Ulysses x Ring)", _SP_PLANS),
-    MethodSpec("zeco", "gla", "ZeCO (All-Scan of the GLA state)", ("zeco",)),
-    MethodSpec("lasp1", "gla", "LASP-1 (state passed rank to rank)", ("zeco",)),
-    MethodSpec("lasp2", "gla", "LASP-2 (all-gather of the states)", ("zeco",)),
+    MethodSpec("zeco", "gla", "ZeCO (All-Scan of the GLA state)", ("longseq.zeco",)),
+    MethodSpec("lasp1", "gla", "LASP-1 (state passed rank to rank)", ("longseq.zeco",)),
+    MethodSpec("lasp2", "gla", "LASP-2 (all-gather of the states)", ("longseq.zeco",)),
 ]}
 
 
@@ -311,7 +311,7 @@ def _find_parallelize(spec: MethodSpec) -> Optional[Callable]:
         if mod is None or not callable(getattr(mod, spec.attr, None)):
             continue
         listed = getattr(mod, "METHODS", None)
-        if modname != "dsp" and listed is not None and spec.name not in listed:
+        if modname != "longseq.dsp" and listed is not None and spec.name not in listed:
             continue
         return getattr(mod, spec.attr)
     return None
@@ -322,7 +322,7 @@ def unavailable_reason(spec: MethodSpec) -> Optional[str]:
     if spec.name == "none":
         return None
     if spec.family == "gla":
-        zeco = _import("zeco")
+        zeco = _import("longseq.zeco")
         missing = [n for n in ("parallelize", "sp_lm_loss") if zeco is None or not callable(getattr(zeco, n, None))]
         if missing:
             return f"zeco.{' / zeco.'.join(missing)} does not exist yet"
@@ -331,7 +331,7 @@ def unavailable_reason(spec: MethodSpec) -> Optional[str]:
             return f"zeco.parallelize does not offer method {spec.name!r} (it offers {', '.join(listed)})"
         return None
     if _find_parallelize(spec) is None:
-        where = " or ".join(f"{m}.{spec.attr}(method={spec.name!r})" if m != "dsp" else f"{m}.{spec.attr}"
+        where = " or ".join(f"{m}.{spec.attr}(method={spec.name!r})" if m != "longseq.dsp" else f"{m}.{spec.attr}"
                             for m in spec.modules)
         return f"{where} does not exist yet"
     return None
@@ -436,7 +436,7 @@ def _stdit_sp(spec, model, groups, options, cfg) -> Trainable:
     keeps this rank's frames; by default the output stays sharded (``gather_output=False``) and the
     loss is ``dsp.sharded_mse_loss`` of this rank's piece against its piece of the noise (the SP
     group's mean, identical on every rank; backward gives each rank its share)."""
-    import dsp
+    from longseq import dsp
     diffusion, c = _stdit_common(cfg, model)
     opts = {"gather_output": False, **options}
     if spec.name == "dsp":
@@ -473,7 +473,7 @@ def _gla_sp(spec, model, groups, options, cfg) -> Trainable:
     contiguous piece of every sequence, and the data loader reads only that piece of each window
     (inputs and their next-token labels). The loss is ``zeco.sp_lm_loss``: the token mean over the
     SP group, identical on every rank, each rank's backward giving its share."""
-    import zeco
+    from longseq import zeco
     handle = zeco.parallelize(model, groups.sp_group, method=spec.name, **options)
 
     def loss(batch):

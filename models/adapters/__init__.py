@@ -1,13 +1,13 @@
 """Adapters: parallel plans for models longseq did not write, applied from outside (no edits to the
 third-party source).
 
-* :mod:`models.adapters.latte`   — diffusers' ``LatteTransformer3DModel`` made DSP-parallel
+* :mod:`longseq.adapters.latte`   — diffusers' ``LatteTransformer3DModel`` made DSP-parallel
   (``latte.parallelize(model, group)``), on the DSP plan engine's entry / input check / exit.
-* :mod:`models.adapters.fla_gla` — fla's GLA models (``fla.models.GLAForCausalLM``): their
+* :mod:`longseq.adapters.fla_gla` — fla's GLA models (``fla.models.GLAForCausalLM``): their
   ``GatedLinearAttention`` layers routed through ``zeco.sp_gla`` (``fla_gla.parallelize(model,
   group)``), with pure-PyTorch stand-ins for fla's Triton-only modules where Triton cannot run.
 
-Each module imports its third-party library lazily (on first use), so ``import models.adapters``
+Each module imports its third-party library lazily (on first use), so ``import longseq.adapters``
 costs nothing. See docs/integration.md.
 """
 import importlib

@@ -39,8 +39,8 @@ and caches (``use_cache``) are not supported under SP (``NotImplementedError``):
 Usage::
 
     from fla.models import GLAConfig, GLAForCausalLM
-    from models.adapters import fla_gla
-    import zeco
+    from longseq.adapters import fla_gla
+    from longseq import zeco
     model = GLAForCausalLM(GLAConfig(..., use_cache=False))          # the same weights on every rank
     handle = fla_gla.parallelize(model, groups, method="zeco")
     labels = zeco.shard_sequence(zeco.shift_labels(ids), groups.sp_group)
@@ -317,7 +317,7 @@ class FLAGLAHandle:
 
     def remove(self) -> None:
         if self.group is not None:
-            import zeco
+            from longseq import zeco
             zeco.unparallelize(self.model)
         for undo in reversed(self._undo):
             undo()
@@ -346,7 +346,7 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
     from fla.layers.gla import GatedLinearAttention
     from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
 
-    from zeco.gla import gla as local_gla
+    from longseq.zeco.gla import gla as local_gla
 
     if vars(model).get(_MARK) is not None:
         raise ValueError("fla_gla: this model is already adapted; call .remove() on its handle first")
@@ -433,7 +433,7 @@ def parallelize(model: nn.Module, group: Any, *, method: str = "zeco", num_block
     through :func:`zeco.sp_gla` with ``method`` / ``num_blocks`` / ``overlap`` / ``check``), short
     convolutions with halos from the previous ranks, and ``labels`` refused (module docstring).
     Returns the handle; ``remove()`` restores the model."""
-    import zeco
+    from longseq import zeco
     from fla.modules import ShortConvolution
 
     sp_group = group.sp_group if hasattr(group, "sp_group") else group

@@ -50,7 +50,7 @@ broadcast fails there too).
 Usage::
 
     from diffusers import LatteTransformer3DModel
-    from models.adapters import latte
+    from longseq.adapters import latte
     model = LatteTransformer3DModel(**cfg)                   # same weights on every rank
     handle = latte.parallelize(model, groups)                # a process group or longseq.ParallelGroups
     out = model(x, timestep=t, encoder_hidden_states=y).sample   # whole output on every rank
@@ -64,8 +64,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from dsp.plan import _PARALLELIZED, Boundary, DSPHandle, Plan
-from dsp.primitives import gather, switch
+from longseq.dsp.plan import _PARALLELIZED, Boundary, DSPHandle, Plan
+from longseq.dsp.primitives import gather, switch
 from longseq.sharding import check_shardable, shard_range, split_sizes
 
 __all__ = ["LATTE_PLAN", "LatteDSPHandle", "parallelize", "tiny_config", "build"]
