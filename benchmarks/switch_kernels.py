@@ -42,6 +42,7 @@ import torch
 from longseq import kernels
 from longseq.sharding import split_sizes
 
+_REF = "torch (reference: mul, add)"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -98,6 +99,16 @@ def _old_unpack(buf, shape, gd, sizes, sd):
     return torch.cat(pieces, dim=g).movedim(0, sd).contiguous()
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t
+
+
+def _same(pack_fn, unpack_fn, want) -> bool:
+    """The backend's pack and unpack equal the PyTorch path bit for bit."""
+    got = (pack_fn(), unpack_fn())
+    return all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+
+
 def _backends(device: torch.device) -> list:
     """[(name, reason it cannot run or None)] for the three backends."""
     return [(b, kernels.unavailable_reason(b, device)) for b in kernels.BACKENDS]
@@ -143,13 +154,16 @@ def switch_rows(T: int, P: int, args, device: torch.device) -> list:
 
             def pk(_b=b):
                 with _forced(_b):
-                    kernels.pack(x, sd, send)
+                    return kernels.pack(x, sd, send)
 
             def up(_b=b):
                 with _forced(_b):
-                    kernels.unpack(recv, out_shape, gd, gsizes)
+                    return kernels.unpack(recv, out_shape, gd, gsizes)
 
             fns[f"{b} pack"], fns[f"{b} unpack"] = pk, up
+        with _forced("torch"):
+            want = (kernels.pack(x, sd, send), kernels.unpack(recv, out_shape, gd, gsizes))
+        exact = {b: _same(fns[f"{b} pack"], fns[f"{b} unpack"], want) for b, why in _backends(device) if why is None}
         med = _median_rounds(fns, args, timer)
         copy_gbs = nbytes / med["copy"] / 1e9
         shape = "x".join(map(str, local))
@@ -160,7 +174,8 @@ def switch_rows(T: int, P: int, args, device: torch.device) -> list:
                 rows.append(dict(switch=name, T=T, P=P, shape=shape, backend=b, note=skipped[b]))
                 continue
             p, u = med[f"{b} pack"], med[f"{b} unpack"]
-            rows.append(dict(switch=name, T=T, P=P, shape=shape, backend=b, pack_ms=p * 1e3, unpack_ms=u * 1e3,
+            rows.append(dict(switch=name, T=T, P=P, shape=shape, backend=b, exact=exact.get(b),
+                             pack_ms=p * 1e3, unpack_ms=u * 1e3,
                              pack_gbs=nbytes / p / 1e9, unpack_gbs=nbytes / u / 1e9,
                              pack_pct=100 * (nbytes / p / 1e9) / copy_gbs,
                              unpack_pct=100 * (nbytes / u / 1e9) / copy_gbs))
@@ -199,14 +214,16 @@ def scan_rows(args, device: torch.device) -> list:
                 with _forced(_b):
                     for r0, r1 in bounds:
                         kernels.scan_update(out[r0:r1], inp[r0:r1], local[r0:r1], decay[r0:r1])
+                return out.clone()
 
-            fns[b + (" (reference: mul, add)" if b == "torch" else " fused")] = fused
+            fns[_REF if b == "torch" else b + " fused"] = fused
+        exact = {k: torch.equal(fn(), fns[_REF]()) for k, fn in fns.items() if k != "old (cast, addcmul)"}
         med = _median_rounds(fns, args, timer)
         base = med["old (cast, addcmul)"]
         name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[local_dt]
         for k, t in med.items():
             out_rows.append(dict(local=name, state="x".join(map(str, args.state)), N=args.blocks, row=k,
-                                 ms=t * 1e3, gbs=nbytes / t / 1e9, vs_old=base / t))
+                                 exact=exact.get(k), ms=t * 1e3, gbs=nbytes / t / 1e9, vs_old=base / t))
         for b, why in skipped.items():
             out_rows.append(dict(local=name, state="x".join(map(str, args.state)), N=args.blocks, row=b, note=why))
     return out_rows
@@ -216,27 +233,32 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
+def _exact(v) -> str:
+    return "-" if v is None else ("bitwise" if v else "DIFFERS")
+
+
 def format_switch(rows: list) -> str:
-    lines = ["| switch | T | P | local shape | backend | pack ms | pack GB/s | pack % copy | unpack ms | "
-             "unpack GB/s | unpack % copy |", "|" + "---|" * 11]
+    lines = ["| switch | T | P | local shape | backend | = torch | pack ms | pack GB/s | pack % copy | unpack ms | "
+             "unpack GB/s | unpack % copy |", "|" + "---|" * 12]
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['switch']} | {r['T']} | {r['P']} | {r['shape']} | {r['backend']} | "
-                         f"not run: {r['note']} |" + " |" * 5)
+                         f"not run: {r['note']} |" + " |" * 6)
             continue
         lines.append(f"| {r['switch']} | {r['T']} | {r['P']} | {r['shape']} | {r['backend']} | "
-                     f"{_f(r['pack_ms'], '.3f')} | {_f(r['pack_gbs'], '.1f')} | {_f(r['pack_pct'], '.0f')} | "
+                     f"{_exact(r.get('exact'))} | {_f(r['pack_ms'], '.3f')} | {_f(r['pack_gbs'], '.1f')} | {_f(r['pack_pct'], '.0f')} | "
                      f"{_f(r['unpack_ms'], '.3f')} | {_f(r['unpack_gbs'], '.1f')} | {_f(r['unpack_pct'], '.0f')} |")
     return "\n".join(lines)
 
 
 def format_scan(rows: list) -> str:
-    lines = ["| local | state | N | update | ms per state | GB/s | speed-up vs old |", "|" + "---|" * 7]
+    lines = ["| local | state | N | update | = torch | ms per state | GB/s | speed-up vs old |", "|" + "---|" * 8]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['local']} | {r['state']} | {r['N']} | {r['row']} | not run: {r['note']} | | |")
+            lines.append(f"| {r['local']} | {r['state']} | {r['N']} | {r['row']} | not run: {r['note']} | | | |")
         else:
-            lines.append(f"| {r['local']} | {r['state']} | {r['N']} | {r['row']} | {r['ms']:.4f} | "
+            lines.append(f"| {r['local']} | {r['state']} | {r['N']} | {r['row']} | {_exact(r.get('exact'))} | "
+                         f"{r['ms']:.4f} | "
                          f"{r['gbs']:.1f} | {r['vs_old']:.2f} |")
     return "\n".join(lines)
 
@@ -281,11 +303,15 @@ def main(argv: Optional[list] = None) -> int:
         t = "\nAll-Scan block update, float32 state, per-row decay\n" + format_scan(blob["scan"])
         print(t, flush=True)
         text.append(t)
+    bad = [r for r in blob["switch"] + blob["scan"] if r.get("exact") is False]
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "switch_kernels.md").write_text("\n".join(text) + "\n")
         (out / "switch_kernels.json").write_text(json.dumps(blob, indent=1))
+    if bad:
+        print(f"FAIL: {len(bad)} rows differ from the PyTorch path", file=sys.stderr)
+        return 1
     return 0
 
 
