@@ -99,9 +99,11 @@ def apply_fsdp(model: nn.Module, groups: ParallelGroups, mode: str = "full", *, 
         modules.append(u)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     modules.append(model)
-    if mode == "full":
-        for m in modules:
+    for m in modules:
+        if mode == "full":
             m.set_gradient_divide_factor(float(groups.dp_size))
+        if mesh.device_type == "cpu":
+            m.set_force_sum_reduction_for_comms(True)    # gloo has no PREMUL_SUM: sum, then divide
     return FSDPPlan(mode, groups, mesh, modules)
 
 
