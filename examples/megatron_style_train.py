@@ -207,8 +207,8 @@ def fsdp_units(model: torch.nn.Module) -> list:
     if blocks := getattr(model, "blocks", None):
         if all(hasattr(b, "spatial") and hasattr(b, "temporal") for b in blocks):
             return [m for b in blocks for m in (b.spatial, b.temporal)]
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return list(layers) if layers is not None else []
+    layers = getattr(model, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 # ----------------------------------------------------------------------------------------------

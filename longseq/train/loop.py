@@ -209,6 +209,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     ``mesh``: a ``DeviceMesh`` to take the SP x DP groups from (its dim ``parallel.mesh_dims[1]``
     is SP, the others DP); by default they are built over the world."""
     device = _device(cfg)
+    owns_group = not dist.is_initialized()      # a caller's process group (and mesh) is left as it was
     longseq.init_distributed(_backend(cfg, device), timeout_s=float(cfg.train.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != layout.world:
@@ -376,7 +377,8 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
                  "(raise train.steps to train longer, or use a new train.out_dir)")
         print(text, flush=True)
     _barrier("train.end")
-    longseq.launch.destroy()
+    if owns_group:
+        longseq.launch.destroy()
     return {"step": step, "losses": losses, "last": last, "out_dir": str(out_dir)}
 
 
