@@ -52,7 +52,7 @@ def _setup(overrides, one_process=False):
 def _train(t, loader, cfg, groups, plan, steps):
     """``steps`` optimizer steps; per step the global loss and the whole gradients."""
     import longseq
-    from longseq.train.loop import _ensure_grads, make_optimizer
+    from longseq.train.loop import backward_and_sync, make_optimizer
 
     params = [p for p in t.model.parameters() if p.requires_grad]
     opt = make_optimizer(t.model, cfg.optim)
@@ -60,13 +60,7 @@ def _train(t, loader, cfg, groups, plan, steps):
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = t.loss(loader.batch(4 * s))
-        loss.backward()
-        _ensure_grads(params)
-        if plan is None:
-            longseq.sync_gradients(params, groups)
-        else:
-            plan.finish_gradients(params)
-        longseq.fsdp.grad_norm(params, float(cfg.optim.grad_clip))
+        backward_and_sync(loss, params, groups, plan, float(cfg.optim.grad_clip))
         value = loss.detach().reshape(1).clone()
         if groups.dp_size > 1:
             longseq.comm.all_reduce(value, groups.dp_group, tag="test.loss")

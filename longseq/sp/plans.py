@@ -247,14 +247,14 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
     """
     if method not in METHODS:
         raise ValueError(f"unknown sequence-parallel method {method!r}; valid methods: {', '.join(METHODS)}")
-    mesh, group = mesh_of(group), sp_group_of(group, sp_dim)
+    mesh, sp = mesh_of(group), sp_group_of(group, sp_dim)
     if method == "dsp":
         extra = {k: v for k, v in dict(plan=plan, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                       grad_comm_dtype=grad_comm_dtype).items() if v is not None}
         if extra or kernel != "auto":
             raise ValueError(f"method 'dsp' takes no {', '.join(extra) or 'kernel'} option (dsp_plan= chooses its plan)")
         from longseq import dsp
-        handle = dsp.parallelize(model, group, dsp_plan, gather_output=gather_output, check_inputs=check_inputs)
+        handle = dsp.parallelize(model, sp, dsp_plan, gather_output=gather_output, check_inputs=check_inputs)
         handle.mesh = mesh
         return handle
     if dsp_plan is not None:
@@ -269,7 +269,6 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
         raise ValueError(f"unknown ring attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     grad_comm_dtype = _dtype(grad_comm_dtype)
     sp_plan = _as_sp_plan(plan)
-    sp = group
     P, r = comm.group_size(sp), comm.group_rank(sp)
     attns = _matching(model, sp_plan.attentions, "attention")
     offsets = _matching(model, sp_plan.offset_stages, "offset stage") if sp_plan.offset_stages else []

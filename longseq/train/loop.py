@@ -36,7 +36,7 @@ from . import methods
 from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
 from .metrics import MetricsWriter, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
-__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor"]
+__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "backward_and_sync"]
 
 
 def _env_rank() -> int:
@@ -170,6 +170,19 @@ def _ensure_grads(params: list) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+
+
+def backward_and_sync(loss: torch.Tensor, params: list, groups, fsdp_plan, clip: float) -> torch.Tensor:
+    """Backward, then the gradients of the global batch on every rank (``sync_gradients``, or
+    FSDP's reduce-scatter and :meth:`~longseq.fsdp.FSDPPlan.finish_gradients`), clipped to
+    ``clip``; returns the global gradient norm before clipping."""
+    loss.backward()
+    _ensure_grads(params)
+    if fsdp_plan is None:
+        longseq.sync_gradients(params, groups)
+    else:
+        fsdp_plan.finish_gradients(params)
+    return longseq.fsdp.grad_norm(params, clip)
 
 
 def _groups(cfg, layout: ParallelLayout, mesh):
@@ -308,13 +321,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(precision, device):
             loss = trainable.loss(batch)
-        loss.backward()
-        _ensure_grads(params)
-        if fsdp_plan is None:
-            longseq.sync_gradients(params, groups)
-        else:
-            fsdp_plan.finish_gradients(params)
-        gnorm = longseq.fsdp.grad_norm(params, clip)
+        gnorm = backward_and_sync(loss, params, groups, fsdp_plan, clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
