@@ -25,22 +25,19 @@ OUT=${OUT:-build/gpu-checks}
 mkdir -p "$OUT" build/triton-cache build/torch-extensions
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache} PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch-extensions} MAX_JOBS=${MAX_JOBS:-8}
+# A venv that sees the machine's torch, with longseq installed (editable, no dependencies fetched)
+# and the wheels of .whl/ if any.
+VENV=${VENV:-build/gpu-venv}
+test -x "$VENV/bin/python" || python3 -m venv --system-site-packages "$VENV" || exit 1
+PY=$VENV/bin/python
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-# the installed namespace (longseq.dsp, longseq.benchmarks, ...) without pip install: a link farm
-if ! python3 -c "import longseq.benchmarks" 2>/dev/null; then
-    mkdir -p build/ns/longseq
-    for f in longseq/*; do ln -sfn "$PWD/$f" "build/ns/longseq/$(basename "$f")"; done
-    for m in dsp zeco models benchmarks; do ln -sfn "$PWD/$m" "build/ns/longseq/$m"; done
-    ln -sfn "$PWD/models/adapters" build/ns/longseq/adapters
-    export PYTHONPATH=$PWD/build/ns:$PYTHONPATH
-fi
+"$PY" -m pip install --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
 declare -A STEP_TIMEOUT=([build]=300 [overhead]=200 [switch]=150 [compute-stdit]=110 [compute-gla]=110
                          [ops]=540 [tests]=540)
-python3 - <<'PY' | tee "$OUT/env.txt"
+"$PY" - <<'PY' | tee "$OUT/env.txt"
 import datetime, subprocess, torch
 print("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 print("commit", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "?")
@@ -52,7 +49,7 @@ for mod in ("triton", "fla"):
     except ImportError as e:
         print(mod, "missing:", e)
 PY
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "no CUDA device is visible: these checks need a GPU"; exit 3; }
 rc=0
 step() {  # step NAME CMD...: run under its timeout, log to $OUT/NAME.log, remember a failure
@@ -68,25 +65,25 @@ build_pid=
 for part in $parts; do
   case $part in
     build)
-      ( step build python3 -c "import torch; from longseq.kernels import cuda_ext; \
+      ( step build "$PY" -c "import torch; from longseq.kernels import cuda_ext; \
 why = cuda_ext.unavailable_reason(torch.device('cuda')); print(why or 'CUDA extension loaded'); raise SystemExit(1 if why else 0)" ) &
       build_pid=$! ;;
     overhead)
-      step overhead python3 -m longseq.benchmarks.pinned longseq.benchmarks.gla_local_overhead \
+      step overhead "$PY" -m longseq.benchmarks.pinned longseq.benchmarks.gla_local_overhead \
           --tokens 8192 32768 --dtypes bf16 --repeats 10 --warmup 2 --json "$OUT/gla_local_overhead.json" ;;
     switch)
       [ -n "$build_pid" ] && { wait "$build_pid"; build_pid=; }
-      step switch python3 -m longseq.benchmarks.switch_kernels --device cuda --frames 16 32 64 --procs 8 \
+      step switch "$PY" -m longseq.benchmarks.switch_kernels --device cuda --frames 16 32 64 --procs 8 \
           --repeats 20 --warmup 3 --out-dir "$OUT" ;;
     compute)
       for fam in stdit gla; do
-        step compute-$fam python3 -m longseq.benchmarks.pinned longseq.benchmarks.scaling --device cuda \
+        step compute-$fam "$PY" -m longseq.benchmarks.pinned longseq.benchmarks.scaling --device cuda \
             --families $fam --repeats 2 --warmup 1 --compute-json "$OUT/compute_cuda.json"
       done ;;
     ops)
-      step ops python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py ;;
+      step ops "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py ;;
     tests)
-      step tests python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
+      step tests "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
           tests/test_comm_staging.py tests/test_adapters_fla_gla.py ;;
     *) echo "unknown part '$part' (build, overhead, switch, compute, ops, tests)"; exit 2 ;;
   esac
