@@ -7,6 +7,7 @@
    directory (the macro a CUDA build defines) so the real glue code is checked. Linking needs a CUDA
    torch and is left to setup.py / the JIT build on a GPU machine.
 Both skip, saying so, where nvcc is not found (PATH, $CUDA_HOME/bin, /usr/local/cuda*/bin).
+3. the Triton kernels, compiled for sm_90 by Triton itself (no GPU, no nvcc needed).
 """
 import glob
 import os
@@ -56,3 +57,31 @@ def test_torch_extension_compiles(tmp_path):
     flags = [f"-I{i}" for i in incs] + [f"-I{shim}", f"-I{sysconfig.get_paths()['include']}",
                                        "-DTORCH_EXTENSION_NAME=longseq_kernels_cuda", "-w"]
     _compile("longseq_kernels.cu", tmp_path / "ext.o", *flags)
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Triton compiles every variant of the switch kernels and the scan update to sm_90 machine code
+    without a GPU (its own bundled ptxas), including the specialisations a launch makes (sizes and
+    strides equal to 1 become constants); the scan's PTX has no fused multiply-add."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from longseq.kernels import triton_kernels as TK
+
+    target = GPUTarget("cuda", 90, 32)
+    ints = ["n0", "n1", "n2", "n3", "n4", "s0", "s1", "s2", "s3", "s4", "q", "rem", "other"]
+    base = {"strided": "*i64", "flat": "*i64", **{k: "i64" for k in ints},
+            **{k: "constexpr" for k in ("DIM", "PACK", "BR", "BC")}}
+    for dim in range(5):
+        for pack, ones in [(True, {}), (False, {"n0": 1, "n1": 1, "s4": 1, "rem": 0})]:
+            consts = {"DIM": dim, "PACK": pack, "BR": 32, "BC": 128, **ones}
+            sig = {k: ("constexpr" if k in consts else v) for k, v in base.items()}
+            k = triton.compile(ASTSource(TK._copy_pieces_kernel, sig, constexprs=consts), target=target)
+            assert len(k.asm["cubin"]) > 0, (dim, pack)
+    sig = {"out": "*fp32", "inp": "*fp32", "local": "*bf16", "decay": "*fp32", "rows": "i64", "cols": "i64",
+           **{k: "constexpr" for k in ("HAS_INP", "HAS_DECAY", "BR", "BC")}}
+    k = triton.compile(ASTSource(TK._scan_update_kernel, sig,
+                                 constexprs={"HAS_INP": True, "HAS_DECAY": True, "BR": 16, "BC": 128}),
+                       target=target, options={"enable_fp_fusion": False})
+    assert "fma" not in k.asm["ptx"] and len(k.asm["cubin"]) > 0
