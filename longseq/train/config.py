@@ -7,9 +7,9 @@ everything that can be checked without a process group and raises :class:`Config
 message that names the fix. ``resolve_parallel`` turns ``parallel.sp_size`` (``null`` = the whole
 world) into the SP x DP layout.
 
-Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``; the
-checkout's ``configs/`` (next to the ``longseq`` package: an editable install or a run from the
-checkout); ``longseq/configs`` inside an installed package; ``./configs``.
+Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``;
+``longseq/configs`` inside an installed package; the checkout's ``configs/`` (next to the
+``longseq`` package: an editable install or a run from the checkout); ``./configs``.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def find_config_dir(explicit: str | None = None) -> Path:
         candidates.append(Path(os.environ["LONGSEQ_CONFIG_DIR"]))
     else:
         pkg = Path(__file__).resolve().parents[1]          # .../longseq
-        candidates += [pkg.parent / "configs", pkg / "configs", Path.cwd() / "configs"]
+        candidates += [pkg / "configs", pkg.parent / "configs", Path.cwd() / "configs"]
     for c in candidates:
         if (c / "config.yaml").is_file() or (explicit and c.is_dir()):
             return c.resolve()
