@@ -93,6 +93,6 @@ def test_two_training_steps_under_torchrun_from_outside_the_checkout(installed, 
     out_dir = work / overrides[1].replace("=", "-")
     out = _ok([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "longseq.train",
                *overrides, "train.steps=2", "train.global_batch_size=2", f"train.out_dir={out_dir}",
-               "train.tensorboard=false", "train.resume=none"], work, env, timeout=240)
+               "train.tensorboard=false", "train.progress=false", "train.resume=none"], work, env, timeout=240)
     assert "done: 2 steps" in out, out[-3000:]
     assert (out_dir / "metrics.jsonl").read_text().count("\n") == 2
