@@ -99,7 +99,6 @@ def apply_optim_settings(opt: torch.optim.Optimizer, sched, ocfg) -> None:
     sched.base_lrs = [lr] * len(opt.param_groups)
     for g, f in zip(opt.param_groups, sched.lr_lambdas):
         g["lr"] = lr * f(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def _changed_settings(old: dict, cfg) -> list[str]:
