@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from longseq.benchmarks.paths import output
 
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)       # bytes of the per-rank buffer

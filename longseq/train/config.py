@@ -17,7 +17,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
