@@ -98,3 +98,25 @@ def test_plot_draws_the_curves(two_steps, tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install matplotlib"):
         from longseq.plot import plot_run
         plot_run(out)
+
+
+def _launch(*overrides, timeout=180):
+    """``python -m longseq.train --nproc_per_node 2 ...``: the entry checks the config, then starts torchrun."""
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "longseq.train", "--nproc_per_node", "2", *th.FAST, *overrides],
+                          cwd=th.ROOT, env=th.env(), timeout=timeout, capture_output=True, text=True)
+
+
+def test_launcher_reports_a_config_error_once_before_any_worker_starts():
+    p = _launch("model=stdit_tiny", "parallel=dsp", "parallel.sp_size=3")
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert out.count("config error: parallel.sp_size=3 does not divide the world size 2") == 1, out
+    assert "Traceback" not in out and "ChildFailedError" not in out and "[rank" not in out, out
+
+
+def test_launcher_trains_with_the_workers_it_starts(tmp_path):
+    p = _launch(*BASE[2:], "model=stdit_tiny", "parallel=dsp", "parallel.sp_size=2", "train.steps=1",
+                f"train.out_dir={tmp_path}", "train.resume=none")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(th.metrics(tmp_path)) == 1

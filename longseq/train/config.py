@@ -37,7 +37,8 @@ INTEGERS = ("train.steps", "train.global_batch_size", "train.seed", "train.check
             "train.log_every", "optim.warmup_steps", "data.seed", "data.num_samples")
 
 USAGE = """\
-usage: [torchrun --nproc_per_node N [rendezvous flags]] -m longseq.train [options] [key=value ...]
+usage: python -m longseq.train [--nproc_per_node N] [options] [key=value ...]
+       torchrun --nproc_per_node N [rendezvous flags] -m longseq.train [options] [key=value ...]
 
 Trains a model with sequence parallelism (SP) x data parallelism (DP). Settings are Hydra overrides
 of configs/config.yaml, e.g.
@@ -49,6 +50,8 @@ groups: model=stdit_tiny|stdit_720m|stdit_3b|gla_tiny|gla_1b|gla_3b
         data=synthetic|latents|tokens (data.path=...)   optim=adamw   train=default
 
 options:
+  --nproc_per_node N   launch N local processes (torchrun --standalone) after the config is checked
+                       here, so a config error is one message before any worker starts
   --cfg [job]          print the composed config and exit (nothing is started)
   --config-dir DIR     read configs from DIR (default: the checkout's configs/)
   --config-name NAME   top-level config file (default: config)
@@ -67,6 +70,8 @@ class CliArgs:
     config_name: str = "config"
     print_cfg: bool = False
     help: bool = False
+    nproc: int | None = None          # --nproc_per_node: launch that many local workers
+    worker_argv: list[str] = dataclasses.field(default_factory=list)   # argv without --nproc_per_node
 
 
 def parse_args(argv: Sequence[str]) -> CliArgs:
@@ -78,6 +83,14 @@ def parse_args(argv: Sequence[str]) -> CliArgs:
     for a in it:
         if a in ("-h", "--help"):
             out.help = True
+        elif a.split("=", 1)[0] in ("--nproc_per_node", "--nproc-per-node"):
+            key, _, val = a.partition("=")
+            val = val or next(it, None)
+            if val is None or not val.isdigit() or int(val) < 1:
+                raise ConfigError(f"{key} needs a number of processes, e.g. {key} 2")
+            out.nproc = int(val)
+            i = argv.index(a)
+            out.worker_argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
         elif a in ("--cfg", "--cfg=job", "-c"):
             out.print_cfg = True
         elif a.startswith("--config-dir") or a.startswith("--config-name") or a in ("-cd", "-cn"):

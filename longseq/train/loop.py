@@ -446,10 +446,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if lead:
                 print(OmegaConf.to_yaml(cfg))
             return 0
+        if args.nproc and "LOCAL_RANK" not in os.environ:
+            os.environ["WORLD_SIZE"] = str(args.nproc)     # validate the layout the workers will see
+            try:
+                validate(cfg)
+            finally:
+                del os.environ["WORLD_SIZE"]
+            return launch_workers(args.nproc, args.worker_argv)
         layout = validate(cfg)
     except ConfigError as e:
         if lead:
             print(f"longseq.train: config error: {e}", file=sys.stderr, flush=True)
         return 2
     train(cfg, layout)
+    return 0
+
+
+def launch_workers(nproc: int, argv: Sequence[str]) -> int:
+    """``torchrun --standalone --nproc_per_node nproc -m longseq.train argv``, in this process, once
+    the config has been checked here; a failed worker is reported in one line (its own output, above,
+    says why) instead of torchrun's ChildFailedError traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc),
+                                          "-m", "longseq.train", *argv]))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(f"longseq.train: {len(e.failures)} of {nproc} workers failed (exit code {', '.join(map(str, codes))});"
+              " their messages are above", file=sys.stderr, flush=True)
+        return 2 if codes == [2] else 1
     return 0
