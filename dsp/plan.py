@@ -909,13 +909,13 @@ class DSPHandle:
                 scale = float(ref.double().abs().max()) if ref.numel() else 0.0
         bad = not err <= self._debug_rtol * scale + 1e-6
         everyone = comm.all_gather_int(int(bad), self.group, tag="dsp.debug.flag")
-        name = path if not path.startswith("(output") else \
-            f"the model's output {self.plan.outputs[int(path[8:-1])].label!r}"
+        out = path.startswith("(output")
+        name = f"the model's output {self.plan.outputs[int(path[8:-1])].label!r}" if out else path
         if any(everyone):
             self._active = False
             agree = ", ".join(p for p, _, _ in self.check_report) or "none"
             raise PlanError(
-                f"LONGSEQ_CHECK: DSP plan {self.plan.name!r}: {name} (call {n}) differs from the one-rank "
+                f"LONGSEQ_CHECK: DSP plan {self.plan.name!r}: {name if out else f'stage {path!r}'} (call {n}) differs from the one-rank "
                 f"recomputation: max|a-b| = {err:.3e}, max|ref| = {scale:.3e}"
                 + ("" if ref is None or ref.shape == y.shape else f" (shapes {list(y.shape)} vs {list(ref.shape)})")
                 + f". The stages before it agree ({agree}). Look at what reaches this stage: a position or index "
