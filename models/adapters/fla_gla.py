@@ -61,7 +61,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "tiny_config", "build", "rms_norm",
+__all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "LAYERS", "ROUTES", "FUNCTIONS", "MODELS",
+           "build_model", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
+           "rms_norm_swish_gate_linear", "rotary_embedding", "tiny_config", "build", "rms_norm",
            "rms_norm_gated", "short_conv", "TorchCrossEntropy"]
 
 _STATE = threading.local()          # .layer: the adapted GatedLinearAttention whose forward is running
@@ -82,6 +84,23 @@ def build(**overrides) -> nn.Module:
     """``fla.models.GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))``."""
     from fla.models import GLAConfig, GLAForCausalLM
     return GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))
+
+
+#: fla models whose layers the routing table covers, tested on CPU against one process:
+#: name -> (config class, model class, tiny overrides). Build one with :func:`build_model`.
+MODELS = {
+    "gla": ("GLAConfig", "GLAForCausalLM", {}),
+    "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM", dict(expand_ratio=8)),           # per-key decay, k = 1 - decay
+    "retnet": ("RetNetConfig", "RetNetForCausalLM", {}),                         # scalar decay per head, rotary
+    "linear_attn": ("LinearAttentionConfig", "LinearAttentionForCausalLM", {}),  # no decay (g = 0)
+}
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """A tiny fla causal LM of ``MODELS`` (hidden 32, 2 layers, 2 heads, vocab 64, no cache)."""
+    import fla.models as fm
+    cfg_cls, model_cls, extra = MODELS[name]
+    return getattr(fm, model_cls)(getattr(fm, cfg_cls)(**tiny_config(**{**extra, **overrides})))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +278,8 @@ def no_decay(a: dict) -> torch.Tensor:
 ROUTES: dict[str, Callable[[dict], torch.Tensor]] = {
     **dict.fromkeys(("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"), gla_decay),
     **dict.fromkeys(("chunk_simple_gla", "fused_recurrent_simple_gla", "fused_chunk_simple_gla"), scalar_decay),
-    **dict.fromkeys(("chunk_retention", "fused_recurrent_retention", "fused_chunk_retention"), retention_decay),
+    **dict.fromkeys(("chunk_retention", "fused_recurrent_retention", "fused_chunk_retention", "parallel_retention"),
+                    retention_decay),
     **dict.fromkeys(("chunk_linear_attn", "fused_recurrent_linear_attn", "fused_chunk_linear_attn"), no_decay),
 }
 
@@ -271,7 +291,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "fla.layers.hgrn2.HGRN2Attention": ("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"),
     "fla.layers.simple_gla.SimpleGatedLinearAttention": ("chunk_simple_gla", "fused_recurrent_simple_gla"),
     "fla.layers.multiscale_retention.MultiScaleRetention": ("chunk_retention", "fused_recurrent_retention",
-                                                            "fused_chunk_retention"),
+                                                            "fused_chunk_retention", "parallel_retention"),
     "fla.layers.linear_attn.LinearAttention": ("chunk_linear_attn", "fused_recurrent_linear_attn",
                                                "fused_chunk_linear_attn"),
 }
@@ -336,7 +356,7 @@ def _layer_kernels(mod: nn.Module) -> Optional[tuple[str, ...]]:
 
 
 _KNOWN = {"q", "k", "v", "g", "gk", "g_gamma", "scale", "initial_state", "output_final_state", "state_v_first",
-          "transpose_state_layout", "normalize", "chunk_size"}
+          "transpose_state_layout", "normalize", "chunk_size", "output_attentions"}
 
 
 def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
