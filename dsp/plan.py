@@ -57,7 +57,7 @@ import hashlib
 import inspect
 import os
 import weakref
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -762,7 +762,7 @@ class DSPHandle:
         home = self.plan.home
         self._check_shardable(present[0][2], main.layout, home, "the model's input")
         self.inputs = Call(self._old_forward or type(module).forward.__get__(module), call.args, call.kwargs)
-        if self._debug and self._records is None and self.size > 1:
+        if self._debug and self.size > 1:
             self._recompute(call)
         self._sharded_inputs = []
         for b, key, x in present:
@@ -799,9 +799,8 @@ class DSPHandle:
                 yu, names = L.unfold(lay, y, self._shown(home))
                 yw = gather(yu, names.index(home), self.group, self.sizes[home], tag="dsp.exit")
                 out = _replace(out, b, L.fold(lay, yw, self.sizes))
-        if self._records is not None:
-            self._records = {}                  # compared once: the first forward only
-            self._debug = False
+        if self._records is not None:           # compared once: the first forward only
+            self._records, self._debug = None, False
         return out
 
     def _stage_pre(self, path: str, module: nn.Module, st: Stage):
@@ -912,7 +911,7 @@ class DSPHandle:
         out = path.startswith("(output")
         name = f"the model's output {self.plan.outputs[int(path[8:-1])].label!r}" if out else path
         if any(everyone):
-            self._active = False
+            self._active, self._records, self._debug = False, None, False
             agree = ", ".join(p for p, _, _ in self.check_report) or "none"
             raise PlanError(
                 f"LONGSEQ_CHECK: DSP plan {self.plan.name!r}: {name if out else f'stage {path!r}'} (call {n}) differs from the one-rank "

@@ -1,4 +1,12 @@
-"""ZeCO for fla's GLA models (``fla.models.GLAForCausalLM`` / ``GLAModel``), applied from outside.
+"""ZeCO for fla's gated-linear-attention models, applied from outside: one adapter, one routing table.
+
+Every fla layer of ``LAYERS`` (GLA, HGRN2, simple GLA, retention, linear attention; extend it in
+two lines, see ``ROUTES``) has its kernel calls routed to a ``gla_fn`` while its forward runs:
+each kernel's arguments become ``q, k, v`` and the log decay ``g [B, T, H, K]`` of the GLA it
+computes (per key, scalar per head, fixed per head, or none). Triton functions the layers call
+by name get PyTorch stand-ins on CPU (``FUNCTIONS``), rotary embeddings the rank's global offset
+under SP. The rest of this docstring describes the GLA case; docs/integration.md lists every fla
+layer and whether it works.
 
 fla's ``GatedLinearAttention.forward`` (``fla/layers/gla.py``) projects q, k, v and the low-rank
 gate ``gk``, then calls one of its module-level kernels — ``fused_recurrent_gla`` when the sequence
