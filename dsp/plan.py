@@ -205,10 +205,6 @@ class Plan:
             need(b.layout, self.home, f"input {b.label!r}")
         for b in self.outputs:
             need(b.layout, self.home, f"output {b.label!r}")
-        known = set(self.names)
-        for name, dim in self.kwargs:
-            if dim not in known:
-                raise PlanError(f"DSP plan {self.name!r}: kwargs[{name!r}] names {dim!r}, which no layout has")
         for pat, st in self.stages:
             need(st.layout, st.shard, f"stage {pat!r}")
             need(st.layout, self.home, f"stage {pat!r}")
@@ -216,10 +212,12 @@ class Plan:
             need(st.output_layout, self.home, f"stage {pat!r} output")
             for name, lay in st.args:
                 need(lay, None, f"stage {pat!r} argument {name!r}")
-            for name, dim in st.kwargs:
+        known = set(self.names)
+        for where, pairs in [("", self.kwargs)] + [(f"stage {pat!r} ", st.kwargs) for pat, st in self.stages]:
+            for name, dim in pairs:
                 if dim not in known:
-                    raise PlanError(f"DSP plan {self.name!r}: stage {pat!r} kwargs[{name!r}] names {dim!r}, "
-                                    "which no layout has")
+                    raise PlanError(f"DSP plan {self.name!r}: {where}kwargs[{name!r}] names {dim!r}, which no "
+                                    "layout has")
 
     @property
     def inputs(self) -> tuple[Boundary, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed
 
 from . import comm
 from .sharding import shard_range
@@ -23,20 +24,23 @@ def position_range(n: int, parts: int, index: int) -> range:
     return range(a, b)
 
 
-def _group(group: Any) -> Any:
-    return group.sp_group if hasattr(group, "sp_group") else group
+def _size_rank(group: Any) -> tuple[int, int]:
+    """(size, rank) of a process group or a ``ParallelGroups``' SP group; None without
+    torch.distributed initialised is one rank."""
+    g = group.sp_group if hasattr(group, "sp_group") else group
+    if g is None and not torch.distributed.is_initialized():
+        return 1, 0
+    return comm.group_size(g), comm.group_rank(g)
 
 
 def position_offset(n: int, group: Any) -> int:
     """The global index of this rank's first element of a dim of whole size ``n`` sharded over
     ``group`` (a process group or a ``longseq.ParallelGroups``: its SP group; None: one rank)."""
-    g = _group(group)
-    return position_range(n, comm.group_size(g), comm.group_rank(g)).start
+    return position_range(n, *_size_rank(group)).start
 
 
 def positions(n: int, group: Any, *, device: Any = None, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """This rank's global indices ``[start, stop)`` along a dim of whole size ``n`` sharded over
     ``group`` (``tensor_split`` sizes): what ``arange`` must give on this rank's piece."""
-    g = _group(group)
-    r = position_range(n, comm.group_size(g), comm.group_rank(g))
+    r = position_range(n, *_size_rank(group))
     return torch.arange(r.start, r.stop, device=device, dtype=dtype)
