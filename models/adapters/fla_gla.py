@@ -142,7 +142,7 @@ def rms_norm(x, weight, bias, eps, residual=None, prenorm=False, residual_in_fp3
 def rms_norm_gated(x, g, weight, bias, eps, activation="swish", residual=None, prenorm=False,
                    residual_in_fp32=False):
     """fla's ``rms_norm_gated``: ``rms_norm(x) * act(g)``, act swish/silu (``g·sigmoid(g)``) or
-    sigmoid, in float32, output in x's dtype."""
+    sigmoid, in float32 (float64 for float64), output in x's dtype."""
     out = rms_norm(x, weight, bias, eps, residual, prenorm, residual_in_fp32)
     y, res = (out if prenorm else (out, None))
     gf = g.to(_compute_dtype(x))
@@ -396,7 +396,7 @@ def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
     v_first = bool(a.get("state_v_first") or a.get("transpose_state_layout"))
     if h0 is not None and v_first:
         h0 = h0.transpose(-1, -2)
-    o, ht = layer.gla_fn(q, k, v, g.to(q.dtype), scale=a.get("scale"), initial_state=h0, output_final_state=final,
+    o, ht = layer.gla_fn(q, k, v, g.to(q.dtype).contiguous(), scale=a.get("scale"), initial_state=h0, output_final_state=final,
                          **layer._longseq_gla_opts)
     if ht is not None and v_first:
         ht = ht.transpose(-1, -2)
