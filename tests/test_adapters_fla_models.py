@@ -43,10 +43,8 @@ def _ids():
     return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(5))
 
 
-def _state_elements(model):
+def _state_elements(layer):
     """B·H·K·V of one layer's recurrent state."""
-    from longseq.adapters import fla_gla
-    layer = next(m for m in model.modules() if fla_gla._layer_kernels(m) is not None)
     K = getattr(layer, "head_f_dim", None) or layer.head_k_dim
     V = getattr(layer, "head_i_dim", None) or layer.head_v_dim
     return B * layer.num_heads * K * V
@@ -69,7 +67,7 @@ def _sp_run(names):
         longseq.sync_gradients(model.parameters(), groups)
         handle.remove()
         out[name] = dict(logits=logits.detach(), loss=loss.detach(), grads=param_grads(model, skip_missing=True),
-                         state=_state_elements(model), layers=len(handle.layers),
+                         state=_state_elements(model.get_submodule(handle.layers[0])), layers=len(handle.layers),
                          records=[(x.op, x.tag, x.elements_sent) for x in rec])
     return out
 
