@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Prep", "chunk_prepare", "state_pass", "chunk_outputs", "chunk_delta_rule", "local_maps",
-           "state_dtype"]
+           "map_pass", "corrections", "state_dtype"]
 
 
 def state_dtype(*ts) -> torch.dtype:
@@ -130,7 +130,13 @@ def chunk_outputs(prep: Prep, starts: torch.Tensor) -> torch.Tensor:
 
 def chunk_delta_rule(q, k, v, g, beta, *, scale: float, initial_state: Optional[torch.Tensor] = None,
                      chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32/64)``; differentiable."""
+    """``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32/64)``; differentiable. Runs
+    with autocast off (the chunk maths and states stay float32 under bf16 autocast)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunk_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+
+
+def _chunk_delta_rule(q, k, v, g, beta, *, scale, initial_state, chunk_size):
     B, T, H, K = q.shape
     if T == 0:
         S = torch.zeros(B, H, K, v.shape[-1], dtype=state_dtype(q, k, v, g, beta), device=q.device)
@@ -141,17 +147,29 @@ def chunk_delta_rule(q, k, v, g, beta, *, scale: float, initial_state: Optional[
     return chunk_outputs(prep, starts).to(v.dtype), final
 
 
-def local_maps(prep: Prep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A piece's affine map and ZeCO's correction operator, from one pass on ``[H | A]``:
-    ``(o_local [B, T, H, V] (zero initial state), F [B, T, H, K], A_piece [B, H, K, K],
-    S_local [B, H, K, V])`` with ``o = o_local + F · S_in`` and ``S_end = S_local + A_piece · S_in``."""
+def map_pass(prep: Prep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sequential pass on ``[H | A]`` from ``[0 | I]``: ``(per-chunk starts [B, H, n, K, V + K],
+    A_piece [B, H, K, K], S_local [B, H, K, V])``; the piece's map is ``S_end = S_local + A_piece · S_in``."""
     V, K = prep.H.shape[-1], prep.A.shape[-1]
-    B, Hh, n = prep.A.shape[:3]
+    B, Hh = prep.A.shape[:2]
     eye = torch.eye(K, dtype=prep.A.dtype, device=prep.A.device).expand(B, Hh, K, K)
     ext0 = torch.cat([torch.zeros(B, Hh, K, V, dtype=prep.A.dtype, device=prep.A.device), eye], -1)
-    ext_H = torch.cat([prep.H, torch.zeros_like(prep.A)], -1)
-    starts, final = state_pass(prep.A, ext_H, ext0)
+    starts, final = state_pass(prep.A, torch.cat([prep.H, torch.zeros_like(prep.A)], -1), ext0)
+    return starts, final[..., V:], final[..., :V]
+
+
+def corrections(prep: Prep, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From :func:`map_pass`'s starts: ``(o_local [B, T, H, V] (zero initial state), F [B, T, H, K])``
+    with ``o = o_local + F · S_in``: ``F_t = E_c Π_c`` for token t of chunk c, ``Π_c`` the product of the
+    earlier chunks' transitions."""
+    V = prep.H.shape[-1]
     oe = prep.E @ starts                                      # [B, H, n, C, V + K]
-    o_local = _unchunk(prep.o_intra + oe[..., :V], prep.T)
-    Fc = _unchunk(oe[..., V:], prep.T)
-    return o_local, Fc, final[..., V:], final[..., :V]
+    return _unchunk(prep.o_intra + oe[..., :V], prep.T), _unchunk(oe[..., V:], prep.T)
+
+
+def local_maps(prep: Prep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A piece's affine map and ZeCO's correction operator: ``(o_local, F, A_piece, S_local)``
+    (:func:`map_pass` then :func:`corrections`)."""
+    starts, A, S_local = map_pass(prep)
+    o_local, Fc = corrections(prep, starts)
+    return o_local, Fc, A, S_local

@@ -19,7 +19,8 @@ __all__ = ["recurrent_delta_rule_reference", "l2norm"]
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum x² + eps)`` over the last dim (the q/k normalisation Gated DeltaNet uses)."""
-    return x * torch.rsqrt((x.float() * x.float()).sum(-1, keepdim=True) + eps).to(x.dtype)
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def recurrent_delta_rule_reference(q, k, v, g, beta, *, scale: Optional[float] = None,
