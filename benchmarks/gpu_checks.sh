@@ -16,12 +16,17 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-checks}
 mkdir -p "$OUT" build/triton-cache
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache} PYTHONUNBUFFERED=1
+# A venv that sees the machine's torch, with longseq installed (editable, no dependencies fetched)
+# and the wheels of .whl/ if any.
+VENV=${VENV:-build/gpu-venv}
+test -x "$VENV/bin/python" || python3 -m venv --system-site-packages "$VENV" || exit 1
+PY=$VENV/bin/python
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 - <<'PY' | tee "$OUT/env.txt"
+"$PY" -m pip install --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+"$PY" - <<'PY' | tee "$OUT/env.txt"
 import torch, triton
 print("torch", torch.__version__, "| triton", triton.__version__, "|",
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
@@ -30,22 +35,22 @@ try:
 except ImportError as e:
     print("fla missing:", e)
 PY
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "no CUDA device is visible: these checks need a GPU"; exit 3; }
 rc=0
 for part in ${@:-ops tests overhead}; do
   case $part in
     ops)
-      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py \
+      "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py \
           2>&1 | tee "$OUT/ops.log" || rc=1 ;;
     tests)
-      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
+      "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
           tests/test_comm_staging.py tests/test_adapters_fla_gla.py 2>&1 | tee "$OUT/tests.log" || rc=1 ;;
     overhead)
-      python3 -m benchmarks.gla_local_overhead --json "$OUT/gla_local_overhead.json" \
+      "$PY" -m longseq.benchmarks.gla_local_overhead --json "$OUT/gla_local_overhead.json" \
           2>&1 | tee "$OUT/gla_local_overhead.txt" || rc=1 ;;
     scaling-stdit|scaling-gla)
-      python3 -m benchmarks.scaling --device cuda --families "${part#scaling-}" \
+      "$PY" -m longseq.benchmarks.scaling --device cuda --families "${part#scaling-}" \
           --compute-json "$OUT/compute_cuda.json" 2>&1 | tee -a "$OUT/scaling.log" || rc=1 ;;
     *) echo "unknown part '$part' (ops, tests, overhead, scaling-stdit, scaling-gla)"; exit 2 ;;
   esac

@@ -36,22 +36,16 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:          # models/ is run from the checkout
-    sys.path.insert(0, ROOT)
-
-from longseq import dsp  # noqa: E402
-import longseq  # noqa: E402
-from longseq import zeco  # noqa: E402
-from longseq import functional as LF  # noqa: E402
+from longseq import dsp
+import longseq
+from longseq import zeco
+from longseq import functional as LF
 
 MODELS = ("stdit", "gla", "latte", "fla-gla")
 

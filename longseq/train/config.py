@@ -236,10 +236,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
             raise ConfigError(f"train.resume={resume!r} is neither auto/none nor an existing checkpoint file: pass "
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
-    # The method: known, landed, fits the model family, fits the model's sizes.
-    spec = methods.lookup_method(str(cfg.parallel.method))       # ConfigError if unknown
-    methods.check_family(spec, str(cfg.model.family))            # e.g. zeco for an ST-DiT model
-    methods.check_available(spec)                                # its code has landed
+    # The method: registered for the model family, fits the model's sizes.
+    spec = methods.get_method(cfg)                               # unknown, or e.g. zeco for an ST-DiT model
     layout = resolve_parallel(cfg, world)
     methods.check_model(spec, cfg, layout)                       # e.g. heads divisible for Ulysses
     data_mod.check_data(cfg, layout)                             # missing paths, wrong data for the family
