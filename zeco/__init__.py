@@ -17,6 +17,7 @@ from .all_scan import DEFAULT_HALF_BYTES, AllScanHandle, all_scan, all_scan_star
 from .sp_gla import METHODS, sp_gla
 from .delta import delta_rule, recurrent_delta_rule_reference
 from .sp_delta import DELTA_METHODS, sp_delta_rule
+from . import plans_delta
 from .plans import parallelize, shard_sequence, shift_labels, sp_lm_loss, unparallelize
 
 __all__ = [
