@@ -20,7 +20,7 @@ import torch
 from . import comm
 from .sharding import shard_range, split_sizes
 
-__all__ = ["all_to_all", "all_gather", "reduce_scatter", "gather_whole", "shard_whole", "all_reduce_sum"]
+__all__ = ["all_to_all", "all_gather", "reduce_scatter", "gather_whole", "shard_whole", "all_reduce_sum", "gather_halo"]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -143,3 +143,23 @@ def all_reduce_sum(x: torch.Tensor, group: Any, *, tag: str = "all_reduce") -> t
     """Sum of every rank's ``x``, e.g. per-shard loss terms into the loss. The result is used
     identically on every rank, so each partial's gradient is the result's gradient (backward: identity)."""
     return _AllReduceSum.apply(x, group, tag)
+
+
+def gather_halo(x: torch.Tensor, h: int, group: Any, *, tag: str = "halo") -> torch.Tensor:
+    """The ``h`` tokens just before this rank's contiguous piece ``x [B, T_r, D]`` of a sequence
+    (zeros before the sequence start), for a causal convolution of width ``h + 1``; differentiable.
+    One all-gather of every rank's last ``min(T_r, h)`` tokens (front-padded to ``h``) and their counts
+    (so pieces shorter than ``h`` work); backward reduce-scatters, so each tail gets the gradients of
+    every rank that read it. Returns ``[B, h, D]``."""
+    P, r = comm.group_size(group), comm.group_rank(group)
+    B, T, D = x.shape
+    if P == 1 or h == 0:
+        return x.new_zeros(B, h, D)
+    n = min(T, h)
+    tail = torch.cat([x.new_zeros(B, h - n, D), x[:, T - n:]], dim=1)
+    counts = comm.all_gather_int(n, group, tag=f"{tag}.sizes")
+    tails = all_gather(tail.unsqueeze(0).contiguous(), group, dim=0, tag=tag)          # [P, B, h, D]
+    # every rank's result depends on the gathered tensor (rank 0's on an empty slice), so every rank
+    # runs the backward reduce-scatter
+    pieces = [tails[j, :, h - counts[j]:] for j in range(r)] or [tails[0, :, :0]]
+    return torch.cat([x.new_zeros(B, h, D), *pieces], dim=1)[:, -h:]

@@ -9,13 +9,15 @@ third-party source).
   attention; a public routing table ``LAYERS`` / ``ROUTES``): their layers routed through
   ``zeco.sp_gla`` (``fla_gla.parallelize(model, group)``), with pure-PyTorch stand-ins for fla's
   Triton-only modules and functions where Triton cannot run.
+* :mod:`longseq.adapters.fla_delta` — fla's Gated DeltaNet models (``fla.models.GatedDeltaNetForCausalLM``):
+  their ``GatedDeltaNet`` layers through ``zeco.sp_delta_rule`` (``fla_delta.parallelize(model, group)``).
 
 Each module imports its third-party library lazily (on first use), so ``import longseq.adapters``
 costs nothing. See docs/integration.md.
 """
 import importlib
 
-__all__ = ["latte", "diffusers_video", "fla_gla"]
+__all__ = ["latte", "diffusers_video", "fla_gla", "fla_delta"]
 
 
 def __getattr__(name):

@@ -69,6 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longseq import functional as LF
+
 __all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "LAYERS", "ROUTES", "FUNCTIONS", "MODELS",
            "build_model", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
            "rms_norm_swish_gate_linear", "rotary_embedding", "tiny_config", "build", "rms_norm",
@@ -220,32 +222,11 @@ def _conv_forward(self, x, residual=None, mask=None, cache=None, output_final_st
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
     group = getattr(self, "_longseq_sp_group", None)
-    halo = _gather_halo(x, self.weight.shape[-1] - 1, group) if group is not None else None
+    halo = LF.gather_halo(x, self.weight.shape[-1] - 1, group, tag="fla_gla.conv.halo") if group is not None else None
     y = short_conv(x, self.weight, self.bias, self.activation, halo)
     if residual is not None:
         y = y + residual
     return y, None
-
-
-def _gather_halo(x: torch.Tensor, h: int, group: Any) -> torch.Tensor:
-    """The ``h`` tokens before this rank's piece ``x [B, T_r, D]`` (zeros before the sequence start):
-    one all-gather of every rank's last ``h`` tokens (front-padded with zeros when T_r < h) and their
-    counts; backward reduce-scatters, so each piece's tail gets the gradients of every rank that read it."""
-    from longseq import comm
-    from longseq import functional as LF
-    P, r = comm.group_size(group), comm.group_rank(group)
-    B, T, D = x.shape
-    if P == 1 or h == 0:
-        return x.new_zeros(B, h, D)
-    n = min(T, h)
-    tail = torch.cat([x.new_zeros(B, h - n, D), x[:, T - n:]], dim=1)
-    counts = comm.all_gather_int(n, group, tag="fla_gla.conv.sizes")
-    tails = LF.all_gather(tail.unsqueeze(0).contiguous(), group, dim=0, tag="fla_gla.conv.halo")   # [P, B, h, D]
-    # every rank's result must depend on the gathered tensor (rank 0's on an empty slice of it), so
-    # that every rank runs the backward reduce-scatter: a rank that skipped it would hang the others
-    pieces = [tails[j, :, h - counts[j]:] for j in range(r)] or [tails[0, :, :0]]
-    before = torch.cat([x.new_zeros(B, h, D), *pieces], dim=1)
-    return before[:, before.shape[1] - h:]
 
 
 # ----------------------------------------------------------------------------------------------
