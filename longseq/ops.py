@@ -35,7 +35,7 @@ from . import comm
 from .groups import require_initialized
 from .sharding import shard_range, split_sizes
 
-__all__ = ["group_name", "resolve_group", "OPS"]
+__all__ = ["group_name", "resolve_group", "size_rank", "OPS"]
 
 
 def group_name(group: Any) -> str:
@@ -49,7 +49,8 @@ def resolve_group(name: str) -> Any:
     return _resolve_process_group(name)
 
 
-def _size_rank(name: str) -> tuple[int, int]:
+def size_rank(name: str) -> tuple[int, int]:
+    """``(size, this rank)`` of the group registered under ``name``."""
     g = resolve_group(name)
     return dist.get_world_size(g), dist.get_rank(g)
 
@@ -72,7 +73,7 @@ def _all_to_all(x: torch.Tensor, group: str, scatter_dim: int, gather_dim: int, 
 
 @_all_to_all.register_fake
 def _(x, group, scatter_dim, gather_dim, gather_sizes, tag):
-    P, r = _size_rank(group)
+    P, r = size_rank(group)
     shape = list(x.shape)
     shape[scatter_dim] = split_sizes(x.shape[scatter_dim], P)[r]
     shape[gather_dim] = sum(gather_sizes)
@@ -81,7 +82,7 @@ def _(x, group, scatter_dim, gather_dim, gather_sizes, tag):
 
 def _a2a_setup(ctx, inputs, output):
     x, group, sd, gd, _, tag = inputs
-    ctx.args = (group, gd, sd, split_sizes(x.shape[sd], _size_rank(group)[0]), tag + ".bwd")
+    ctx.args = (group, gd, sd, split_sizes(x.shape[sd], size_rank(group)[0]), tag + ".bwd")
 
 
 def _a2a_backward(ctx, g):
@@ -123,13 +124,13 @@ def _reduce_scatter(x: torch.Tensor, group: str, dim: int, tag: str) -> torch.Te
 
 @_reduce_scatter.register_fake
 def _(x, group, dim, tag):
-    P, r = _size_rank(group)
+    P, r = size_rank(group)
     return _with_dim(x, dim, split_sizes(x.shape[dim], P)[r])
 
 
 def _rs_setup(ctx, inputs, output):
     x, group, dim, tag = inputs
-    ctx.args = (group, dim, split_sizes(x.shape[dim], _size_rank(group)[0]), tag + ".bwd")
+    ctx.args = (group, dim, split_sizes(x.shape[dim], size_rank(group)[0]), tag + ".bwd")
 
 
 def _rs_backward(ctx, g):
@@ -154,7 +155,7 @@ def _(x, group, dim, sizes, tag):
 
 def _gw_setup(ctx, inputs, output):
     _, group, dim, sizes, _ = inputs
-    r = _size_rank(group)[1]
+    r = size_rank(group)[1]
     ctx.dim, ctx.start, ctx.length = dim, sum(sizes[:r]), sizes[r]
 
 
@@ -167,20 +168,20 @@ _gather_whole.register_autograd(_gw_backward, setup_context=_gw_setup)
 
 @torch.library.custom_op("longseq::shard_whole", mutates_args=())
 def _shard_whole(x: torch.Tensor, group: str, dim: int, tag: str) -> torch.Tensor:
-    P, r = _size_rank(group)
+    P, r = size_rank(group)
     start, stop = shard_range(x.shape[dim], P, r)
     return x.narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
 
 
 @_shard_whole.register_fake
 def _(x, group, dim, tag):
-    P, r = _size_rank(group)
+    P, r = size_rank(group)
     return _with_dim(x, dim, split_sizes(x.shape[dim], P)[r]).contiguous()
 
 
 def _sw_setup(ctx, inputs, output):
     x, group, dim, tag = inputs
-    ctx.args = (group, dim, split_sizes(x.shape[dim], _size_rank(group)[0]), tag + ".bwd")
+    ctx.args = (group, dim, split_sizes(x.shape[dim], size_rank(group)[0]), tag + ".bwd")
 
 
 def _sw_backward(ctx, g):
