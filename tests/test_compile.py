@@ -61,7 +61,7 @@ def _stdit_worker():
     target = torch.randn(1, 4, 4, 4, 4, generator=g)
     runs = []
     for compiled in (False, True):
-        model = init_for_testing(STDiT(stdit_config("tiny", patch_size=2)), std=0.1, seed=0)
+        model = init_for_testing(STDiT(stdit_config("tiny", patch_size=2, depth=1)), std=0.1, seed=0)
         dsp.parallelize(model, W)                           # the entry check stays eager, outside the blocks
         if compiled:
             for blk in model.blocks:                        # each block: spatial, temporal and their switches
@@ -70,9 +70,66 @@ def _stdit_worker():
     return _compare(*runs), [r[1] for r in runs[1][3]]
 
 
-@pytest.mark.timeout(TIMEOUT) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_compiled_stdit_block_under_dsp_matches_eager(dist_pool):
     for n, tags in dist_pool(2).run(_stdit_worker, timeout=TIMEOUT):
         assert n > 0
         assert any(t.startswith("dsp.blocks.0.temporal.in") for t in tags)
         assert any(t.endswith(".bwd") for t in tags)
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeCO: a GLA layer compiled
+# ----------------------------------------------------------------------------------------------
+def _gla_worker(method):
+    from longseq import zeco
+    from longseq.models.gla import GLAForCausalLM, gla_config
+    torch._dynamo.reset()
+    W = dist.group.WORLD
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (1, 24), generator=g)                       # T=24 over 2 ranks
+    ids_local = zeco.shard_sequence(ids, W)
+    labels = zeco.shard_sequence(zeco.shift_labels(ids), W)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GLAForCausalLM(gla_config("tiny", num_layers=1, backend="torch"))
+        zeco.parallelize(model, W, method=method, check=False)
+        if compiled:
+            model.layers[0].compile(fullgraph=True)                         # projections, gates, norms, sp_gla
+        runs.append(_step(model, lambda o: zeco.sp_lm_loss(o, labels, W), (ids_local,)))
+    return _compare(*runs), [r[1] for r in runs[1][3]]
+
+
+@pytest.mark.parametrize("method", ["zeco"])
+def test_compiled_gla_layer_under_zeco_matches_eager(dist_pool, method):
+    for n, tags in dist_pool(2).run(_gla_worker, method, timeout=TIMEOUT):
+        assert n > 0
+        assert any(t == f"zeco.scan.fwd" for t in tags) and any(t == "zeco.scan.bwd" for t in tags)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck: schema, fake implementation, autograd registration, AOT dispatch
+# ----------------------------------------------------------------------------------------------
+def _opcheck_worker():
+    from longseq.ops import OPS, group_name
+    name = group_name(dist.group.WORLD)
+    r = dist.get_rank()
+    x = torch.randn(3 + r, 4, 6, dtype=torch.float64, requires_grad=True)   # dim 0 uneven: 3 / 4
+    w = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)       # the same shape on both ranks
+    cases = {
+        "all_to_all": (x, name, 1, 0, [3, 4], "t"),
+        "all_gather": (x, name, 0, [3, 4], "t"),
+        "reduce_scatter": (w, name, 0, "t"),
+        "gather_whole": (x, name, 0, [3, 4], "t"),
+        "shard_whole": (w, name, 0, "t"),
+        "all_reduce_sum": (w, name, "t"),
+    }
+    assert cases.keys() == OPS.keys()
+    for op, args in cases.items():
+        torch.library.opcheck(OPS[op], args)
+    return sorted(cases)
+
+
+def test_custom_ops_pass_opcheck(dist_pool):
+    for names in dist_pool(2).run(_opcheck_worker, timeout=TIMEOUT):
+        assert len(names) == 6

@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 from longseq import comm
+from longseq.groups import ParallelGroups
 from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
@@ -425,11 +426,13 @@ def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 
 
 def _unaliased(outs: list, inputs: list) -> list:
-    """``outs`` with a copy of each that shares memory with an input or an earlier output (a custom
-    op's outputs may not alias; e.g. LASP-2's S0 and Γ stack are views of one gathered buffer)."""
+    """``outs`` made contiguous (the strides the fake implementations promise), with a copy of each
+    that shares memory with an input or an earlier output (a custom op's outputs may not alias; e.g.
+    LASP-2's S0 and Γ stack are views of one gathered buffer)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
     res = []
     for t in outs:
+        t = t.contiguous()
         if t.numel() and t.untyped_storage().data_ptr() in seen:
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
@@ -542,7 +545,7 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
     """
     _validate_local(q, k, v, g, initial_state, method)
-    if hasattr(group, "sp_group"):  # a longseq.ParallelGroups
+    if isinstance(group, ParallelGroups):
         group = group.sp_group
     B, _, H, K = q.shape
     V = v.shape[-1]
