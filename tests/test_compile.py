@@ -114,13 +114,13 @@ def _opcheck_worker():
     from longseq.ops import OPS, group_name
     name = group_name(dist.group.WORLD)
     r = dist.get_rank()
-    x = torch.randn(3 + r, 4, 6, dtype=torch.float64, requires_grad=True)   # dim 0 uneven: 3 / 4
+    x = torch.randn(4 - r, 4, 6, dtype=torch.float64, requires_grad=True)   # dim 0 uneven (tensor_split): 4 / 3
     w = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)       # the same shape on both ranks
     cases = {
-        "all_to_all": (x, name, 1, 0, [3, 4], "t"),
-        "all_gather": (x, name, 0, [3, 4], "t"),
+        "all_to_all": (x, name, 1, 0, [4, 3], "t"),
+        "all_gather": (x, name, 0, [4, 3], "t"),
         "reduce_scatter": (w, name, 0, "t"),
-        "gather_whole": (x, name, 0, [3, 4], "t"),
+        "gather_whole": (x, name, 0, [4, 3], "t"),
         "shard_whole": (w, name, 0, "t"),
         "all_reduce_sum": (w, name, "t"),
     }
