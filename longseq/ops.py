@@ -9,8 +9,8 @@ each call of a compiled graph), never while tracing, and a compiled step records
 an eager one.
 
 Process groups cannot be op arguments: an op takes the group's registered name
-(:func:`group_name`, torch's ``ProcessGroup.group_name``) and resolves it at run time
-(:func:`resolve_group`). Everything else is a static int, int list or string (the ledger tag).
+(torch's ``ProcessGroup.group_name``) with this rank appended (:func:`group_name`) and resolves it
+at run time (:func:`resolve_group`). Everything else is a static int, int list or string (the ledger tag).
 
 =====================================  ============================  ===============================
 op (``torch.ops.longseq.*``)           forward                       backward
@@ -39,20 +39,28 @@ __all__ = ["group_name", "resolve_group", "size_rank", "OPS"]
 
 
 def group_name(group: Any) -> str:
-    """The registered name of ``group`` (``None``: the default group), as the ops take it."""
+    """How the ops name ``group`` (``None``: the default group): ``"<registered name>/<this rank>"``.
+
+    The rank is part of the name because the fake implementations give rank-dependent shapes
+    (uneven shards; a rank's scan state) while the ranks of one machine share torch.compile's
+    caches: with the rank in an argument, two ranks never share a compiled graph."""
     require_initialized("a longseq collective")
-    return (dist.group.WORLD if group is None else group).group_name
+    g = dist.group.WORLD if group is None else group
+    return f"{g.group_name}/{dist.get_rank(g)}"
 
 
 def resolve_group(name: str) -> Any:
-    """The process group registered under ``name`` (inverse of :func:`group_name`)."""
-    return _resolve_process_group(name)
+    """The process group named ``name`` (inverse of :func:`group_name`)."""
+    return _resolve_process_group(name.rsplit("/", 1)[0])
 
 
 def size_rank(name: str) -> tuple[int, int]:
-    """``(size, this rank)`` of the group registered under ``name``."""
+    """``(size, this rank)`` of the group named ``name``."""
     g = resolve_group(name)
-    return dist.get_world_size(g), dist.get_rank(g)
+    r = dist.get_rank(g)
+    if name.rsplit("/", 1)[1] != str(r):
+        raise RuntimeError(f"longseq op: group {name!r} was named on another rank; this process is rank {r}")
+    return dist.get_world_size(g), r
 
 
 def _with_dim(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:

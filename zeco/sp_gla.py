@@ -507,7 +507,7 @@ def _(do, dht, q, k, v, g, S0, gamma, gammas, group, method, scale, num_blocks, 
       h0_dtype):
     B, _, H, K = q.shape
     dh0 = q.new_empty(0) if h0_dtype is None else q.new_empty((B, H, K, v.shape[-1]), dtype=h0_dtype)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape), dh0  # contiguous
 
 
 def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
