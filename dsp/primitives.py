@@ -28,15 +28,10 @@ import torch
 
 from longseq import comm
 from longseq import functional as LF
-from longseq.groups import ParallelGroups
+from longseq.groups import sp_group_of
 from longseq.sharding import check_shardable, split_sizes
 
 __all__ = ["switch", "shard", "gather", "sp_group_of", "whole_size"]
-
-
-def sp_group_of(group: Any) -> Any:
-    """The process group to use: a ``ParallelGroups`` gives its SP group; anything else is a group."""
-    return group.sp_group if isinstance(group, ParallelGroups) else group
 
 
 def _dim(x: torch.Tensor, dim: int, what: str) -> int:

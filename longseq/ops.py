@@ -75,8 +75,9 @@ def _with_dim(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
 @torch.library.custom_op("longseq::all_to_all", mutates_args=())
 def _all_to_all(x: torch.Tensor, group: str, scatter_dim: int, gather_dim: int, gather_sizes: Sequence[int],
                 tag: str) -> torch.Tensor:
-    return comm.all_to_all(x, resolve_group(group), scatter_dim=scatter_dim, gather_dim=gather_dim,
-                           gather_sizes=list(gather_sizes), tag=tag)
+    y = comm.all_to_all(x, resolve_group(group), scatter_dim=scatter_dim, gather_dim=gather_dim,
+                        gather_sizes=list(gather_sizes), tag=tag)
+    return y.contiguous()        # the strides the fake implementation promises
 
 
 @_all_to_all.register_fake
@@ -105,7 +106,7 @@ _all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("longseq::all_gather", mutates_args=())
 def _all_gather(x: torch.Tensor, group: str, dim: int, sizes: Sequence[int], tag: str) -> torch.Tensor:
-    return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag)
+    return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag).contiguous()
 
 
 @_all_gather.register_fake
@@ -127,7 +128,7 @@ _all_gather.register_autograd(_ag_backward, setup_context=_ag_setup)
 
 @torch.library.custom_op("longseq::reduce_scatter", mutates_args=())
 def _reduce_scatter(x: torch.Tensor, group: str, dim: int, tag: str) -> torch.Tensor:
-    return comm.reduce_scatter(x, resolve_group(group), dim=dim, tag=tag)
+    return comm.reduce_scatter(x, resolve_group(group), dim=dim, tag=tag).contiguous()
 
 
 @_reduce_scatter.register_fake
@@ -153,7 +154,7 @@ _reduce_scatter.register_autograd(_rs_backward, setup_context=_rs_setup)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("longseq::gather_whole", mutates_args=())
 def _gather_whole(x: torch.Tensor, group: str, dim: int, sizes: Sequence[int], tag: str) -> torch.Tensor:
-    return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag)
+    return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag).contiguous()
 
 
 @_gather_whole.register_fake

@@ -13,7 +13,7 @@ Each block's output and log-sum-exp are merged into float32 accumulators::
 
     lse' = logaddexp(lse, lse_b);   out' = out·exp(lse - lse') + out_b·exp(lse_b - lse')
 
-Backward (a hand-written ``torch.autograd.Function``; no all-gather of the sequence): k, v travel
+Backward (a hand-written backward, a custom op as the forward is; no all-gather of the sequence): k, v travel
 around the ring again (P-1 transfers); each block's gradient is computed with the *final* output
 and log-sum-exp (``dS = P ⊙ (dP - rowsum(dO ⊙ O))``, as flash-attention's backward). dq accumulates
 locally. The gradient of rank j's block is summed by an accumulator that starts at rank j+1 (step

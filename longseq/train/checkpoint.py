@@ -3,6 +3,7 @@
 Layout under ``<out_dir>/checkpoints/``::
 
     ckpt_step00000010.pt     one file per checkpoint (torch.save of a dict, see below)
+    ckpt_step00000010.dcp/   or, for FSDP runs, a sharded DCP directory (see :mod:`.dcp_checkpoint`)
     latest                   the file name of the newest complete checkpoint, one line
 
 A checkpoint is written by global rank 0 only (model and optimizer are replicated across SP and DP)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,17 +31,17 @@ import numpy as np
 import torch
 
 __all__ = ["checkpoint_dir", "save_checkpoint", "find_latest", "load_checkpoint", "rng_state", "set_rng_state",
-           "write_atomic", "list_checkpoints", "FORMAT"]
+           "write_atomic", "list_checkpoints", "remove_checkpoint", "fsync_dir", "FORMAT"]
 
 FORMAT = 1
-_NAME = re.compile(r"^ckpt_step(\d{8})\.pt$")
+_NAME = re.compile(r"^ckpt_step(\d{8})\.(pt|dcp)$")
 
 
 def checkpoint_dir(out_dir) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(str(d), os.O_RDONLY)
     except OSError:
@@ -66,7 +68,7 @@ def write_atomic(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -82,6 +84,15 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, a file or a DCP directory."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(ckpt_dir, step: int, state: dict, keep: int = 0) -> Path:
     """Write ``state`` as the checkpoint of ``step``, then the ``latest`` pointer; keep the newest
     ``keep`` checkpoints (0: all). Call on one rank only."""
@@ -93,7 +104,7 @@ def save_checkpoint(ckpt_dir, step: int, state: dict, keep: int = 0) -> Path:
     if keep and keep > 0:
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
             if old != path:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
     return path
 
 
@@ -103,7 +114,7 @@ def find_latest(ckpt_dir) -> Optional[Path]:
     ptr = ckpt_dir / "latest"
     if ptr.is_file():
         name = ptr.read_text().strip()
-        if _NAME.match(name) and (ckpt_dir / name).is_file():
+        if _NAME.match(name) and (ckpt_dir / name).exists():
             return ckpt_dir / name
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
