@@ -104,14 +104,17 @@ _all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 # ----------------------------------------------------------------------------------------------
 # all_gather (backward reduce_scatter) and reduce_scatter (backward all_gather)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("longseq::all_gather", mutates_args=())
-def _all_gather(x: torch.Tensor, group: str, dim: int, sizes: Sequence[int], tag: str) -> torch.Tensor:
+def _gathered(x: torch.Tensor, group: str, dim: int, sizes: Sequence[int], tag: str) -> torch.Tensor:
+    """all_gather's and gather_whole's forward (they differ in backward only)."""
     return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag).contiguous()
 
 
-@_all_gather.register_fake
-def _(x, group, dim, sizes, tag):
+def _gathered_fake(x, group, dim, sizes, tag):
     return _with_dim(x, dim, sum(sizes))
+
+
+_all_gather = torch.library.custom_op("longseq::all_gather", _gathered, mutates_args=())
+_all_gather.register_fake(_gathered_fake)
 
 
 def _ag_setup(ctx, inputs, output):
@@ -152,14 +155,8 @@ _reduce_scatter.register_autograd(_rs_backward, setup_context=_rs_setup)
 # ----------------------------------------------------------------------------------------------
 # gather_whole / shard_whole: the whole is used identically on every rank
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("longseq::gather_whole", mutates_args=())
-def _gather_whole(x: torch.Tensor, group: str, dim: int, sizes: Sequence[int], tag: str) -> torch.Tensor:
-    return comm.all_gather(x, resolve_group(group), dim=dim, sizes=list(sizes), tag=tag).contiguous()
-
-
-@_gather_whole.register_fake
-def _(x, group, dim, sizes, tag):
-    return _with_dim(x, dim, sum(sizes))
+_gather_whole = torch.library.custom_op("longseq::gather_whole", _gathered, mutates_args=())
+_gather_whole.register_fake(_gathered_fake)
 
 
 def _gw_setup(ctx, inputs, output):
