@@ -31,12 +31,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from longseq.benchmarks.paths import data, output
 
 
 def load_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(ROOT / "configs" / "simulate"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(data("configs/simulate")), version_base="1.3"):
         return compose("default", overrides=list(overrides))
 
 
@@ -44,18 +44,11 @@ def load_topology(name_or_cfg):
     from omegaconf import OmegaConf
     from longseq.benchmarks.costmodel.topology import Topology
     if isinstance(name_or_cfg, str):
-        path = ROOT / "configs" / "simulate" / "topology" / f"{name_or_cfg}.yaml"
+        path = data(f"configs/simulate/topology/{name_or_cfg}.yaml")
         if not path.exists():
             return None
         return Topology.from_config(OmegaConf.load(path))
     return Topology.from_config(name_or_cfg)
-
-
-def _path(p: Optional[str]) -> Optional[Path]:
-    if p is None:
-        return None
-    p = Path(str(p))
-    return p if p.is_absolute() else ROOT / p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +324,7 @@ def print_gla(res: dict, cfg) -> str:
 # ----------------------------------------------------------------------------------------------
 def validate(cfg) -> Optional[dict]:
     from longseq.benchmarks.costmodel.validation import validate_runs
-    scal = _path(cfg.validation.scaling)
+    scal = data(cfg.validation.scaling)
     topo = load_topology(str(cfg.validation.topology))
     if scal is None or not scal.exists() or topo is None:
         print(f"\nvalidation skipped: needs {cfg.validation.scaling} (python -m longseq.benchmarks.scaling) and "
@@ -420,7 +413,7 @@ def main(argv=None) -> int:
     from longseq.benchmarks.costmodel.ledger import LedgerCache
 
     topo = load_topology(cfg.topology)
-    cache = LedgerCache(_path(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
+    cache = LedgerCache(data(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
     t1 = time.time()
     n = cache.prefetch(capture_plan(cfg))
     if cache.changed:
@@ -428,7 +421,7 @@ def main(argv=None) -> int:
               "recapturing)")
     if n:
         print(f"(captured {n} ledgers on fake process groups in {time.time() - t1:.0f} s)")
-    measured = MeasuredCompute(str(_path(cfg.compute_json))) if cfg.compute_json else None
+    measured = MeasuredCompute(str(data(cfg.compute_json))) if cfg.compute_json else None
     print(f"topology {topo.name}: {topo.gpus_per_node} GPUs a node, intra {topo.intra.bw / 1e9:.0f} GB/s "
           f"{topo.intra.alpha * 1e6:.0f} us, inter {topo.inter.bw / 1e9:.0f} GB/s {topo.inter.alpha * 1e6:.0f} us, "
           f"{topo.peak_flops / 1e12:.0f} TFLOP/s x mfu {topo.mfu}; grad sync: {cfg.grad_sync}; compute: "
@@ -444,8 +437,8 @@ def main(argv=None) -> int:
         from longseq.benchmarks.costmodel.validation import format_validation
         txt3 = format_validation(val)
         print(txt3)
-    figs = figures(stdit, gla, val, cfg, _path(cfg.figures))
-    out = _path(cfg.out)
+    figs = figures(stdit, gla, val, cfg, output(cfg.figures))
+    out = output(cfg.out)
     if out:
         from omegaconf import OmegaConf
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def _timer(device: torch.device):
     return run
 
 
-def _old_pack(x, sd, sizes):
+def _old_pack(x, sd):
     """The pack comm.all_to_all did before the kernels: scatter dim to the front, flatten."""
     return x.movedim(sd, 0).reshape(-1)
 
@@ -144,7 +144,7 @@ def switch_rows(T: int, P: int, args, device: torch.device) -> list:
         fns: dict[str, Callable] = {"copy": lambda: dst.copy_(src)}
         # a received buffer of the output's size (an all-to-all keeps the element count)
         recv = torch.randn(int(torch.Size(out_shape).numel()), device=device).to(dt)
-        fns["old pack"] = lambda: _old_pack(x, sd, send)
+        fns["old pack"] = lambda: _old_pack(x, sd)
         fns["old unpack"] = lambda: _old_unpack(recv, out_shape, gd, gsizes, sd)
         skipped = {}
         for b, why in _backends(device):
