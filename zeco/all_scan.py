@@ -109,13 +109,13 @@ def num_blocks_for(state_shape: Sequence[int], dtype: torch.dtype, num_blocks: O
     docstring. ``num_blocks`` given: clamped to ``[1, rows]`` (``ValueError`` unless a positive int)."""
     if len(state_shape) < 2:
         raise ValueError(f"a scanned state must be at least 2-D [..., rows, cols], got shape {tuple(state_shape)}")
-    rows = math.prod(int(x) for x in state_shape[:-1])
+    rows = math.prod([int(x) for x in state_shape[:-1]])
     if num_blocks is not None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         n = num_blocks
     else:
-        nbytes = math.prod(state_shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(state_shape) * dtype.itemsize
         hb = DEFAULT_HALF_BYTES if half_bytes is None else half_bytes
         n = int(round(math.sqrt(max(world_size - 1, 0) * nbytes / hb)))
     return max(1, min(n, max(rows, 1)))
