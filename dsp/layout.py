@@ -112,7 +112,7 @@ def bind(layout: Layout, x: torch.Tensor, sizes: dict[str, int], bindable: set[s
             continue
         shown = local_sizes({k: sizes[k] for k in g if k in sizes}, sharded, local)
         missing = [k for k in g if k not in shown]
-        known = math.prod(shown.values())
+        known = math.prod(list(shown.values()))
         if len(missing) > 1:
             unknown += missing
             continue
