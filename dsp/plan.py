@@ -359,7 +359,7 @@ class DSPHandle:
         self._check_shardable(x, b.layout, home, "the model's input")
         self.whole_sizes = {home: int(x.shape[_names(b.layout).index(home)])}
         self._record_whole(x, b.layout, home)
-        xs = shard(x, _names(b.layout).index(home), self.group, tag="dsp.entry")
+        xs = shard(x, _names(b.layout).index(home), self.group, tag="dsp.entry", check=False)
         self._active = True
         if len(args) > b.arg:
             return (*args[: b.arg], xs, *args[b.arg + 1:]), kwargs
@@ -373,7 +373,7 @@ class DSPHandle:
         self._expect_local(out, b.layout, home, "the model's output")
         if not self.gather_output:
             return out
-        return gather(out, _names(b.layout).index(home), self.group, self.whole_sizes[home], tag="dsp.exit")
+        return gather(out, _names(b.layout).index(home), self.group, self.whole_sizes[home], tag="dsp.exit", check=False)
 
     def _switch_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype switches send in: ``comm_dtype``, or under "autocast" the active autocast dtype."""
@@ -400,7 +400,7 @@ class DSPHandle:
             self._check_shardable(x, st.layout, st.shard, f"the input of {path!r}")
             names = _names(st.layout)
             x = switch(x, self.group, names.index(st.shard), names.index(home), self.whole_sizes[home],
-                       tag=f"dsp.{path}.in", comm_dtype=self._switch_dtype(x))
+                       tag=f"dsp.{path}.in", comm_dtype=self._switch_dtype(x), check=False)
             return (x, *args[1:])
 
         return hook
@@ -421,7 +421,7 @@ class DSPHandle:
                 return None
             names = _names(lay)
             y = switch(y, self.group, names.index(home), names.index(st.shard), self.whole_sizes[st.shard],
-                       tag=f"dsp.{path}.out", comm_dtype=self._switch_dtype(y))
+                       tag=f"dsp.{path}.out", comm_dtype=self._switch_dtype(y), check=False)
             if isinstance(out, (tuple, list)):
                 return type(out)((y, *out[1:]))
             return y
@@ -445,7 +445,7 @@ def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Te
     """This rank's piece, along the plan's home dimension, of a tensor laid out like the model's
     output (the same on every rank). No communication (tag ``dsp.target``)."""
     p = as_plan(plan)
-    return shard(target, _names(p.output.layout).index(p.home), group, tag="dsp.target")
+    return shard(target, _names(p.output.layout).index(p.home), group, tag="dsp.target", check=False)
 
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,

@@ -8,11 +8,36 @@ For world 4, sp 2: SP groups {0,1} {2,3}; DP groups {0,2} {1,3}.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import datetime
+import os
+from typing import Any, Optional
 
 import torch.distributed as dist
 
-__all__ = ["ParallelGroups", "init_parallel_groups", "from_existing_groups", "require_initialized", "sp_dp_layout"]
+__all__ = ["ParallelGroups", "init_parallel_groups", "from_existing_groups", "require_initialized", "sp_dp_layout",
+           "collective_timeout_s", "set_collective_timeout_s", "DEFAULT_TIMEOUT_S"]
+
+# The library default for every collective's timeout (seconds): init_distributed and the SP/DP groups
+# use it unless told otherwise; the environment variable LONGSEQ_COLLECTIVE_TIMEOUT_S overrides it.
+DEFAULT_TIMEOUT_S = 600.0
+_timeout_s: Optional[float] = None
+
+
+def set_collective_timeout_s(seconds: float) -> None:
+    """Record the timeout (seconds) that groups made from now on get (init_distributed calls it)."""
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"the collective timeout must be > 0 seconds, got {seconds}")
+    _timeout_s = float(seconds)
+
+
+def collective_timeout_s() -> float:
+    """The timeout of longseq's collectives: the one given to ``init_distributed`` (or
+    ``set_collective_timeout_s``), else ``$LONGSEQ_COLLECTIVE_TIMEOUT_S``, else ``DEFAULT_TIMEOUT_S``."""
+    if _timeout_s is not None:
+        return _timeout_s
+    env = os.environ.get("LONGSEQ_COLLECTIVE_TIMEOUT_S")
+    return float(env) if env else DEFAULT_TIMEOUT_S
 
 
 def require_initialized(what: str = "this call") -> None:
@@ -61,8 +86,11 @@ class ParallelGroups:
         return self.sp_rank == 0
 
 
-def init_parallel_groups(sp_size: int, base_group: Any = None) -> ParallelGroups:
+def init_parallel_groups(sp_size: int, base_group: Any = None, *, timeout_s: Optional[float] = None) -> ParallelGroups:
     """Build SP x DP groups over ``base_group`` (default: the world). Every rank must call it.
+
+    The groups' collectives time out after ``timeout_s`` (default :func:`collective_timeout_s`, the
+    one ``init_distributed`` got), not torch's 30-minute default for new groups.
 
     Errors (before any collective): torch.distributed not initialised; sp_size not dividing the size.
     """
@@ -73,15 +101,16 @@ def init_parallel_groups(sp_size: int, base_group: Any = None) -> ParallelGroups
     sp_layout, dp_layout = sp_dp_layout(size, sp_size)
     to_global = [dist.get_global_rank(base, i) for i in range(size)] if base_group is not None else list(range(size))
     mine_sp = mine_dp = None
+    timeout = datetime.timedelta(seconds=float(timeout_s) if timeout_s is not None else collective_timeout_s())
     # new_group must be entered by every rank of the world, in the same order.
     for pos in sp_layout:
         ranks = [to_global[i] for i in pos]
-        g = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+        g = dist.new_group(ranks, timeout=timeout) if len(ranks) < dist.get_world_size() else dist.group.WORLD
         if me in pos:
             mine_sp = (g, tuple(ranks))
     for pos in dp_layout:
         ranks = [to_global[i] for i in pos]
-        g = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+        g = dist.new_group(ranks, timeout=timeout) if len(ranks) < dist.get_world_size() else dist.group.WORLD
         if me in pos:
             mine_dp = (g, tuple(ranks))
     assert mine_sp is not None and mine_dp is not None

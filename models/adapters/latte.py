@@ -223,7 +223,7 @@ class LatteDSPHandle(DSPHandle):
         self._expect_local(sample, self.plan.output.layout, "T", "the model's output")
         if not self.gather_output:
             return out
-        return rebuild(gather(sample, 2, self.group, self.whole_sizes["T"], tag="dsp.exit"))
+        return rebuild(gather(sample, 2, self.group, self.whole_sizes["T"], tag="dsp.exit", check=False))
 
     # -- blocks ---------------------------------------------------------------------------
     def _require_active(self, path: str) -> None:
@@ -259,7 +259,7 @@ class LatteDSPHandle(DSPHandle):
                 raise RuntimeError(f"DSP latte: {path} got {list(x.shape)}, expected (B·S, T_r, D) = "
                                    f"{[B * S, Tr, D]}")
             # (B·S, T_r, D) -> [B, S, T_r, D] -> switch: S sharded, T whole -> (B·S_r, T, D)
-            y = switch(x.reshape(B, S, Tr, D), self.group, 1, 2, T, tag=f"dsp.{path}.in")
+            y = switch(x.reshape(B, S, Tr, D), self.group, 1, 2, T, tag=f"dsp.{path}.in", check=False)
             if i == 0 and T > 1:   # Latte: `if i == 0 and num_frame > 1: + temp_pos_embed`, frames 0..T-1
                 y = y + self._temp_pos[:, :T].to(device=y.device, dtype=y.dtype)[:, None]
             args, kwargs = _replace_arg(args, kwargs, (0, "hidden_states"), y.reshape(B * (s1 - s0), T, D))
@@ -286,7 +286,7 @@ class LatteDSPHandle(DSPHandle):
                 raise RuntimeError(f"DSP latte: {path} returned {list(out.shape)}, expected (B·S_r, T, D) = "
                                    f"{[B * Sr, T, D]}")
             # (B·S_r, T, D) -> [B, S_r, T, D] -> switch back: T sharded, S whole -> (B·S, T_r, D)
-            z = switch(out.reshape(B, Sr, T, D), self.group, 2, 1, S, tag=f"dsp.{path}.out")
+            z = switch(out.reshape(B, Sr, T, D), self.group, 2, 1, S, tag=f"dsp.{path}.out", check=False)
             return z.reshape(B * S, self._local(T), D)
 
         return hook
