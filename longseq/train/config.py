@@ -29,7 +29,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "constant")
-RESUME_WORDS = ("auto", "none")
+RESUME_WORDS = ("auto", "strict", "none")
 
 USAGE = """\
 usage: [torchrun --nproc_per_node N [rendezvous flags]] -m longseq.train [options] [key=value ...]
@@ -233,7 +233,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
     resume = cfg.train.resume
     if resume is not None and str(resume) not in RESUME_WORDS and resume is not False:
         if not Path(str(resume)).exists():
-            raise ConfigError(f"train.resume={resume!r} is neither auto/none nor an existing checkpoint file: pass "
+            raise ConfigError(f"train.resume={resume!r} is neither auto/strict/none nor an existing checkpoint file: pass "
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
     # The method: known, landed, fits the model family, fits the model's sizes.
