@@ -151,7 +151,7 @@ def _summed_ledger(before: dict) -> dict:
     return total
 
 
-FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full")
+FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "kill_in_write")
 
 
 def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
@@ -162,7 +162,7 @@ def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
     fk = str(cfg.train.get("fault_kind", "exit"))
     if fk not in FAULT_KINDS:
         raise ConfigError(f"train.fault_kind={fk!r}: choose one of {', '.join(FAULT_KINDS)}")
-    who = 0 if fk == "disk_full" else int(cfg.train.fault_rank)
+    who = 0 if fk in ("disk_full", "kill_in_write") else int(cfg.train.fault_rank)
     if at is None or fk != kind or int(at) != step or rank != who:
         return False
     marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
@@ -186,6 +186,14 @@ def _maybe_fault(cfg, step: int, rank: int, out_dir: Path) -> None:
             if kind == "exit":
                 os._exit(17)
             os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGSTOP)
+
+
+class _KillMidWrite:
+    """Pickling it SIGKILLs this process half-way through the checkpoint's temporary file."""
+
+    def __reduce_ex__(self, protocol):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _DiskFull:
@@ -444,6 +452,8 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
                          "config": OmegaConf.to_container(cfg, resolve=True)}
                 if _fault_fires(cfg, "disk_full", step, rank, out_dir):
                     state["fault"] = _DiskFull()
+                elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
+                    state["fault"] = _KillMidWrite()
                 try:
                     p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage)
                     if step % log_every == 0 or step == steps:
