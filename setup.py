@@ -11,8 +11,12 @@ top-level folders and ``package_dir`` maps each into the namespace:
     benchmarks/          -> longseq.benchmarks   (python -m longseq.benchmarks.<name>)
     configs/             -> longseq/configs      (Hydra configs, package data)
 
-Native kernels in ``csrc/`` are optional and only built where CUDA is present.
+Native kernels in ``csrc/`` are optional: built as ``longseq._kernels_cuda`` only where nvcc and a
+CUDA build of torch are importable at install time (``pip install --no-build-isolation -e .``; pip's
+default isolated build has no torch, so it skips them); else ``longseq.kernels`` JIT-compiles them on
+first use on a CUDA machine, or runs Triton / PyTorch. ``LONGSEQ_BUILD_CUDA=0`` never builds them.
 """
+import os
 import shutil
 from pathlib import Path
 
@@ -51,6 +55,25 @@ class BuildPyWithConfigs(build_py):
         shutil.copytree(HERE / "configs", Path(self.build_lib) / "longseq" / "configs", dirs_exist_ok=True)
 
 
+def _cuda_extension() -> dict:
+    """``ext_modules`` / ``cmdclass`` for csrc/ when nvcc and a CUDA torch are present, else nothing."""
+    if os.environ.get("LONGSEQ_BUILD_CUDA", "1") == "0" or shutil.which("nvcc") is None:
+        return {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        return {}
+    if torch.version.cuda is None:
+        return {}
+    flags = ["-O3", "-std=c++20"]
+    ext = CUDAExtension("longseq._kernels_cuda", ["csrc/longseq_kernels.cu"], include_dirs=[str(HERE / "csrc")],
+                        extra_compile_args={"cxx": flags, "nvcc": flags})
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
+_EXT = _cuda_extension()
+
 setup(
     name="longseq",
     version="0.1.0",
@@ -61,7 +84,8 @@ setup(
     packages=_packages(),
     package_dir=MAPPED,
     package_data={"longseq.benchmarks": ["results/*.json", "results/*.csv", "*.sh"]},
-    cmdclass={"build_py": BuildPyWithConfigs},
+    cmdclass={"build_py": BuildPyWithConfigs, **_EXT.get("cmdclass", {})},
+    ext_modules=_EXT.get("ext_modules", []),
     install_requires=["torch>=2.4", "einops>=0.7", "hydra-core>=1.3"],
     extras_require={
         # GPU machines: fast kernels, each optional (longseq falls back to pure PyTorch without them).

@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)       # bytes of the per-rank buffer
 

@@ -72,7 +72,6 @@ def configs(P: int) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------------------------------------
 def _worker(rank: int, P: int, port: int, precision: str, out_path: str) -> None:
     os.environ.update(OMP_NUM_THREADS="1")
-    sys.path.insert(0, ROOT)
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=P,
@@ -236,7 +235,6 @@ def main(argv=None) -> int:
     if args.dry and args.precision == "bf16-autocast":
         ap.error("--dry cannot know which tensors autocast leaves in float32; run without --dry "
                  "(the ledger records each collective's dtype), or use --precision bf16 / fp32")
-    sys.path.insert(0, ROOT)
     all_rows = []
     for P in args.worlds:
         t0 = time.time()

@@ -1,53 +1,95 @@
 #!/usr/bin/env bash
-# The GPU checks of the project in one place, for a session that has a GPU machine for a while.
+# The project's GPU checks, sized for one lease: one GPU, 15 minutes in all, each call under 10.
 #
-#   benchmarks/gpu_checks.sh ops        # CUDA tests of the GLA operator on fla's kernels (tests/test_gla_ops.py)
-#   benchmarks/gpu_checks.sh tests      # CUDA tests: sp_gla and fla's model over gloo on one GPU (staged)
-#   benchmarks/gpu_checks.sh overhead   # python -m longseq.benchmarks.gla_local_overhead (ZeCO's local work vs fla)
-#   benchmarks/gpu_checks.sh scaling-stdit scaling-gla   # per-rank compute of the simulator's targets
-#                                       # (--compute-json; each part under 10 minutes, docs/scaling.md)
+#   OUT=/some/dir benchmarks/gpu_checks.sh           # the default parts, about 6-8 minutes on an H100/H200
+#   benchmarks/gpu_checks.sh switch scan            # any subset, in this order:
 #
-# Logs and JSON go to $OUT (default ./build/gpu-checks). fla is needed for most of it: install
-# flash-linear-attention, or put its wheels in .whl/ (docs/zeco.md says how to carry them to a machine
-# with no package index). Triton's and fla's autotuning caches go to build/triton-cache, so a second
-# call on the same machine skips the (minutes of) autotuning.
+#   build     JIT-compile the CUDA extension of csrc/ (in the background, while overhead runs)
+#   overhead  (c) ZeCO's local work vs fla's chunk_gla, 1b layer, T = 8192 and 32768, bf16
+#             (python -m longseq.benchmarks.gla_local_overhead, fla's autotuning pinned to its first config)
+#   switch    (a)+(d) pack/unpack GB/s of each backend vs device copy at ST-DiT 720M shapes (B=1,
+#             T=16/32/64, S=4096, C=1152, bf16, P=8), each backend checked bit for bit against PyTorch,
+#             and the fused All-Scan update vs the old one (python -m longseq.benchmarks.switch_kernels)
+#   compute   (b) per-rank compute of the simulator's targets (benchmarks.scaling --compute-json), DSP
+#             and ZeCO, two repeats (the simulator reads it: compute_json=$OUT/compute_cuda.json)
+#   ops, tests  (not default; long) CUDA tests of the GLA operator / of sp_gla over gloo on one GPU
+#
+# Every step has its own timeout (seconds in STEP_TIMEOUT below) so the whole call stays under
+# 10 minutes; a step that times out is reported and the others still run. Tables and logs go to
+# $OUT (default build/gpu-checks): env.txt, *.md, *.json, *.log. Triton's tiles in longseq.kernels are
+# pinned (no autotuning); fla's autotuners keep their first config (longseq.benchmarks.pinned), so
+# no step spends minutes tuning. fla comes from pip, or from wheels in .whl/ (docs/zeco.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-checks}
-mkdir -p "$OUT" build/triton-cache
+mkdir -p "$OUT" build/triton-cache build/torch-extensions
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache} PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch-extensions} MAX_JOBS=${MAX_JOBS:-8}
+# A venv that sees the machine's torch, with longseq installed (editable, no dependencies fetched)
+# and the wheels of .whl/ if any.
+VENV=${VENV:-build/gpu-venv}
+test -x "$VENV/bin/python" || python3 -m venv --system-site-packages "$VENV" || exit 1
+PY=$VENV/bin/python
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl || exit 1
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-python3 - <<'PY' | tee "$OUT/env.txt"
-import torch, triton
-print("torch", torch.__version__, "| triton", triton.__version__, "|",
+# LONGSEQ_BUILD_CUDA=0: the install does not compile csrc/ (outside any timeout); the build step
+# JIT-compiles it in the background under its own timeout while the overhead step runs.
+LONGSEQ_BUILD_CUDA=0 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+declare -A STEP_TIMEOUT=([build]=300 [overhead]=200 [switch]=150 [compute-stdit]=110 [compute-gla]=110
+                         [ops]=540 [tests]=540)
+"$PY" - <<'PY' | tee "$OUT/env.txt"
+import datetime, subprocess, torch
+print("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+print("commit", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "?")
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "|",
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
-try:
-    import fla; print("fla", getattr(fla, "__version__", "?"))
-except ImportError as e:
-    print("fla missing:", e)
+for mod in ("triton", "fla"):
+    try:
+        m = __import__(mod); print(mod, getattr(m, "__version__", "?"))
+    except ImportError as e:
+        print(mod, "missing:", e)
 PY
-python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "no CUDA device is visible: these checks need a GPU"; exit 3; }
 rc=0
-for part in ${@:-ops tests overhead}; do
+step() {  # step NAME CMD...: run under its timeout, log to $OUT/NAME.log, remember a failure
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout "${STEP_TIMEOUT[$name]}" "$@" > >(tee "$OUT/$name.log") 2>&1
+  local s=$?
+  echo "[$name] exit $s after $((SECONDS - t0)) s (timeout ${STEP_TIMEOUT[$name]} s)" | tee -a "$OUT/steps.txt"
+  [ $s -eq 0 ] || rc=1
+}
+parts=${@:-build overhead switch compute}
+build_pid=
+for part in $parts; do
   case $part in
-    ops)
-      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py \
-          2>&1 | tee "$OUT/ops.log" || rc=1 ;;
-    tests)
-      python3 -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
-          tests/test_comm_staging.py tests/test_adapters_fla_gla.py 2>&1 | tee "$OUT/tests.log" || rc=1 ;;
+    build)
+      ( step build "$PY" -c "import torch; from longseq.kernels import cuda_ext; \
+why = cuda_ext.unavailable_reason(torch.device('cuda')); print(why or 'CUDA extension loaded'); raise SystemExit(1 if why else 0)" ) &
+      build_pid=$! ;;
     overhead)
-      python3 -m benchmarks.gla_local_overhead --json "$OUT/gla_local_overhead.json" \
-          2>&1 | tee "$OUT/gla_local_overhead.txt" || rc=1 ;;
-    scaling-stdit|scaling-gla)
-      python3 -m benchmarks.scaling --device cuda --families "${part#scaling-}" \
-          --compute-json "$OUT/compute_cuda.json" 2>&1 | tee -a "$OUT/scaling.log" || rc=1 ;;
-    *) echo "unknown part '$part' (ops, tests, overhead, scaling-stdit, scaling-gla)"; exit 2 ;;
+      step overhead "$PY" -m longseq.benchmarks.pinned longseq.benchmarks.gla_local_overhead \
+          --tokens 8192 32768 --dtypes bf16 --repeats 10 --warmup 2 --json "$OUT/gla_local_overhead.json" ;;
+    switch)
+      [ -n "$build_pid" ] && { wait "$build_pid"; build_pid=; }
+      step switch "$PY" -m longseq.benchmarks.switch_kernels --device cuda --frames 16 32 64 --procs 8 \
+          --repeats 20 --warmup 3 --out-dir "$OUT" ;;
+    compute)
+      for fam in stdit gla; do
+        step compute-$fam "$PY" -m longseq.benchmarks.pinned longseq.benchmarks.scaling --device cuda \
+            --families $fam --repeats 2 --warmup 1 --compute-json "$OUT/compute_cuda.json"
+      done ;;
+    ops)
+      step ops "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 tests/test_gla_ops.py ;;
+    tests)
+      step tests "$PY" -m pytest -p no:cacheprovider -rs -q --timeout 900 -k cuda --durations 0 \
+          tests/test_comm_staging.py tests/test_adapters_fla_gla.py ;;
+    *) echo "unknown part '$part' (build, overhead, switch, compute, ops, tests)"; exit 2 ;;
   esac
 done
+[ -n "$build_pid" ] && wait "$build_pid"
+grep -q "exit [^0]" "$OUT/steps.txt" 2>/dev/null && rc=1
 exit $rc

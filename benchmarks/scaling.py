@@ -49,11 +49,8 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from longseq.benchmarks.workloads import (GLA_METHODS, STDIT_METHODS, Workload, build_step,  # noqa: E402
-                                  tokens, unavailable_reason)
+from longseq.benchmarks.workloads import GLA_METHODS, STDIT_METHODS, Workload, build_step, tokens, unavailable_reason
 
 
 # ----------------------------------------------------------------------------------------------

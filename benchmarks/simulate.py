@@ -388,7 +388,6 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     warnings.filterwarnings("ignore")
-    sys.path.insert(0, str(ROOT))
     t0 = time.time()
     cfg = load_config(argv)
     from longseq.benchmarks.costmodel.compute import MeasuredCompute

@@ -6,10 +6,10 @@ collective in the ledger but moves no data) and by compute-only timing (the same
 rank's own work at its own shapes, no communication).
 
 A :class:`Workload` names the family (``stdit`` or ``gla``), the method, the model (preset and
-overrides of ``models.stdit`` / ``models.gla``), the whole-sample shape and the precision.
+overrides of ``longseq.models.stdit`` / ``longseq.models.gla``), the whole-sample shape and the precision.
 :func:`build_step` builds the model (seeded identically on every rank), applies the method's plan
-over ``group`` and returns a zero-argument callable that runs one step. Methods whose code has not
-landed are reported by :func:`unavailable_reason` (the benchmark skips them with a note).
+over ``group`` and returns a zero-argument callable that runs one step. Models and methods come from
+the registries (:mod:`longseq.models.registry`, :mod:`longseq.methods`).
 
 Shapes: ST-DiT ``dict(B, T, H, W, N)`` (latent frames, latent height and width, caption tokens;
 S = ceil(H/p)·ceil(W/p) tokens a frame); GLA ``dict(B, T)`` (tokens in the whole sequence).
@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-STDIT_METHODS = ("dsp", "ulysses", "ring", "megatron_sp", "usp")
-GLA_METHODS = ("zeco", "lasp1", "lasp2")
+import longseq
+from longseq import dsp, zeco
+from longseq.methods import find_method, method_names
+from longseq.models.gla import lm_loss
+from longseq.models.registry import get_model_family
+
+# The registered methods of the two benchmarked families (longseq.methods), "none" aside.
+STDIT_METHODS = tuple(m for m in method_names("stdit") if m != "none")
+GLA_METHODS = tuple(m for m in method_names("gla") if m != "none")
 METHODS = {**{m: "stdit" for m in STDIT_METHODS}, **{m: "gla" for m in GLA_METHODS}}
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 
@@ -71,11 +77,7 @@ class Workload:
         return dataclasses.replace(self, **kw)
 
     def model_config(self):
-        if self.family == "stdit":
-            from longseq.models.stdit import stdit_config
-            return stdit_config(self.preset, **self.config_overrides)
-        from longseq.models.gla import gla_config
-        return gla_config(self.preset, **self.config_overrides)
+        return get_model_family(self.family).config(self.preset, **self.config_overrides)
 
     def label(self) -> str:
         d = self.dims
@@ -100,51 +102,15 @@ def tokens(w: Workload) -> int:
 # ----------------------------------------------------------------------------------------------
 # Which methods exist
 # ----------------------------------------------------------------------------------------------
-def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name and (name == e.name or name.startswith(e.name + ".")):
-            return None
-        raise
-
-
-def _baseline_parallelize(method: str) -> Optional[Callable]:
-    """The baseline's ``parallelize(model, group, **options)`` for ST-DiT (longseq.sp), or None."""
-    for modname in (f"longseq.sp.{method}", "longseq.sp"):
-        mod = _import(modname)
-        if mod is None:
-            continue
-        for attr in (f"parallelize_{method}", "parallelize") if modname == "longseq.sp" else ("parallelize",):
-            fn = getattr(mod, attr, None)
-            if callable(fn):
-                if modname == "longseq.sp" and attr == "parallelize":
-                    return lambda model, group, _fn=fn, **kw: _fn(model, group, method=method, **kw)
-                return fn
-    return None
-
-
 def unavailable_reason(method: str) -> Optional[str]:
-    """Why ``method`` cannot run in this checkout, or None."""
-    if method == "none":
+    """Why ``method`` cannot be benchmarked (it is not registered), or None."""
+    if method == "none" or method in METHODS:
         return None
-    if method not in METHODS:
-        return f"unknown method {method!r} (known: {', '.join(METHODS)})"
-    if method == "dsp":
-        return None if _import("longseq.dsp") is not None else "the dsp package is missing"
-    if METHODS[method] == "gla":
-        if _import("longseq.zeco") is None:
-            return "the zeco package is missing"
-        if _import("longseq.models.gla") is None:
-            return "models/gla.py has not landed"
-        return None
-    if _baseline_parallelize(method) is None:
-        return f"longseq.sp.{method}.parallelize (an ST-DiT plan) has not landed yet"
-    return None
+    return f"unknown method {method!r} (registered: {', '.join(METHODS)})"
 
 
 def available_methods(family: Optional[str] = None) -> list[str]:
-    return [m for m, f in METHODS.items() if (family is None or f == family) and unavailable_reason(m) is None]
+    return [m for m, f in METHODS.items() if family is None or f == family]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,21 +146,11 @@ def _param_dtype(w: Workload):
     return torch.bfloat16 if w.precision == "bf16" else torch.float32
 
 
-def _groups(group):
-    import longseq
-    return longseq.from_existing_groups(group, None)
-
-
 def _build_model(w: Workload, device):
     torch.manual_seed(0)
     cfg = w.model_config()
     with torch.device(device):
-        if w.family == "stdit":
-            from longseq.models.stdit import STDiT
-            model = STDiT(cfg)
-        else:
-            from longseq.models.gla import GLAForCausalLM
-            model = GLAForCausalLM(cfg)
+        model = get_model_family(w.family).model(cfg)
     return model.to(_param_dtype(w)), cfg
 
 
@@ -204,11 +160,10 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
     why = unavailable_reason(w.method)
     if why:
         raise RuntimeError(f"{w.method}: {why}")
-    import longseq
     device = torch.device(device)
     model, cfg = _build_model(w, device)
     P = dist.get_world_size(group) if group is not None else 1
-    groups = _groups(group) if group is not None else None
+    groups = longseq.from_existing_groups(group, None) if group is not None else None
     params = [p for p in model.parameters()]
     opts = dict(w.options)
 
@@ -225,18 +180,9 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
         if w.method == "none" or P == 1 and w.method != "dsp":
             def fwd():
                 return F.mse_loss(model(x, t, y)[:, :c].float(), target[:, :c].float())
-        elif w.method == "dsp":
-            from longseq import dsp
-            handle = dsp.parallelize(model, group, gather_output=False, **opts)
-            tgt = handle.shard_target(target)
-
-            def fwd():
-                out = model(x, t, y)
-                return dsp.sharded_mse_loss(out[:, :c].float(), tgt[:, :c].float(), group)
         else:
-            # the same contract as DSP's: output left sharded, loss on the shards
-            from longseq import dsp
-            handle = _baseline_parallelize(w.method)(model, group, gather_output=False, **opts)
+            # DSP and the baselines: output left sharded, loss on the shards
+            handle = find_method(w.method, w.family).parallelize(model, group, gather_output=False, **opts)
             tgt = handle.shard_target(target)
 
             def fwd():
@@ -244,18 +190,16 @@ def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], Non
                 return dsp.sharded_mse_loss(out[:, :c].float(), tgt[:, :c].float(), group)
     else:
         ids = _gla_inputs(w, cfg, device)
-        from longseq.zeco import parallelize, shard_sequence, shift_labels, sp_lm_loss
-        from longseq.models.gla import lm_loss
-        labels = shift_labels(ids)
+        labels = zeco.shift_labels(ids)
         if w.method == "none" or P == 1:
             def fwd():
                 return lm_loss(model(ids), labels)
         else:
-            parallelize(model, group, method=w.method, **opts)
-            ids_l, labels_l = shard_sequence(ids, group), shard_sequence(labels, group)
+            find_method(w.method, w.family).parallelize(model, group, **opts)
+            ids_l, labels_l = zeco.shard_sequence(ids, group), zeco.shard_sequence(labels, group)
 
             def fwd():
-                return sp_lm_loss(model(ids_l), labels_l, group)
+                return zeco.sp_lm_loss(model(ids_l), labels_l, group)
 
     def step(mark: Optional[Callable[[str], None]] = None) -> None:
         """One step; ``mark(name)`` (if given) is called after "fwd" (the loss), "bwd" and "sync"."""

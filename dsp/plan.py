@@ -47,8 +47,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from longseq import comm
+from longseq.groups import mesh_of
 from longseq.sharding import check_shardable, split_sizes
 
 from .primitives import gather, shard, sp_group_of, switch
@@ -206,6 +208,7 @@ class DSPHandle:
         self._active = False
         self._seen: set = set()
         self._params_checked = False
+        self.mesh = None            # the DeviceMesh parallelize was given, if any
         self._hooks: list = []
         self._resolve()
         self._install()
@@ -301,7 +304,8 @@ class DSPHandle:
         if self.check_mode == "new" and sig in self._seen:
             return
         mine = {"sig": sig, "values": {k: _fingerprint(v) for k, v in items if isinstance(v, torch.Tensor)}}
-        check_params = not self._params_checked
+        # Under FSDP2 the parameters are DTensor shards, different on every rank by construction.
+        check_params = not self._params_checked and not any(isinstance(p, DTensor) for p in self.model.parameters())
         if check_params:
             with torch.no_grad():
                 mine["params"] = float(sum((p.sum(dtype=torch.float64).cpu() for p in self.model.parameters()
@@ -449,10 +453,11 @@ def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Te
 
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,
-                check_inputs: Any = True, comm_dtype: Any = None) -> DSPHandle:
-    """Make ``model`` run DSP sequence-parallel over ``group`` (a process group, or a
-    ``longseq.ParallelGroups`` whose SP group is used), in place, by hooks; returns a
-    :class:`DSPHandle` whose ``remove()`` undoes it.
+                check_inputs: Any = True, comm_dtype: Any = None, sp_dim: Any = None) -> DSPHandle:
+    """Make ``model`` run DSP sequence-parallel over ``group`` (a process group, a
+    ``longseq.ParallelGroups`` whose SP group is used, or a ``DeviceMesh`` whose ``sp_dim`` is),
+    in place, by hooks; returns a :class:`DSPHandle` whose ``remove()`` undoes it and whose
+    ``mesh`` is the DeviceMesh it was given (None for a process group).
 
     ``plan``: a :class:`Plan`, a registered name or a dict (default ``dsp.plans.STDIT_PLAN``).
     ``gather_output``: the model returns the whole output on every rank (default), or, if False,
@@ -470,7 +475,9 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
     """
     if model in _PARALLELIZED:
         raise ValueError("this model is already parallelized by DSP; call .remove() on its handle first")
+    mesh, group = mesh_of(group), sp_group_of(group, sp_dim)
     handle = DSPHandle(model, group, as_plan(plan), gather_output=gather_output, check_inputs=check_inputs,
                        comm_dtype=comm_dtype)
+    handle.mesh = mesh
     _PARALLELIZED[model] = handle
     return handle

@@ -37,7 +37,7 @@ import torch
 
 from longseq import comm
 from longseq import functional as LF
-from longseq.groups import ParallelGroups
+from longseq.groups import sp_group_of
 from longseq.sharding import check_shardable, split_sizes
 
 __all__ = ["switch", "shard", "gather", "sp_group_of", "whole_size", "check_agree", "unchecked", "checks_enabled"]
@@ -96,11 +96,6 @@ def _signature(x: torch.Tensor, skip: Optional[int], **asked) -> tuple:
     """dtype and the shape with dim ``skip`` (the sharded one, which may differ) left out."""
     shape = tuple(-1 if i == skip else int(n) for i, n in enumerate(x.shape))
     return (str(x.dtype).replace("torch.", ""), shape, tuple(sorted(asked.items())))
-
-
-def sp_group_of(group: Any) -> Any:
-    """The process group to use: a ``ParallelGroups`` gives its SP group; anything else is a group."""
-    return group.sp_group if isinstance(group, ParallelGroups) else group
 
 
 def _dim(x: torch.Tensor, dim: int, what: str) -> int:

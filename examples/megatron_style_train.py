@@ -30,28 +30,29 @@ Four processes, CP 2 x DP 2, two micro-batches per step::
 Gradients: each CP rank's backward yields its *share* of the gradient (longseq's convention);
 ``longseq.sync_gradients`` sums the shares over CP and averages over DP, as Megatron's gradient
 all-reduce over its data-parallel-with-CP group does.
+
+``--use-torch-fsdp2`` (Megatron's flag): the same groups as a ``DeviceMesh`` ("dp", "cp"), handed
+to ``longseq.from_mesh(mesh, sp_dim="cp")``, and the model sharded by FSDP2 over dp x cp after the
+CP plan (``longseq.fsdp.apply_fsdp``: its reduce-scatter sums over CP and averages over DP)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 4 examples/megatron_style_train.py \
+        --model stdit --context-parallel-size 2 --global-batch-size 2 --train-iters 3 --use-torch-fsdp2
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:          # models/ is run from the checkout
-    sys.path.insert(0, ROOT)
-
-from longseq import dsp  # noqa: E402
-import longseq  # noqa: E402
-from longseq import zeco  # noqa: E402
-from longseq import functional as LF  # noqa: E402
+from longseq import dsp
+import longseq
+from longseq import zeco
+from longseq import functional as LF
 
 MODELS = ("stdit", "gla", "latte", "fla-gla")
 
@@ -133,6 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cp-comm-type", default=None,
                    help="GLA models: zeco (All-Scan, default), lasp1 or lasp2; video models: dsp (the only one here)")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default="gloo")
+    g.add_argument("--use-torch-fsdp2", action="store_true",
+                   help="shard parameters, gradients and optimizer state with FSDP2 over dp x cp")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -190,6 +193,16 @@ def model_provider(args, groups: longseq.ParallelGroups) -> torch.nn.Module:
         model = fla_gla.build()
         STATE["handle"] = fla_gla.parallelize(model, groups, method=args.cp_comm_type)
     return model
+
+
+def fsdp_units(model: torch.nn.Module) -> list:
+    """The modules FSDP2 shards one by one: ST-DiT's spatial and temporal stages (its forward calls
+    them, not the blocks), a GLA LM's layers; other models are sharded as one unit (the root)."""
+    if blocks := getattr(model, "blocks", None):
+        if all(hasattr(b, "spatial") and hasattr(b, "temporal") for b in blocks):
+            return [m for b in blocks for m in (b.spatial, b.temporal)]
+    layers = getattr(model, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,8 +310,16 @@ def pretrain(model_provider_func, forward_step_func, argv=None) -> list[float]:
         longseq.init_distributed(backend="gloo", timeout_s=60.0 * args.distributed_timeout_minutes)
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                              args.context_parallel_size)
-    groups = longseq.from_existing_groups(parallel_state.get_context_parallel_group(),
-                                          parallel_state.get_data_parallel_group())
+    cp_group, dp_group = parallel_state.get_context_parallel_group(), parallel_state.get_data_parallel_group()
+    if args.use_torch_fsdp2:
+        # Megatron's rank order: CP groups are the rows of a (dp, cp) grid; the same groups as a mesh.
+        from torch.distributed.device_mesh import DeviceMesh
+        cp = args.context_parallel_size
+        grid = torch.arange(dist.get_world_size()).view(-1, cp)
+        mesh = DeviceMesh.from_group([dp_group, cp_group], "cpu", mesh=grid, mesh_dim_names=("dp", "cp"))
+        groups = longseq.from_mesh(mesh, sp_dim="cp")
+    else:
+        groups = longseq.from_existing_groups(cp_group, dp_group)
     dp_size, dp_rank = groups.dp_size, groups.dp_rank
     gbs = args.global_batch_size or args.micro_batch_size * dp_size
     if gbs % (args.micro_batch_size * dp_size):
@@ -310,6 +331,9 @@ def pretrain(model_provider_func, forward_step_func, argv=None) -> list[float]:
                     f"of {args.micro_batch_size} x DP {dp_size}")
 
     model = model_provider_func(args, groups)
+    fsdp = None
+    if args.use_torch_fsdp2:          # after the CP plan; per unit the model's forward calls, then the root
+        fsdp = longseq.fsdp.apply_fsdp(model, groups, "full", units=fsdp_units(model))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -331,9 +355,9 @@ def pretrain(model_provider_func, forward_step_func, argv=None) -> list[float]:
         for p in model.parameters():          # every rank must hand the same set to the all-reduce
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        longseq.sync_gradients(model.parameters(), groups)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad) if args.clip_grad > 0 \
-            else torch.tensor(0.0)
+        if fsdp is None:                      # FSDP2's reduce-scatter already summed over CP, averaged over DP
+            longseq.sync_gradients(model.parameters(), groups)
+        grad_norm = longseq.fsdp.grad_norm(list(model.parameters()), args.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # the logged loss: the mean over DP groups (each CP rank already holds its group's loss)

@@ -8,15 +8,12 @@ the model's entry, switches to spatial tokens around each temporal stage (one al
 and returns this rank's frames of the output. Prints the loss (the same on every rank, and the same
 as one process gives) and rank 0's ledger of the collectives it issued.
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # run from the checkout
-from longseq import dsp  # noqa: E402
-import longseq  # noqa: E402
-from longseq.models.stdit import STDiT, stdit_config  # noqa: E402
+from longseq import dsp
+import longseq
+from longseq.models.stdit import STDiT, stdit_config
 
 rank, world = longseq.init_distributed()
 groups = longseq.init_parallel_groups(sp_size=world)          # one SP group of every rank

@@ -8,15 +8,12 @@ starts from through All-Scan (one state per rank per direction), overlapped with
 Prints the loss (the same on every rank, and the same as one process gives) and rank 0's ledger
 of the collectives it issued.
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # run from the checkout
-import longseq  # noqa: E402
-from longseq import zeco  # noqa: E402
-from longseq.models.gla import GLAForCausalLM, gla_config  # noqa: E402
+import longseq
+from longseq import zeco
+from longseq.models.gla import GLAForCausalLM, gla_config
 
 rank, world = longseq.init_distributed()
 groups = longseq.init_parallel_groups(sp_size=world)

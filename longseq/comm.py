@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from . import kernels
 from .groups import collective_timeout_s, require_initialized
 from .ledger import LEDGER
 from .sharding import split_sizes
@@ -127,6 +128,12 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+def _resized(shape: Sequence[int], dim: int, n: int) -> list[int]:
+    s = list(shape)
+    s[dim] = n
+    return s
+
+
 # torch >= 2.13 names the flat-tensor collectives *_single (the *_tensor names warn); older torch has only those
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -215,26 +222,16 @@ def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int
             f"all_to_all: this rank ({me}) holds {x.shape[gather_dim]} along dim {gather_dim} but gather_sizes "
             f"says {list(gather_sizes)}; pass the per-rank sizes of the sharded dimension")
     send_sizes = split_sizes(x.shape[scatter_dim], P)
-    front = x.movedim(scatter_dim, 0)            # [n_scatter, ...rest]; gather dim now at position g
-    g = gather_dim + 1 if gather_dim < scatter_dim else gather_dim
-    rest = list(front.shape[1:])
-    row = _numel(rest)
-    flat = front.reshape(front.shape[0], row)
-    recv_shapes = []
-    for i in range(P):
-        r = list(rest)
-        r[g - 1] = gather_sizes[i]
-        recv_shapes.append(r)
-    # all_to_all_single works on rows of equal width, but received pieces differ in width when the
-    # gather dim is uneven, so exchange flat element streams instead.
-    send_elems = [s * row for s in send_sizes]
-    recv_elems = [send_sizes[me] * _numel(r) for r in recv_shapes]
-    out = all_to_all_single(flat.reshape(-1), send_elems, recv_elems, group, tag=tag)
-    pieces = []
-    for i, chunk in enumerate(out.split(recv_elems)):
-        pieces.append(chunk.view(send_sizes[me], *recv_shapes[i]))
-    merged = torch.cat(pieces, dim=g)             # [n_scatter_local, ...rest with gather dim whole]
-    return merged.movedim(0, scatter_dim).contiguous()
+    # Pieces of different sizes cannot be rows of one matrix (all_to_all_single's unit), so the
+    # exchange is of flat element streams: piece j of the scatter dim, in x's own dim order, goes to
+    # rank j; rank i's piece arrives with the gather dim at its size. One fused pack kernel writes the
+    # send buffer from x's strides and one unpack kernel writes the output (longseq.kernels).
+    piece = _resized(x.shape, scatter_dim, send_sizes[me])      # what this rank keeps of the scatter dim
+    send_elems = [_numel(_resized(x.shape, scatter_dim, s)) for s in send_sizes]
+    recv_elems = [_numel(_resized(piece, gather_dim, g)) for g in gather_sizes]
+    out_shape = _resized(piece, gather_dim, sum(gather_sizes))
+    out = all_to_all_single(kernels.pack(x, scatter_dim, send_sizes), send_elems, recv_elems, group, tag=tag)
+    return kernels.unpack(out, out_shape, gather_dim, gather_sizes)
 
 
 def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int] | None = None,

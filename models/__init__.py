@@ -1,5 +1,7 @@
 """Models built on longseq. No distributed code here: parallel plans wrap the models' submodules.
 
+The model registry (:mod:`longseq.models.registry`): ``register_model`` adds a family,
+``get_model_family(name)`` / ``MODEL_FAMILIES`` look them up (the training entry's ``model.family``).
 Names are loaded lazily (PEP 562), so that ``python -m longseq.models.stdit`` runs cleanly.
 """
 import importlib
@@ -12,6 +14,10 @@ _EXPORTS = {
     "stdit_config": "longseq.models.stdit",
     "count_parameters": "longseq.models.stdit",
     "init_for_testing": "longseq.models.stdit",
+    "ModelFamily": "longseq.models.registry",
+    "MODEL_FAMILIES": "longseq.models.registry",
+    "register_model": "longseq.models.registry",
+    "get_model_family": "longseq.models.registry",
 }
 __all__ = list(_EXPORTS)
 

@@ -36,3 +36,16 @@ def test_megatron_style_example_two_steps(model):
     assert len(ref) == 2
     for a, b in zip(losses, ref):
         assert abs(a - b) <= 2e-6 * abs(b) + 10 ** (math.floor(math.log10(abs(b))) - 6), (losses, ref)
+
+
+def test_megatron_style_example_with_torch_fsdp2():
+    """--use-torch-fsdp2: Megatron's groups as a (dp, cp) DeviceMesh, FSDP2 over dp x cp (CP 2 x DP 2):
+    the same losses as the replicated CP 2 x DP 2 run (printed digits, as above)."""
+    args = ["--model", "stdit", "--context-parallel-size", "2", "--global-batch-size", "2", "--train-iters", "3"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", SCRIPT, *args]
+    ref, _ = _run(run)
+    got, out = _run(run + ["--use-torch-fsdp2"])
+    assert "context-parallel 2 x data-parallel 2" in out
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 2e-6 * abs(b) + 10 ** (math.floor(math.log10(abs(b))) - 6), (got, ref)

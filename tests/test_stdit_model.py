@@ -1,6 +1,5 @@
 """ST-DiT: shapes, the per-frame / per-location independence of the stages that a DSP plan relies
 on, gradients, presets and the CLI."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,8 +165,7 @@ def test_preset_parameter_counts():
 
 
 def test_cli_prints_parameter_count():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "longseq.models.stdit", "--preset", "720m"], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "longseq.models.stdit", "--preset", "720m"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert f"{count_parameters('720m'):,}" in res.stdout

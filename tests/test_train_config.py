@@ -8,6 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from longseq import methods as registry
+from longseq.models import registry as model_registry
 from longseq.train import methods
 from longseq.train.config import ConfigError, load_config, resolve_parallel, validate
 from tests import train_helpers as th
@@ -33,7 +35,7 @@ def test_defaults_and_overrides():
     assert cfg().optim.lr == cfg().model.lr                   # optim.lr follows the model's recommendation
     for name in ("stdit_tiny", "stdit_720m", "stdit_3b", "gla_tiny", "gla_1b", "gla_3b"):
         assert cfg(f"model={name}").model.name == name
-    for m in methods.METHODS:
+    for m in registry.method_names():
         assert cfg(f"parallel={m}").parallel.method == m
 
 
@@ -67,11 +69,28 @@ def test_unknown_method():
     assert "unknown method parallel.method='bogus'" in msg and "dsp" in msg and "zeco" in msg
 
 
-def test_method_not_landed_yet(monkeypatch):
-    spec = methods.MethodSpec("future", "stdit", "a method still being written", ("no_such_module_xyz",))
-    monkeypatch.setitem(methods.METHODS, "future", spec)
-    msg = error("parallel.method=future")
-    assert "not available yet" in msg and "no_such_module_xyz.parallelize" in msg and "Available now" in msg
+def test_a_registered_family_and_method_train(monkeypatch):
+    """A family and a method added with the public functions are found by the training entry."""
+    import torch
+    from longseq.models.gla import GLAForCausalLM, gla_config
+    monkeypatch.setattr(model_registry, "MODEL_FAMILIES", dict(model_registry.MODEL_FAMILIES))
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    monkeypatch.setattr(methods, "MODEL_FAMILIES", model_registry.MODEL_FAMILIES)
+    assert "unknown" in error("model=gla_tiny", "model.family=mylm", "parallel=none")
+    model_registry.register_model("mylm", config=gla_config, model=GLAForCausalLM, task="causal_lm")
+    assert "parallelizes GLA models, not MYLM" in error("model=gla_tiny", "model.family=mylm", "parallel=zeco")
+    calls = []
+    registry.register_method("zeco", "mylm", lambda model, group, **kw: calls.append(kw) or model,
+                             input_shard="seq")
+    c = cfg("model=gla_tiny", "model.family=mylm", "parallel=zeco", "+parallel.options.num_blocks=2")
+    assert validate(c, 2).sp_size == 2
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("zeco", "mylm", None)
+
+    class Groups:
+        sp_group = None
+    t = methods.build(c, Groups(), torch.device("cpu"))
+    assert isinstance(t.model, GLAForCausalLM) and t.input_shard == "seq" and calls == [{"num_blocks": 2}]
 
 
 def test_method_for_the_wrong_family():
@@ -87,10 +106,9 @@ def test_ulysses_heads_not_divisible():
     c = cfg("parallel.sp_size=4")                                 # stdit_tiny: 2 heads
     layout = resolve_parallel(c, 4)
     with pytest.raises(ConfigError) as e:
-        methods.check_model(methods.METHODS["ulysses"], c, layout)
+        methods.check_model(registry.find_method("ulysses", "stdit"), c, layout)
     assert "must divide num_heads=2" in str(e.value) and "parallel.sp_size in [1, 2]" in str(e.value)
-    if methods.unavailable_reason(methods.METHODS["ulysses"]) is None:   # once Ulysses has landed
-        assert "num_heads=2" in error("parallel=ulysses", "parallel.sp_size=4", world=4)
+    assert "num_heads=2" in error("parallel=ulysses", "parallel.sp_size=4", world=4)
 
 
 def test_sequence_shorter_than_sp():

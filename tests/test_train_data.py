@@ -153,12 +153,6 @@ def test_train_on_a_latent_folder_with_dsp_bf16(tmp_path):
 
 
 def test_train_on_a_token_file_with_zeco(tmp_path):
-    from longseq.train.methods import get_method
-    from longseq.train.config import ConfigError
-    try:
-        get_method("zeco")
-    except ConfigError as e:
-        pytest.skip(str(e))
     rng = np.random.default_rng(0)
     D.write_token_file(tmp_path / "train.bin", rng.integers(0, 64, size=2000), "uint16")
     out = tmp_path / "run"

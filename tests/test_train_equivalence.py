@@ -34,22 +34,12 @@ def _check_same(ref_dir, other_dir, what):
     assert ref[-1] < ref[0], f"the loss should fall over {STEPS} steps: {ref}"
 
 
-def _available(method):
-    from longseq.train.config import ConfigError
-    from longseq.train.methods import get_method
-    try:
-        get_method(method)
-    except ConfigError as e:
-        pytest.skip(str(e))
-
-
 def _common(tmp, name):
     return [f"train.out_dir={tmp / name}", f"train.steps={STEPS}", "train.global_batch_size=4",
             "train.checkpoint_every=0", "train.resume=none"]
 
 
 def test_stdit_dsp_matches_one_process(tmp_path):
-    _available("dsp")
     model = ["model=stdit_tiny", "model.sample.frames=6", "model.sample.height=8", "model.sample.width=8"]
     th.run(model + ["parallel=none"] + _common(tmp_path, "ref"), 1, timeout=120)
     th.run(model + ["parallel=dsp", "parallel.sp_size=2"] + _common(tmp_path, "sp2"), 2, timeout=120)
@@ -60,7 +50,6 @@ def test_stdit_dsp_matches_one_process(tmp_path):
 
 
 def test_gla_zeco_matches_one_process(tmp_path):
-    _available("zeco")
     model = ["model=gla_tiny", "model.sample.seq_len=64", "data.num_samples=0"]
     th.run(model + ["parallel=none"] + _common(tmp_path, "ref"), 1, timeout=120)
     th.run(model + ["parallel=zeco", "parallel.sp_size=2"] + _common(tmp_path, "sp2"), 2, timeout=120)

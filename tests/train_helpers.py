@@ -19,7 +19,6 @@ FAST = ["train.log_every=1", "train.tensorboard=false", "train.timeout_s=120"]
 def env() -> dict:
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     return e

@@ -74,7 +74,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from longseq import comm
+from longseq import comm, kernels
 from longseq.sharding import split_sizes
 
 __all__ = ["all_scan", "all_scan_start", "AllScanHandle", "num_blocks_for", "DEFAULT_HALF_BYTES", "set_default_half_bytes",
@@ -256,11 +256,9 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     def update(inp: Optional[torch.Tensor], out: torch.Tensor, j: int) -> torch.Tensor:
         """Block j of out = diag(d) inp + local, written into ``out`` (a contiguous row range)."""
         r0, r1 = bounds[j]
-        if inp is None:
-            return out[r0:r1].copy_(loc[r0:r1])
-        if d is None:
-            return torch.add(loc[r0:r1], inp[r0:r1], out=out[r0:r1])
-        return torch.addcmul(loc[r0:r1], d[r0:r1], inp[r0:r1], out=out[r0:r1])
+        # one fused kernel on the current (side) stream: decay, add local, cast, into the send buffer
+        return kernels.scan_update(out[r0:r1], None if inp is None else inp[r0:r1], loc[r0:r1],
+                                   None if d is None else d[r0:r1])
 
     if not has_prev:
         # first of the chain: its input is known now

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from longseq import comm
 from longseq.functional import all_reduce_sum
+from longseq.groups import sp_group_of
 from longseq.sharding import shard_range
 
 from .sp_gla import METHODS, sp_gla
@@ -36,17 +37,13 @@ __all__ = ["parallelize", "unparallelize", "shard_sequence", "shift_labels", "sp
 _ORIGINAL = "_zeco_serial_gla_fn"
 
 
-def _sp(group: Any) -> Any:
-    """A process group, or the SP group of a :class:`longseq.ParallelGroups`."""
-    return group.sp_group if hasattr(group, "sp_group") else group
-
-
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
-                overlap: bool = True, check: Any = True) -> torch.nn.Module:
+                overlap: bool = True, check: Any = True, sp_dim: Optional[str] = None) -> torch.nn.Module:
     """Swap the ``gla_fn`` of every submodule that has one for :func:`zeco.sp_gla` over ``group`` (a
-    process group or a :class:`longseq.ParallelGroups`, whose SP group is used), in place; returns
-    the model. Raises ``ValueError`` when the model has no such layer."""
-    group = _sp(group)
+    process group, a :class:`longseq.ParallelGroups`, whose SP group is used, or a ``DeviceMesh``,
+    whose ``sp_dim`` is), in place; returns the model. Raises ``ValueError`` when the model has no
+    such layer or the mesh no such dim."""
+    group = sp_group_of(group, sp_dim)
     if method not in METHODS:
         raise ValueError(f"parallelize: method must be one of {METHODS}, got {method!r}")
     n = 0
@@ -75,7 +72,7 @@ def shard_sequence(x: torch.Tensor, group: Any, *, dim: int = 1) -> torch.Tensor
     """This rank's contiguous piece of ``x`` along ``dim`` (``torch.tensor_split`` sizes: the first
     ``T % P`` ranks hold one more). ``x`` must be the same on every rank; no communication, and no
     gradient bookkeeping (use :func:`longseq.functional.shard_whole` for a differentiable tensor)."""
-    group = _sp(group)
+    group = sp_group_of(group)
     P, r = comm.group_size(group), comm.group_rank(group)
     dim = dim % x.dim()
     start, stop = shard_range(x.shape[dim], P, r)
@@ -93,7 +90,7 @@ def shift_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Ten
 def sp_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: Any, *, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over the targets of *all* ranks (identical on every rank): the local sum
     and the local count of non-ignored targets are summed over ``group``."""
-    group = _sp(group)
+    group = sp_group_of(group)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=ignore_index, reduction="sum")

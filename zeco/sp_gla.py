@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from longseq import comm
+from longseq.groups import sp_group_of
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
@@ -432,7 +433,7 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         q, k: ``[B, T_i, H, K]``; v: ``[B, T_i, H, V]``; g: ``[B, T_i, H, K]`` (per-key log decay) or
             ``[B, T_i, H]`` (scalar per head). ``T_i`` may differ between ranks (0 included).
         group: the sequence-parallel process group (explicit; no global default), or a
-            :class:`longseq.ParallelGroups` (its SP group is used).
+            :class:`longseq.ParallelGroups` (its SP group is used), or a 1-D ``DeviceMesh``.
         method: ``"zeco"`` (All-Scan, overlapped), ``"lasp1"`` (sequential ring), ``"lasp2"``
             (all-gather).
         scale: ``K ** -0.5`` when None.
@@ -455,8 +456,7 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
     """
     _validate_local(q, k, v, g, initial_state, method)
-    if hasattr(group, "sp_group"):  # a longseq.ParallelGroups
-        group = group.sp_group
+    group = sp_group_of(group)  # a ParallelGroups or a 1-D DeviceMesh -> its process group
     comm.require_member(group, "zeco.sp_gla")
     if check is not False and g.numel() and bool((g > 0).any()):
         raise ValueError(

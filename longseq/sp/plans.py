@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from longseq import comm
-from longseq.groups import ParallelGroups
+from longseq.groups import mesh_of, sp_group_of
 from longseq.sharding import shard_range
 
 __all__ = ["SPPlan", "STDIT_SP_PLAN", "PLANS", "METHODS", "SINGLE_DIM_METHODS", "SPHandle", "parallelize",
@@ -156,12 +156,13 @@ def block_volume(method: str, m: int, P: int, ulysses_degree: Optional[int] = No
 class SPHandle:
     """What :func:`parallelize` returns for a single-dimension method: ``remove()`` undoes everything
     (also as a context manager); ``shard_target(t)``; ``whole_sizes``; ``attentions`` (path, module);
-    ``usp_groups`` (USP only)."""
+    ``usp_groups`` (USP only); ``mesh``."""
 
     def __init__(self, model: nn.Module, group: Any, method: str, plan: SPPlan, boundary: Any):
         self.model, self.group, self.method, self.plan, self.boundary = model, group, method, plan, boundary
         self.attentions: list[tuple[str, nn.Module]] = []
         self.usp_groups = None
+        self.mesh = None            # the DeviceMesh parallelize was given, if any
         self._undo: list[Callable[[], None]] = []
 
     @property
@@ -228,10 +229,12 @@ def _dtype(d: Any) -> Optional[torch.dtype]:
 
 def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any = None, gather_output: bool = True,
                 check_inputs: Any = True, ulysses_degree: Optional[int] = None, ring_degree: Optional[int] = None,
-                kernel: str = "auto", grad_comm_dtype: Optional[torch.dtype] = None, dsp_plan: Any = None):
-    """Make ``model`` sequence-parallel over ``group`` (a process group or ``longseq.ParallelGroups``)
-    with ``method``; in place, by hooks and attribute hooks; returns a handle whose ``remove()``
-    undoes it (``dsp.DSPHandle`` for "dsp", :class:`SPHandle` otherwise).
+                kernel: str = "auto", grad_comm_dtype: Optional[torch.dtype] = None, dsp_plan: Any = None,
+                sp_dim: Optional[str] = None):
+    """Make ``model`` sequence-parallel over ``group`` (a process group, ``longseq.ParallelGroups``,
+    or a ``DeviceMesh`` whose ``sp_dim`` is the SP group) with ``method``; in place, by hooks and
+    attribute hooks; returns a handle whose ``remove()`` undoes it (``dsp.DSPHandle`` for "dsp",
+    :class:`SPHandle` otherwise) and whose ``mesh`` is the DeviceMesh given (or None).
 
     Every method takes the whole input on every rank of the group and returns the whole output
     (``gather_output=True``) or this rank's frames of it (``False``; use ``handle.shard_target`` and
@@ -244,13 +247,16 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
     """
     if method not in METHODS:
         raise ValueError(f"unknown sequence-parallel method {method!r}; valid methods: {', '.join(METHODS)}")
+    mesh, sp = mesh_of(group), sp_group_of(group, sp_dim)
     if method == "dsp":
         extra = {k: v for k, v in dict(plan=plan, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
                                       grad_comm_dtype=grad_comm_dtype).items() if v is not None}
         if extra or kernel != "auto":
             raise ValueError(f"method 'dsp' takes no {', '.join(extra) or 'kernel'} option (dsp_plan= chooses its plan)")
         from longseq import dsp
-        return dsp.parallelize(model, group, dsp_plan, gather_output=gather_output, check_inputs=check_inputs)
+        handle = dsp.parallelize(model, sp, dsp_plan, gather_output=gather_output, check_inputs=check_inputs)
+        handle.mesh = mesh
+        return handle
     if dsp_plan is not None:
         raise ValueError(f"dsp_plan is for method 'dsp', not {method!r} (use plan=)")
     if method not in ("usp",) and (ulysses_degree is not None or ring_degree is not None):
@@ -263,7 +269,6 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
         raise ValueError(f"unknown ring attention kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     grad_comm_dtype = _dtype(grad_comm_dtype)
     sp_plan = _as_sp_plan(plan)
-    sp = group.sp_group if isinstance(group, ParallelGroups) else group
     P, r = comm.group_size(sp), comm.group_rank(sp)
     attns = _matching(model, sp_plan.attentions, "attention")
     offsets = _matching(model, sp_plan.offset_stages, "offset stage") if sp_plan.offset_stages else []
@@ -299,7 +304,7 @@ def parallelize(model: nn.Module, group: Any, method: str = "dsp", *, plan: Any 
     boundary = dsp.parallelize(model, sp, sp_plan.boundary.get() if isinstance(sp_plan.boundary, _LazyPlan)
                                else sp_plan.boundary, gather_output=gather_output, check_inputs=check_inputs)
     handle = SPHandle(model, sp, method, sp_plan, boundary)
-    handle.usp_groups = usp_groups
+    handle.usp_groups, handle.mesh = usp_groups, mesh
     try:
         _install(handle, attns, offsets, sp, P, r, kernel, grad_comm_dtype)
     except Exception:

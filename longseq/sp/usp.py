@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from longseq import comm
 from longseq import functional as LF
-from longseq.groups import ParallelGroups
+from longseq.groups import sp_group_of
 from longseq.sharding import split_sizes
 
 from .ring import ring_attention
@@ -105,7 +105,7 @@ def init_usp_groups(group: Any, ulysses_degree: Optional[int] = None, ring_degre
     then every rank creates every Ulysses and ring group of every SP group in the same order.
     Groups are cached (keyed by the SP groups and degrees), so calling it again creates nothing;
     after ``destroy_process_group`` and a new ``init_process_group`` they are made anew."""
-    sp = group.sp_group if isinstance(group, ParallelGroups) else group
+    sp = sp_group_of(group)
     P, me = comm.group_size(sp), comm.group_rank(sp)
     u, r = default_degrees(P, num_heads, ulysses_degree, ring_degree)
     mine = _sp_global_ranks(sp)

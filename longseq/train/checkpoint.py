@@ -5,6 +5,7 @@ Layout under ``<out_dir>/checkpoints/``::
 
     ckpt_step00000010.pt                 one file per checkpoint (torch.save of a dict, see below)
     ckpt_step00000010.pt.manifest.json   its size + sha256 and the run lineage (longseq.train.manifest)
+    ckpt_step00000010.dcp/               or, for FSDP runs, a sharded DCP directory (see :mod:`.dcp_checkpoint`)
     latest                               the file name of the newest complete checkpoint, one line
     run.json                             this run's lineage: {"lineage", "run_id", "seed"}
 
@@ -33,6 +34,7 @@ import json
 import os
 import random
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -40,14 +42,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .manifest import TMP_MARK, CheckpointCorrupt, fsync_dir, read_meta, verify, write_atomic, write_manifest
+from .manifest import (TMP_MARK, CheckpointCorrupt, fsync_dir, manifest_path, read_meta, verify, write_atomic,
+                       write_manifest)
 
 __all__ = ["checkpoint_dir", "save_checkpoint", "find_latest", "find_good", "load_checkpoint", "rng_state",
            "set_rng_state", "write_atomic", "list_checkpoints", "clean_temporaries", "start_lineage",
-           "CheckpointCorrupt", "FORMAT"]
+           "CheckpointCorrupt", "remove_checkpoint", "fsync_dir", "FORMAT"]
 
 FORMAT = 1
-_NAME = re.compile(r"^ckpt_step(\d{8})\.pt$")
+_NAME = re.compile(r"^ckpt_step(\d{8})\.(pt|dcp)$")
 
 
 def checkpoint_dir(out_dir) -> Path:
@@ -67,17 +70,27 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, a file or a DCP directory, and its manifest."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    manifest_path(path).unlink(missing_ok=True)
+
+
 def clean_temporaries(ckpt_dir) -> list[str]:
-    """Remove the temporary files of killed writes (names with ``.tmp.``); returns their names.
-    Call on one rank, before anyone writes."""
+    """Remove the temporaries of killed writes (files with ``.tmp.`` in the name, DCP's ``.*.tmp``
+    directories); returns their names. Call on one rank, before anyone writes."""
     ckpt_dir = Path(ckpt_dir)
     gone = []
     if ckpt_dir.is_dir():
         for f in os.listdir(ckpt_dir):
-            if TMP_MARK in f:
-                (ckpt_dir / f).unlink(missing_ok=True)
+            if TMP_MARK in f or (f.startswith(".") and f.endswith(".tmp")):
+                remove_checkpoint(ckpt_dir / f)
                 gone.append(f)
-    return gone
+    return sorted(gone)
 
 
 def start_lineage(ckpt_dir, resume: str, *, run_id: str = "", restart: int = 0) -> tuple[str, str]:
@@ -127,8 +140,7 @@ def save_checkpoint(ckpt_dir, step: int, state: dict, keep: int = 0, *, lineage:
         mine = [p for _, p in list_checkpoints(ckpt_dir) if read_meta(p).get("lineage") == lineage]
         for old in mine[:-keep]:
             if old != path and old.resolve() != seed:
-                old.unlink(missing_ok=True)
-                (old.with_name(old.name + ".manifest.json")).unlink(missing_ok=True)
+                remove_checkpoint(old)
         fsync_dir(ckpt_dir)
     return path
 

@@ -194,6 +194,23 @@ def _choice(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
     return str(val)
 
 
+FSDP_MODES = ("none", "full", "dp")
+FSDP_PARAM_DTYPES = ("fp32", "bf16")
+
+
+def check_fsdp_settings(cfg: DictConfig) -> None:
+    """``parallel.fsdp``, ``parallel.fsdp_param_dtype`` and ``parallel.mesh_dims`` (see longseq.fsdp)."""
+    _choice(cfg, "parallel.fsdp", FSDP_MODES)
+    _choice(cfg, "parallel.fsdp_param_dtype", FSDP_PARAM_DTYPES)
+    dims = OmegaConf.select(cfg, "parallel.mesh_dims")
+    if dims is None or len(dims) != 2 or len({str(d) for d in dims}) != 2:
+        raise ConfigError(f"parallel.mesh_dims={dims!r} must name two different dims, the DP one then the SP one: "
+                          "e.g. parallel.mesh_dims=[dp,sp] (torchtitan: [dp_shard,cp])")
+    if str(cfg.parallel.fsdp) == "none" and str(cfg.parallel.fsdp_param_dtype) != "fp32":
+        raise ConfigError("parallel.fsdp_param_dtype=bf16 is FSDP2's mixed precision: set parallel.fsdp=full (or dp), "
+                          "or use train.precision=bf16 (autocast) without FSDP")
+
+
 def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
     """Check the config for a world of ``world`` processes (default: ``$WORLD_SIZE``) without any
     process-group work; raise :class:`ConfigError` naming the fix. Returns the SP x DP layout."""
@@ -236,11 +253,10 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
             raise ConfigError(f"train.resume={resume!r} is neither auto/strict/none nor an existing checkpoint file: pass "
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
-    # The method: known, landed, fits the model family, fits the model's sizes.
-    spec = methods.lookup_method(str(cfg.parallel.method))       # ConfigError if unknown
-    methods.check_family(spec, str(cfg.model.family))            # e.g. zeco for an ST-DiT model
-    methods.check_available(spec)                                # its code has landed
+    # The method: registered for the model family, fits the model's sizes.
+    spec = methods.get_method(cfg)                               # unknown, or e.g. zeco for an ST-DiT model
     layout = resolve_parallel(cfg, world)
     methods.check_model(spec, cfg, layout)                       # e.g. heads divisible for Ulysses
+    check_fsdp_settings(cfg)
     data_mod.check_data(cfg, layout)                             # missing paths, wrong data for the family
     return layout

@@ -364,10 +364,10 @@ def _pad_captions(samples: list) -> None:
 
 def make_source(cfg):
     """The sample source of ``data.kind`` for ``model.family``."""
-    kind, family = str(cfg.data.kind), str(cfg.model.family)
-    if family == "stdit":
-        from .methods import model_config
-        mc = model_config(cfg)
+    from .methods import family_of
+    kind, fam = str(cfg.data.kind), family_of(cfg)
+    mc = fam.model_config(cfg.model)
+    if fam.task == "diffusion":
         nt = int(cfg.model.objective.num_timesteps)
         if kind == "synthetic":
             s = cfg.model.sample
@@ -377,8 +377,7 @@ def make_source(cfg):
         return LatentFolder(cfg.data.path, cfg.data.seed, cfg.data.shuffle, nt)
     L = int(cfg.model.sample.seq_len)
     if kind == "synthetic":
-        from .methods import FAMILIES
-        return SyntheticTokens(cfg.data.seed, cfg.data.num_samples, L, FAMILIES["gla"].vocab_size(cfg.model),
+        return SyntheticTokens(cfg.data.seed, cfg.data.num_samples, L, int(mc.vocab_size),
                                cfg.data.markov_branching)
     from .methods import FAMILIES
     return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L,
@@ -387,8 +386,9 @@ def make_source(cfg):
 
 def check_data(cfg, layout) -> None:
     """Data errors that need no process group: wrong kind for the family, missing or unusable paths."""
+    from .methods import family_of
     kind, family = str(cfg.data.kind), str(cfg.model.family)
-    allowed = {"stdit": ("synthetic", "latents"), "gla": ("synthetic", "tokens")}.get(family, ("synthetic",))
+    allowed = family_of(cfg).data_kinds
     if kind not in ("synthetic", "latents", "tokens"):
         raise ConfigError(f"data.kind={kind!r} is unknown: choose data=synthetic, data=latents or data=tokens")
     if kind not in allowed:

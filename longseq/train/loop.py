@@ -6,6 +6,11 @@ forward and loss under autocast (bf16 on GPU by default), backward, ``longseq.sy
 identical on every rank, so the norm is computed locally), AdamW step, LR schedule step. Rank 0
 prints progress, appends to ``metrics.jsonl`` and writes checkpoints.
 
+With ``parallel.fsdp=full|dp`` the model is sharded by FSDP2 (:mod:`longseq.fsdp`) after the SP
+plan: FSDP's reduce-scatter replaces ``sync_gradients`` (same SP-sum, DP-mean semantics), the norm
+is of the whole sharded gradients, and checkpoints are sharded DCP directories
+(:mod:`.dcp_checkpoint`), which also load at another SP x DP layout.
+
 Faults (docs/training.md, "Faults"): a data error on one rank becomes the same ``DataError`` on
 every rank (one 8-byte all-gather a step, tag ``train.data.ok``); a non-finite loss or gradient norm
 on any rank is agreed on (tag ``train.nonfinite``) and skips the update or stops the run
@@ -34,12 +39,13 @@ from longseq.ledger import LEDGER
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import dcp_checkpoint
 from . import methods
 from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
 from .manifest import CheckpointCorrupt
 from .metrics import MetricsWriter, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
-__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "DataError", "NonFiniteError",
+__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "backward_and_sync", "DataError", "NonFiniteError",
            "CheckpointWriteError"]
 
 
@@ -225,8 +231,7 @@ def _fresh_start_cleanup(out_dir: Path, ckpt_dir: Path) -> None:
     if old or (ckpt_dir / "latest").exists():
         _say(f"train.resume=none: removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir}")
     for _, p in old:
-        p.unlink(missing_ok=True)
-        p.with_name(p.name + ".manifest.json").unlink(missing_ok=True)
+        ckpt.remove_checkpoint(p)
     (ckpt_dir / "latest").unlink(missing_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0"):
@@ -241,10 +246,46 @@ def _ensure_grads(params: list) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def _grad_norm(params: list, clip: float) -> torch.Tensor:
-    if clip and clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+def backward_and_sync(loss: torch.Tensor, params: list, groups, fsdp_plan, clip: float) -> torch.Tensor:
+    """Backward, then the gradients of the global batch on every rank (``sync_gradients``, or
+    FSDP's reduce-scatter and :meth:`~longseq.fsdp.FSDPPlan.finish_gradients`), clipped to
+    ``clip``; returns the global gradient norm before clipping."""
+    loss.backward()
+    _ensure_grads(params)
+    if fsdp_plan is None:
+        longseq.sync_gradients(params, groups)
+    else:
+        fsdp_plan.finish_gradients(params)
+    return longseq.fsdp.grad_norm(params, clip)
+
+
+def _groups(cfg, layout: ParallelLayout, mesh):
+    """SP x DP groups: from the DeviceMesh handed to :func:`train` (its ``parallel.mesh_dims[1]`` dim
+    is SP), or built over the world with dims named ``parallel.mesh_dims``."""
+    dp_dim, sp_dim = (str(d) for d in cfg.parallel.mesh_dims)
+    if mesh is None:
+        return longseq.init_parallel_groups(layout.sp_size, dp_dim=dp_dim, sp_dim=sp_dim)
+    try:
+        groups = longseq.from_mesh(mesh, sp_dim=sp_dim)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the SP dim's name is parallel.mesh_dims[1])") from None
+    if (groups.sp_size, groups.dp_size) != (layout.sp_size, layout.dp_size):
+        raise ConfigError(f"the DeviceMesh gives SP {groups.sp_size} x DP {groups.dp_size} but the config SP "
+                          f"{layout.sp_size} x DP {layout.dp_size}: set parallel.sp_size={groups.sp_size}")
+    return groups
+
+
+def _load(path: str, model, optimizer, fsdp_plan) -> dict:
+    """A checkpoint's state, the model and optimizer loaded from it (DCP directory or .pt file)."""
+    if dcp_checkpoint.is_dcp(path):
+        return dcp_checkpoint.load(path, model, optimizer)
+    if fsdp_plan is not None:
+        raise ConfigError(f"{path} is a one-file checkpoint of a run without FSDP: resume it with parallel.fsdp=none "
+                          "(a DCP checkpoint of an FSDP run loads either way), or start afresh (train.resume=none)")
+    state = ckpt.load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state
 
 
 def _verify_error(path) -> Optional[str]:
@@ -276,14 +317,17 @@ def _choose_resume(resume: str, ckpt_dir: Path, lineage: str) -> tuple[Optional[
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
-    """Run the training described by a validated config; returns a small summary (rank 0's view)."""
+def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
+    """Run the training described by a validated config; returns a small summary (rank 0's view).
+    ``mesh``: a ``DeviceMesh`` to take the SP x DP groups from (its dim ``parallel.mesh_dims[1]``
+    is SP, the others DP); by default they are built over the world."""
     device = _device(cfg)
+    owns_group = not dist.is_initialized()      # a caller's process group (and mesh) is left as it was
     longseq.init_distributed(_backend(cfg, device), timeout_s=_collective_timeout(cfg))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != layout.world:
         raise ConfigError(f"validated for a world of {layout.world} but torch.distributed has {world} ranks")
-    groups = longseq.init_parallel_groups(layout.sp_size)
+    groups = _groups(cfg, layout, mesh)
     lead = rank == 0
     out_dir = Path(str(cfg.train.out_dir)).expanduser().resolve()
     ckpt_dir = ckpt.checkpoint_dir(out_dir)
@@ -319,6 +363,10 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
     model.train()
     if bool(cfg.train.activation_checkpointing):
         methods.apply_activation_checkpointing(trainable.units)
+    fsdp_mode = str(cfg.parallel.fsdp)
+    fsdp_plan = longseq.fsdp.apply_fsdp(
+        model, groups, fsdp_mode, units=trainable.units,
+        param_dtype=torch.bfloat16 if str(cfg.parallel.fsdp_param_dtype) == "bf16" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg)
@@ -336,9 +384,7 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
             err = _agree_error(_verify_error(path) if not lead else None, "train.resume.verify")
             if err:
                 raise CheckpointCorrupt(f"the checkpoint {path} does not verify on {err}")
-            state = ckpt.load_checkpoint(path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            state = _load(path, model, optimizer, fsdp_plan)
             scheduler.load_state_dict(state["scheduler"])
             step, position = int(state["step"]), int(state["data_position"])
             rng = state.get("rng") or []
@@ -363,6 +409,7 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
         _say(f"world {world} = SP {groups.sp_size} x DP {groups.dp_size} | {cfg.model.name} "
              f"({methods.human_count(n_params)} parameters) | parallel={cfg.parallel.method} | "
              f"{device.type} {dist.get_backend()} | precision {precision}"
+             + (f" | FSDP2 {fsdp_mode} over {fsdp_plan.mesh.size()} ranks" if fsdp_plan else "")
              + (" | activation checkpointing" if cfg.train.activation_checkpointing else ""))
         _say(f"global batch {G} samples x {trainable.tokens_per_sample} tokens | {steps} steps | "
              f"out_dir {out_dir}" + (f" | resumed from {Path(resumed_from).name} (step {step})" if resumed_from else ""))
@@ -398,10 +445,7 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
             loss = trainable.loss(batch)
             if _fault_fires(cfg, "nan", step + 1, rank, out_dir):
                 loss = loss * float("nan")
-        loss.backward()
-        _ensure_grads(params)
-        longseq.sync_gradients(params, groups)
-        gnorm = _grad_norm(params, clip)
+        gnorm = backward_and_sync(loss, params, groups, fsdp_plan, clip)
         lr = optimizer.param_groups[0]["lr"]
         bad = torch.tensor([0.0 if (math.isfinite(float(loss.detach())) and math.isfinite(float(gnorm))) else 1.0],
                            device=_comm_device())
@@ -444,26 +488,30 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
         if save and ((every and step % every == 0) or step == steps):
             rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
             err = None
-            if lead:
-                state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rngs,
-                         "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size},
-                         "config": OmegaConf.to_container(cfg, resolve=True)}
-                if _fault_fires(cfg, "disk_full", step, rank, out_dir):
-                    state["fault"] = _DiskFull()
-                elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
-                    state["fault"] = _KillMidWrite()
-                try:
+            state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
+                     "scheduler": scheduler.state_dict(), "rng": rngs,
+                     "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size,
+                                "fsdp": fsdp_mode},
+                     "config": OmegaConf.to_container(cfg, resolve=True)}
+            p = None
+            try:
+                if fsdp_plan is not None:                   # sharded: every rank writes its shards
+                    p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep, lineage=lineage)
+                elif lead:
+                    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+                    if _fault_fires(cfg, "disk_full", step, rank, out_dir):
+                        state["fault"] = _DiskFull()
+                    elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
+                        state["fault"] = _KillMidWrite()
                     p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage)
-                    if step % log_every == 0 or step == steps:
-                        _say(f"checkpoint {p.relative_to(out_dir)}")
-                except OSError as e:
-                    prev = ckpt.find_latest(ckpt_dir)
-                    err = (f"writing the checkpoint of step {step} in {ckpt_dir} failed ({e}); "
-                           f"{'the previous checkpoint ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}"
-                           ": free space (or choose another train.out_dir) and rerun with train.resume=auto")
-                del state
+                if lead and (step % log_every == 0 or step == steps):
+                    _say(f"checkpoint {p.relative_to(out_dir)}")
+            except OSError as e:
+                prev = ckpt.find_latest(ckpt_dir) if lead else None
+                err = (f"writing the checkpoint of step {step} in {ckpt_dir} failed ({e}); "
+                       f"{'the previous checkpoint ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}"
+                       ": free space (or choose another train.out_dir) and rerun with train.resume=auto")
+            del state
             err = _agree_error(err, "train.checkpoint")
             if err:
                 raise CheckpointWriteError(err)
@@ -486,7 +534,8 @@ def train(cfg: DictConfig, layout: ParallelLayout) -> dict:
                  "(raise train.steps to train longer, or use a new train.out_dir)")
         print(text, flush=True)
     _barrier("train.end")
-    longseq.launch.destroy()
+    if owns_group:
+        longseq.launch.destroy()
     return {"step": step, "losses": losses, "last": last, "out_dir": str(out_dir)}
 
 

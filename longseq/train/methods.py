@@ -1,16 +1,15 @@
-"""The one adapter between the training loop and the models and parallel plans built elsewhere.
+"""The one adapter between the training loop and the registered models and methods.
 
-Everything the loop knows about ``models.*``, ``dsp``, ``zeco`` and the baselines goes through
-here, so when their APIs change only this file changes. Two registries:
+Models are looked up in the model registry (:mod:`longseq.models.registry`, ``model.family``),
+methods in the method registry (:mod:`longseq.methods`, ``parallel.method`` for that family). This
+module adds what training needs on top, by the family's task:
 
-* families (``model.family``): how to build the model from ``model.preset`` / ``model.overrides``,
-  its objective (ST-DiT: DDPM noise prediction, MSE; GLA: next-token cross-entropy), the units
-  activation checkpointing wraps, and a FLOPs-per-token estimate;
-* methods (``parallel.method``): which family each fits, where its plan lives, how to apply it,
-  whether the data loader may hand the model a pre-sharded input, and how the loss is formed.
+* ``diffusion`` (ST-DiT): DDPM noise prediction, MSE; the sample is ``model.sample.frames`` x
+  ``height`` x ``width`` latents with ``caption_tokens`` caption tokens;
+* ``causal_lm`` (GLA): next-token cross-entropy over ``model.sample.seq_len`` tokens;
 
-``get_method(name)`` raises :class:`~longseq.train.config.ConfigError` for an unknown method
-(listing the known ones) and for one whose code has not landed yet (saying what is missing).
+and how the loss is formed under a method (whole samples and ``handle.shard_target``, or the
+loader's sequence pieces and ``zeco.sp_lm_loss``).
 
 Loss convention (what makes an SP x DP step equal a one-process step on the global batch): the
 loss a rank back-propagates is its SP group's loss, the mean over the group's samples, identical
@@ -23,43 +22,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longseq import functional as LF
+from longseq import methods as registry
+from longseq import zeco
+from longseq.methods import MethodSpec
+from longseq.models.registry import MODEL_FAMILIES, ModelFamily
+
 from .config import ConfigError
 
 __all__ = [
-    "MethodSpec", "METHODS", "FAMILIES", "Trainable", "get_method", "lookup_method", "check_available",
-    "check_family", "check_model",
-    "available_methods", "build", "model_config", "apply_activation_checkpointing",
+    "MethodSpec", "Trainable", "Family", "family_of", "get_method", "check_model", "build", "model_config",
+    "apply_activation_checkpointing", "param_count", "human_count",
 ]
 
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------
-def _import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name and (name == e.name or name.startswith(e.name + ".")):
-            return None           # the module itself is missing (not one of its own imports)
-        raise
+DATA_KINDS = {"diffusion": ("synthetic", "latents"), "causal_lm": ("synthetic", "tokens")}
 
 
 def _plain(obj: Any) -> Any:
     """OmegaConf containers -> plain dicts/lists."""
-    try:
-        from omegaconf import OmegaConf
-        if OmegaConf.is_config(obj):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:
-        pass
-    return obj
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
 
 
 @dataclasses.dataclass
@@ -84,153 +72,109 @@ class Trainable:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model families
+# Model families: the registry's entry plus the training config's sample sizes
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
 class Family:
-    name = ""
-    data_kinds: tuple = ("synthetic",)
+    """A registered model family as the training config sees it (``cfg.model``)."""
+
+    spec: ModelFamily
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def data_kinds(self) -> tuple:
+        return DATA_KINDS[self.task]
 
     def model_config(self, mcfg) -> Any:
-        raise NotImplementedError
+        try:
+            return self.spec.config(str(mcfg.preset), **(_plain(mcfg.overrides) or {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model={mcfg.name}: {e}") from None
 
     def build(self, mcfg) -> nn.Module:
-        raise NotImplementedError
-
-    def num_heads(self, config) -> Optional[int]:
-        return getattr(config, "num_heads", None)
+        return self.spec.model(self.model_config(mcfg))
 
     def units(self, model: nn.Module) -> list:
-        raise NotImplementedError
+        return self.spec.units(model)
+
+    def dims(self, cfg) -> dict:
+        """The sample's sizes (see :class:`longseq.models.registry.ModelFamily`)."""
+        s = cfg.model.sample
+        if self.task == "causal_lm":
+            return {"seq_len": int(s.seq_len)}
+        p = self.model_config(cfg.model).patch_size
+        return {"frames": int(s.frames), "spatial": -(-int(s.height) // p) * -(-int(s.width) // p),
+                "caption": int(s.caption_tokens)}
 
     def tokens_per_sample(self, cfg) -> int:
-        raise NotImplementedError
+        d = self.dims(cfg)
+        return d["seq_len"] if self.task == "causal_lm" else d["frames"] * d["spatial"]
 
     def flops_per_token(self, model: nn.Module, cfg) -> float:
-        return 6.0 * sum(p.numel() for p in model.parameters())
+        """6N for the weights plus the family's token mixing."""
+        return 6.0 * param_count(model) + self.spec.mixing_flops(self.model_config(cfg.model), self.dims(cfg))
 
     def shard_dims(self, cfg) -> dict:
         """The sizes of the dims a method may shard, for shardability checks."""
-        return {}
-
-
-class STDiTFamily(Family):
-    name = "stdit"
-    data_kinds = ("synthetic", "latents")
-
-    def _module(self):
-        mod = _import("longseq.models.stdit")
-        if mod is None:
-            raise ConfigError("model.family=stdit needs models/stdit.py; run from the longseq checkout "
-                              "(the `models` package is not installed with longseq)")
-        return mod
-
-    def model_config(self, mcfg):
-        mod = self._module()
-        try:
-            return mod.stdit_config(str(mcfg.preset), **(_plain(mcfg.overrides) or {}))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model={mcfg.name}: {e}") from None
-
-    def build(self, mcfg) -> nn.Module:
-        return self._module().STDiT(self.model_config(mcfg))
-
-    def units(self, model):
-        out = []
-        for blk in model.blocks:
-            out += [blk.spatial, blk.temporal]
-        return out
-
-    def _grid(self, cfg):
-        c = self.model_config(cfg.model)
-        s = cfg.model.sample
-        p = c.patch_size
-        return int(s.frames), -(-int(s.height) // p) * -(-int(s.width) // p), int(s.caption_tokens), c
-
-    def tokens_per_sample(self, cfg) -> int:
-        t, s, _, _ = self._grid(cfg)
-        return t * s
-
-    def flops_per_token(self, model, cfg) -> float:
-        # 6N for the weights, plus per block the attention matmuls (QK^T and AV: 4·L·C FLOPs a token
-        # forward, x3 with backward) over S (spatial), T (temporal) and N caption tokens (cross).
-        t, s, n, c = self._grid(cfg)
-        return super().flops_per_token(model, cfg) + 12.0 * c.hidden_size * (s + t + n) * c.depth
-
-    def shard_dims(self, cfg) -> dict:
-        t, s, _, _ = self._grid(cfg)
-        return {"frames (T, model.sample.frames)": t, "spatial tokens per frame (S)": s}
-
-
-class GLAFamily(Family):
-    name = "gla"
-    data_kinds = ("synthetic", "tokens")
-
-    def _module(self):
-        mod = _import("longseq.models.gla")
-        if mod is None:
-            raise ConfigError("model.family=gla needs models/gla.py (the GLA language model), which has not "
-                              "landed yet; use an ST-DiT model (model=stdit_tiny) for now")
-        return mod
-
-    def model_config(self, mcfg):
-        mod = self._module()
-        fn = getattr(mod, "gla_config", None)
-        if fn is None:
-            raise ConfigError("models.gla has no gla_config(preset, **overrides) yet; the GLA model is not ready")
-        try:
-            return fn(str(mcfg.preset), **(_plain(mcfg.overrides) or {}))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model={mcfg.name}: {e}") from None
-
-    def model_class(self):
-        mod = self._module()
-        for name in ("GLALM", "GLAForCausalLM", "GLAModel", "GLA"):
-            if hasattr(mod, name):
-                return getattr(mod, name)
-        raise ConfigError("models.gla defines no model class (GLALM) yet")
-
-    def build(self, mcfg) -> nn.Module:
-        return self.model_class()(self.model_config(mcfg))
-
-    def vocab_size(self, mcfg) -> int:
-        return int(self.model_config(mcfg).vocab_size)
-
-    def units(self, model):
-        for name in ("layers", "blocks"):
-            seq = getattr(model, name, None)
-            if seq is None:
-                inner = getattr(model, "model", None)
-                seq = getattr(inner, name, None) if inner is not None else None
-            if isinstance(seq, (nn.ModuleList, nn.Sequential)):
-                return list(seq)
-        return []
-
-    def tokens_per_sample(self, cfg) -> int:
-        return int(cfg.model.sample.seq_len)
-
-    def flops_per_token(self, model, cfg) -> float:
-        # 6N (embedding and head included), plus per layer and head the recurrence: the state update
-        # k vᵀ and the read-out qᵀS, 4·K·V FLOPs a token forward, x3 with backward.
-        c = self.model_config(cfg.model)
-        per_head = getattr(c, "head_k_dim", 0) * getattr(c, "head_v_dim", 0)
-        return super().flops_per_token(model, cfg) + 12.0 * c.num_heads * per_head * c.num_layers
-
-    def shard_dims(self, cfg) -> dict:
-        return {"sequence (model.sample.seq_len)": int(cfg.model.sample.seq_len)}
-
-
-FAMILIES: dict[str, Family] = {"stdit": STDiTFamily(), "gla": GLAFamily()}
+        d = self.dims(cfg)
+        if self.task == "causal_lm":
+            return {"sequence (model.sample.seq_len)": d["seq_len"]}
+        return {"frames (T, model.sample.frames)": d["frames"], "spatial tokens per frame (S)": d["spatial"]}
 
 
 def family_of(cfg) -> Family:
     name = str(cfg.model.family)
-    if name not in FAMILIES:
-        raise ConfigError(f"model.family={name!r} is unknown; families: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    if name not in MODEL_FAMILIES:
+        raise ConfigError(f"model.family={name!r} is unknown; families: {', '.join(MODEL_FAMILIES)} "
+                          "(longseq.models.register_model adds one)")
+    return Family(MODEL_FAMILIES[name])
 
 
 def model_config(cfg) -> Any:
     return family_of(cfg).model_config(cfg.model)
+
+
+def get_method(cfg) -> MethodSpec:
+    """The registered ``parallel.method`` for ``model.family``; ConfigError for an unknown method or
+    one that does not parallelize this family (naming the ones that do)."""
+    name, fam = str(cfg.parallel.method), family_of(cfg)
+    spec = registry.find_method(name, fam.name)
+    if spec is not None:
+        return spec
+    fits = registry.method_names(fam.name)
+    others = registry.families_of(name)
+    if not others:
+        raise ConfigError(f"unknown method parallel.method={name!r}: choose one of {', '.join(registry.method_names())} "
+                          f"(e.g. parallel=dsp); for model.family={fam.name}: {', '.join(fits)}")
+    raise ConfigError(f"parallel={name} parallelizes {'/'.join(o.upper() for o in others)} models, not "
+                      f"{fam.name.upper()} ones: for this model choose parallel= one of {', '.join(fits)}")
+
+
+def check_model(spec: MethodSpec, cfg, layout) -> None:
+    """Model-size checks that need no process group (heads for Ulysses, dims at least SP long)."""
+    fam = family_of(cfg)
+    mc = fam.model_config(cfg.model)
+    P = layout.sp_size
+    if spec.heads_divisible and P > 1:
+        heads = getattr(mc, "num_heads", None)
+        if heads is not None and heads % P != 0:
+            ok = [d for d in range(1, heads + 1) if heads % d == 0 and layout.world % d == 0]
+            raise ConfigError(
+                f"parallel={spec.name} splits the attention heads over the SP group, so parallel.sp_size={P} must "
+                f"divide num_heads={heads} (model={cfg.model.name}): use parallel.sp_size in {ok}, a model with "
+                f"more heads (model.overrides.num_heads=...), or parallel=dsp / ring, which have no such limit")
+    if P > 1:
+        for what, n in fam.shard_dims(cfg).items():
+            if n < P:
+                raise ConfigError(f"the {what} has {n} elements, fewer than parallel.sp_size={P} ranks: use a "
+                                  f"smaller parallel.sp_size or a larger sample")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +209,6 @@ def _sharded_mse(pred: torch.Tensor, target: torch.Tensor, group, whole_numel: i
     (one all-reduce of one float64; backward identity, so each rank gets its piece's gradient),
     over the whole element count. What ``dsp.sharded_mse_loss`` computes, without its count
     all-reduce (the whole count is known here) and device-safe on CUDA."""
-    from longseq import functional as LF
     sse = (pred - target).pow(2).sum().to(torch.float64)
     return (LF.all_reduce_sum(sse, group, tag="train.loss.sp") / whole_numel).float()
 
@@ -275,213 +218,74 @@ def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Methods
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    family: str                           # the model family it parallelizes
-    summary: str
-    modules: tuple = ()                   # where its code lives (first importable wins)
-    attr: str = "parallelize"             # the function to call there
-    min_heads_divisible: bool = False     # the SP size must divide the attention heads (Ulysses-style)
-
-
-_SP_PLANS = ("longseq.sp.plans",)          # the single-dimension baselines for ST-DiT
-
-METHODS: dict[str, MethodSpec] = {m.name: m for m in [
-    MethodSpec("none", "any", "no sequence parallelism; DP only"),
-    MethodSpec("dsp", "stdit", "Dynamic Sequence Parallelism (switch T<->S with one all-to-all)", ("longseq.dsp",)),
-    MethodSpec("ulysses", "stdit", "DeepSpeed-Ulysses (heads<->sequence all-to-all)", _SP_PLANS,
-               min_heads_divisible=True),
-    MethodSpec("ring", "stdit", "ring attention (k, v around the ring)", _SP_PLANS),
-    MethodSpec("megatron_sp", "stdit", "Megatron-SP (all-gather / reduce-scatter around attention)", _SP_PLANS),
-    MethodSpec("usp", "stdit", "USP (Ulysses x Ring)", _SP_PLANS),
-    MethodSpec("zeco", "gla", "ZeCO (All-Scan of the GLA state)", ("longseq.zeco",)),
-    MethodSpec("lasp1", "gla", "LASP-1 (state passed rank to rank)", ("longseq.zeco",)),
-    MethodSpec("lasp2", "gla", "LASP-2 (all-gather of the states)", ("longseq.zeco",)),
-]}
-
-
-def _find_parallelize(spec: MethodSpec) -> Optional[Callable]:
-    """The plan's ``parallelize``: the first module of ``spec.modules`` that has it and, when the
-    module lists its methods (``METHODS``), names this one."""
-    for modname in spec.modules:
-        mod = _import(modname)
-        if mod is None or not callable(getattr(mod, spec.attr, None)):
-            continue
-        listed = getattr(mod, "METHODS", None)
-        if modname != "longseq.dsp" and listed is not None and spec.name not in listed:
-            continue
-        return getattr(mod, spec.attr)
-    return None
-
-
-def unavailable_reason(spec: MethodSpec) -> Optional[str]:
-    """Why the method cannot run now (its code has not landed), or None."""
-    if spec.name == "none":
-        return None
-    if spec.family == "gla":
-        zeco = _import("longseq.zeco")
-        missing = [n for n in ("parallelize", "sp_lm_loss") if zeco is None or not callable(getattr(zeco, n, None))]
-        if missing:
-            return f"zeco.{' / zeco.'.join(missing)} does not exist yet"
-        listed = getattr(zeco, "METHODS", None)
-        if listed is not None and spec.name not in listed:
-            return f"zeco.parallelize does not offer method {spec.name!r} (it offers {', '.join(listed)})"
-        return None
-    if _find_parallelize(spec) is None:
-        where = " or ".join(f"{m}.{spec.attr}(method={spec.name!r})" if m != "longseq.dsp" else f"{m}.{spec.attr}"
-                            for m in spec.modules)
-        return f"{where} does not exist yet"
-    return None
-
-
-def available_methods() -> list[str]:
-    return [n for n, s in METHODS.items() if unavailable_reason(s) is None]
-
-
-def lookup_method(name: str) -> MethodSpec:
-    """The method's spec; ConfigError for an unknown method."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method parallel.method={name!r}: choose one of {', '.join(METHODS)} "
-                          f"(e.g. parallel=dsp); available now: {', '.join(available_methods())}")
-    return METHODS[name]
-
-
-def check_available(spec: MethodSpec) -> None:
-    """ConfigError when the method's code has not landed."""
-    why = unavailable_reason(spec)
-    if why:
-        raise ConfigError(f"method {spec.name!r} ({spec.summary}) is not available yet: {why}. "
-                          f"Available now: {', '.join(available_methods())}")
-
-
-def get_method(name: str) -> MethodSpec:
-    """The method's spec; ConfigError for an unknown method or one that has not landed."""
-    spec = lookup_method(name)
-    why = unavailable_reason(spec)
-    if why:
-        raise ConfigError(f"method {name!r} ({spec.summary}) is not available yet: {why}. "
-                          f"Available now: {', '.join(available_methods())}")
-    return spec
-
-
-def check_family(spec: MethodSpec, family: str) -> None:
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family={family!r} is unknown; families: {', '.join(FAMILIES)}")
-    if spec.family not in ("any", family):
-        fits = [n for n, s in METHODS.items() if s.family in ("any", family)]
-        raise ConfigError(f"parallel={spec.name} parallelizes {spec.family.upper()} models, not {family.upper()} "
-                          f"ones: for this model choose parallel= one of {', '.join(fits)}")
-
-
-def check_model(spec: MethodSpec, cfg, layout) -> None:
-    """Model-size checks that need no process group (heads for Ulysses, dims at least SP long)."""
-    fam = family_of(cfg)
-    mc = fam.model_config(cfg.model)
-    P = layout.sp_size
-    if spec.min_heads_divisible and P > 1:
-        heads = fam.num_heads(mc)
-        if heads is not None and heads % P != 0:
-            ok = [d for d in range(1, heads + 1) if heads % d == 0 and layout.world % d == 0]
-            raise ConfigError(
-                f"parallel={spec.name} splits the attention heads over the SP group, so parallel.sp_size={P} must "
-                f"divide num_heads={heads} (model={cfg.model.name}): use parallel.sp_size in {ok}, a model with "
-                f"more heads (model.overrides.num_heads=...), or parallel=dsp / ring, which have no such limit")
-    if P > 1:
-        for what, n in fam.shard_dims(cfg).items():
-            if n < P:
-                raise ConfigError(f"the {what} has {n} elements, fewer than parallel.sp_size={P} ranks: use a "
-                                  f"smaller parallel.sp_size or a larger sample")
-
-
-# ----------------------------------------------------------------------------------------------
 # Building: model + plan + loss
 # ----------------------------------------------------------------------------------------------
 def build(cfg, groups, device: torch.device) -> Trainable:
     """Build the model (identically on every rank, seeded from ``train.seed``), apply the plan of
     ``parallel.method`` over ``groups`` and return the :class:`Trainable`."""
     fam = family_of(cfg)
-    spec = get_method(str(cfg.parallel.method))
+    spec = get_method(cfg)
     torch.manual_seed(int(cfg.train.seed))
     with torch.device(device):
         model = fam.build(cfg.model)
     options = _plain(cfg.parallel.options) or {}
-    builder = _STDIT_BUILDERS if fam.name == "stdit" else _GLA_BUILDERS
-    fn = builder.get(spec.name, builder["_generic"])
-    t = fn(spec, model, groups, options, cfg)
+    builder = _diffusion if fam.task == "diffusion" else _causal_lm
+    t = builder(spec, model, groups, options, cfg)
     t.units = fam.units(model)
     t.flops_per_token = fam.flops_per_token(model, cfg)
     t.tokens_per_sample = fam.tokens_per_sample(cfg)
     return t
 
 
-def _stdit_common(cfg, model):
+def _diffusion(spec, model, groups, options, cfg) -> Trainable:
+    """ST-DiT. Under a method every SP rank gets the whole sample, the plan's entry keeps this
+    rank's piece; by default the output stays sharded (``gather_output=False``) and the loss is the
+    MSE of this rank's piece against ``handle.shard_target`` of the noise (the SP group's mean,
+    identical on every rank; backward gives each rank its share)."""
     o = cfg.model.objective
     diffusion = Diffusion(int(o.num_timesteps), float(o.beta_start), float(o.beta_end))
-    return diffusion, model.config.in_channels
+    c = model.config.in_channels
 
-
-def _stdit_none(spec, model, groups, options, cfg) -> Trainable:
-    diffusion, c = _stdit_common(cfg, model)
-
-    def loss(batch):
+    def whole_loss(batch):
         return F.mse_loss(_stdit_step(model, diffusion, batch, c), batch["noise"].float())
-    return Trainable(model, loss, None, [], 0.0, 0)
 
-
-def _stdit_sp(spec, model, groups, options, cfg) -> Trainable:
-    """DSP and the single-dimension baselines: every SP rank gets the whole sample, the plan's entry
-    keeps this rank's frames; by default the output stays sharded (``gather_output=False``) and the
-    loss is ``dsp.sharded_mse_loss`` of this rank's piece against its piece of the noise (the SP
-    group's mean, identical on every rank; backward gives each rank its share)."""
-    from longseq import dsp
-    diffusion, c = _stdit_common(cfg, model)
+    if spec.parallelize is None:
+        return Trainable(model, whole_loss, None, [], 0.0, 0)
     opts = {"gather_output": False, **options}
     if spec.name == "dsp":
         # Under bf16 autocast the residual stream stays float32 (float32 adaLN tables); switch it in
         # the autocast dtype, as the other methods' attention inputs already are, unless told otherwise.
         opts.setdefault("comm_dtype", "autocast")
-        handle = dsp.parallelize(model, groups.sp_group, **opts)
-    else:
-        handle = _find_parallelize(spec)(model, groups.sp_group, method=spec.name, **opts)
-
+    handle = spec.parallelize(model, groups.sp_group, **opts)
     if opts["gather_output"]:
-        def loss(batch):
-            return F.mse_loss(_stdit_step(model, diffusion, batch, c), batch["noise"].float())
-    else:
-        def loss(batch):
-            pred = _stdit_step(model, diffusion, batch, c)        # this rank's frames of the output
-            target = handle.shard_target(batch["noise"].float())
-            return _sharded_mse(pred, target, groups.sp_group, batch["noise"].numel())
+        return Trainable(model, whole_loss, None, [], 0.0, 0, handle)
+
+    def loss(batch):
+        pred = _stdit_step(model, diffusion, batch, c)        # this rank's piece of the output
+        target = handle.shard_target(batch["noise"].float())
+        return _sharded_mse(pred, target, groups.sp_group, batch["noise"].numel())
     return Trainable(model, loss, None, [], 0.0, 0, handle)
 
 
-_STDIT_BUILDERS = {"none": _stdit_none, "_generic": _stdit_sp}
+def _causal_lm(spec, model, groups, options, cfg) -> Trainable:
+    """GLA. Under a method with ``input_shard="seq"`` (ZeCO / LASP-1 / LASP-2, which swap the
+    model's GLA op) each SP rank holds a contiguous piece of every sequence, and the data loader
+    reads only that piece of each window (inputs and their next-token labels); the loss is
+    ``zeco.sp_lm_loss``: the token mean over the SP group, identical on every rank, each rank's
+    backward giving its share."""
+    if spec.parallelize is None:
+        def loss(batch):
+            logits = model(batch["input_ids"])
+            return _lm_loss(logits, batch["labels"]) / batch["labels"].numel()
+        return Trainable(model, loss, None, [], 0.0, 0)
+    if spec.input_shard != "seq":
+        raise ConfigError(f"parallel={spec.name}: the training entry feeds language models by sequence pieces "
+                          "(register the method with input_shard='seq')")
+    handle = spec.parallelize(model, groups.sp_group, **options)
 
-
-def _gla_none(spec, model, groups, options, cfg) -> Trainable:
-    def loss(batch):
-        logits = model(batch["input_ids"])
-        return _lm_loss(logits, batch["labels"]) / batch["labels"].numel()
-    return Trainable(model, loss, None, [], 0.0, 0)
-
-
-def _gla_sp(spec, model, groups, options, cfg) -> Trainable:
-    """ZeCO / LASP-1 / LASP-2 (``zeco.parallelize`` swaps the model's GLA op): each SP rank holds a
-    contiguous piece of every sequence, and the data loader reads only that piece of each window
-    (inputs and their next-token labels). The loss is ``zeco.sp_lm_loss``: the token mean over the
-    SP group, identical on every rank, each rank's backward giving its share."""
-    from longseq import zeco
-    handle = zeco.parallelize(model, groups.sp_group, method=spec.name, **options)
-
-    def loss(batch):
+    def sp_loss(batch):
         return zeco.sp_lm_loss(model(batch["input_ids"]), batch["labels"], groups.sp_group).float()
-    return Trainable(model, loss, "seq", [], 0.0, 0, handle)
-
-
-_GLA_BUILDERS = {"none": _gla_none, "_generic": _gla_sp}
+    return Trainable(model, sp_loss, "seq", [], 0.0, 0, handle)
 
 
 # ----------------------------------------------------------------------------------------------
