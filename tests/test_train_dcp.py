@@ -46,6 +46,7 @@ def _from_step3(ref_dir, tmp_path, name):
     (out / "checkpoints").mkdir(parents=True)
     src = ref_dir / "checkpoints" / f"ckpt_step{SAVE_AT:08d}.dcp"
     shutil.copytree(src, out / "checkpoints" / src.name)
+    shutil.copy(src.with_name(src.name + ".manifest.json"), out / "checkpoints")    # what proves it whole
     (out / "checkpoints" / "latest").write_text(src.name + "\n")
     shutil.copy(ref_dir / "metrics.jsonl", out / "metrics.jsonl")
     return out
