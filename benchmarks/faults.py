@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from longseq.launch import descendants
+
 STEPS, EVERY = 8, 2
 MODELS = {
     "dsp": ["model=stdit_tiny", "parallel=dsp", "model.sample.frames=4", "model.sample.height=8",
@@ -77,17 +79,6 @@ def _stop_line(text: str) -> str:
     return ""
 
 
-def _children(pid: int) -> list:
-    kids = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return [k2 for k in kids for k2 in [k] + _children(k)]
-
-
 def _copy_upto(src: Path, dst: Path, upto: int) -> None:
     shutil.copytree(src, dst)
     for f in (dst / "checkpoints").iterdir():
@@ -113,7 +104,7 @@ def case(name: str, model: str, ref_dir: Path, ref: list, tmp: Path) -> dict:
         deadline = time.monotonic() + 200
         while _latest(out) < EVERY + 1 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        for pid in [job.pid] + _children(job.pid):
+        for pid in [job.pid] + descendants(job.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .groups import collective_timeout_s, set_collective_timeout_s
 
-__all__ = ["init_distributed", "default_backend", "local_device", "destroy", "free_port"]
+__all__ = ["init_distributed", "default_backend", "local_device", "destroy", "free_port", "descendants"]
 
 
 def default_backend() -> str:
@@ -89,6 +89,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs, ...), from /proc (Linux); [] elsewhere. Used to
+    SIGKILL a launched job whole: torchrun starts its workers in sessions of their own."""
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return [d for k in kids for d in [k] + descendants(k)]
 
 
 def destroy() -> None:

@@ -108,8 +108,8 @@ def test_fuzz_dsp_primitives(dist_pool, P):
     assert sum(OUTCOMES.values()) == len(batch)
 
 
-def _gla_case(spec):
-    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+def _gla_inputs(spec):
+    """The whole q, k, v, g (B=1, H=2, K=4, V=3) of a case; NaN in v when asked."""
     g = torch.Generator().manual_seed(spec["seed"])
     B, T, H, K, V = 1, spec["T"], 2, 4, 3
     q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
@@ -117,7 +117,13 @@ def _gla_case(spec):
     lg = -torch.rand(B, T, H, K, generator=g)
     if spec["nan"] and T:
         v[0, 0, 0, 0] = float("nan")
-    a, b = shard_range(T, P, r)
+    return q, k, v, lg
+
+
+def _gla_case(spec):
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    q, k, v, lg = _gla_inputs(spec)
+    a, b = shard_range(spec["T"], P, r)
     pieces = [t[:, a:b] for t in (q, k, v, lg)]
     if spec["bad"] == "K" and r == spec["who"] % P:
         pieces = [t[..., :3] if i != 2 else t for i, t in enumerate(pieces)]
@@ -131,15 +137,8 @@ def _gla_case(spec):
 
 
 def _gla_expected(spec, P, r):
-    g = torch.Generator().manual_seed(spec["seed"])
-    B, T, H, K, V = 1, spec["T"], 2, 4, 3
-    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
-    v = torch.randn(B, T, H, V, generator=g)
-    lg = -torch.rand(B, T, H, K, generator=g)
-    if spec["nan"] and T:
-        v[0, 0, 0, 0] = float("nan")
-    o, _ = recurrent_gla_reference(q, k, v, lg)
-    a, b = shard_range(T, P, r)
+    o, _ = recurrent_gla_reference(*_gla_inputs(spec))
+    a, b = shard_range(spec["T"], P, r)
     return o[:, a:b]
 
 
