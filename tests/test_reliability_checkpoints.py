@@ -138,3 +138,14 @@ def test_latent_errors_name_the_file(tmp_path):
     p.write_bytes(p.read_bytes()[:-20])
     with pytest.raises(ValueError, match=r"cannot read .*a.latent.npy"):
         data_mod.LatentFolder(tmp_path, 0, False, 10).shape(0)
+
+
+def test_seq_len_zero_and_a_token_file_of_the_wrong_dtype_are_config_errors(tmp_path):
+    from longseq.train.config import load_config, validate
+    with pytest.raises(ConfigError, match="seq_len=0"):
+        validate(load_config(["model=gla_tiny", "parallel=none", "model.sample.seq_len=0"]), world=1)
+    f = tmp_path / "t.bin"
+    data_mod.write_token_file(f, np.arange(5000) % 300, dtype="uint32")
+    with pytest.raises(ConfigError, match="pass data.dtype=uint32"):
+        validate(load_config(["model=gla_tiny", "parallel=none", "data=tokens", f"data.path={f}",
+                              "data.dtype=uint16", "model.sample.seq_len=64"]), world=1)

@@ -379,9 +379,7 @@ def make_source(cfg):
     if kind == "synthetic":
         return SyntheticTokens(cfg.data.seed, cfg.data.num_samples, L, int(mc.vocab_size),
                                cfg.data.markov_branching)
-    from .methods import FAMILIES
-    return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L,
-                     FAMILIES["gla"].vocab_size(cfg.model))
+    return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L, int(mc.vocab_size))
 
 
 def check_data(cfg, layout) -> None:
@@ -393,7 +391,7 @@ def check_data(cfg, layout) -> None:
         raise ConfigError(f"data.kind={kind!r} is unknown: choose data=synthetic, data=latents or data=tokens")
     if kind not in allowed:
         raise ConfigError(f"data={kind} does not fit model.family={family}: use data= one of {', '.join(allowed)}")
-    if family == "gla" and int(cfg.model.sample.seq_len) < 1:
+    if "seq_len" in cfg.model.sample and int(cfg.model.sample.seq_len) < 1:
         raise ConfigError(f"model.sample.seq_len={cfg.model.sample.seq_len}: a sample needs at least 1 token")
     if kind == "synthetic":
         if int(cfg.data.num_samples) < 0:
@@ -420,8 +418,7 @@ def check_data(cfg, layout) -> None:
     dtype = str(cfg.data.dtype)
     if dtype not in TOKEN_DTYPES:
         raise ConfigError(f"data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
-    from .methods import FAMILIES
-    check_token_meta(path, dtype, FAMILIES["gla"].vocab_size(cfg.model))
+    check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))
     n = path.stat().st_size // np.dtype(TOKEN_DTYPES[dtype]).itemsize
     L = int(cfg.model.sample.seq_len)
     if n < L + 1:

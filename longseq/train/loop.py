@@ -45,8 +45,8 @@ from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args,
 from .manifest import CheckpointCorrupt
 from .metrics import MetricsWriter, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
-__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "backward_and_sync", "DataError", "NonFiniteError",
-           "CheckpointWriteError"]
+__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "backward_and_sync", "DataError",
+           "NonFiniteError", "CheckpointWriteError"]
 
 
 class DataError(RuntimeError):
@@ -179,7 +179,8 @@ def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)
     os.close(fd)
-    _say(f"fault injection: rank {rank} {'exits' if kind == 'exit' else kind} at step {step} (train.fault_at_step={at}; marker {marker.name})")
+    what = "exits" if kind == "exit" else kind
+    _say(f"fault injection: rank {rank} {what} at step {step} (train.fault_at_step={at}; marker {marker.name})")
     return True
 
 
