@@ -1,24 +1,31 @@
-# longseq: `make demo` runs the main job, `make test` the test suite; both install what they need.
+# longseq: `make demo` runs the main job, `make test` the test suite; each installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 4
 TORCH_VERSION ?= 2.13.0
+PIP    := $(BIN)/python -m pip install --progress-bar on
 
-.PHONY: install test demo clean
+.PHONY: install install-test test demo clean
 
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 # The venv sees the system's packages, so a GPU machine's own torch stays; torch==$(TORCH_VERSION)
 # (a CPU build on this project's machines) is installed only when no torch is importable, because a
-# bare `torch` requirement would pull a multi-GB CUDA build.
+# bare `torch` requirement would pull a multi-GB CUDA build. The demo needs only longseq's own
+# requirements (torch, einops, hydra-core); the tests add the [test] extras (fla, diffusers, ...).
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH_VERSION)"
+	$(PIP) -e .
 	touch $@
 
-test: install
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[test]"
+	touch $@
+
+test: install-test
 	$(BIN)/python -m pytest tests
 
 demo: install

@@ -91,8 +91,9 @@ setup(
         # GPU machines: fast kernels, each optional (longseq falls back to pure PyTorch without them).
         "gpu": ["triton>=3.0", "flash-attn>=2.6", "xformers>=0.0.27", "flash-linear-attention>=0.6"],
         # Tests: fla for its pure-PyTorch reference functions (its package imports triton, whose
-        # kernels never run on CPU); diffusers for the Latte adapter; matplotlib for plots.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "numpy", "triton>=3.0",
+        # kernels never run on CPU); diffusers for the Latte adapter; matplotlib for plots; wheel for
+        # the installed-wheel test (pip wheel --no-build-isolation).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "wheel", "hypothesis>=6", "numpy", "triton>=3.0",
                  "flash-linear-attention>=0.6", "matplotlib", "diffusers>=0.30", "tqdm"],
     },
 )

@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[1]
+from longseq.benchmarks.paths import output
 
 SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)       # bytes of the per-rank buffer
 
@@ -170,8 +169,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--procs", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "gloo_calibration.json"))
-    ap.add_argument("--yaml", default=str(ROOT / "configs" / "simulate" / "topology" / "gloo_cpu.yaml"))
+    ap.add_argument("--json", default=str(output("benchmarks/results/gloo_calibration.json")))
+    ap.add_argument("--yaml", default=str(output("configs/simulate/topology/gloo_cpu.yaml")))
     args = ap.parse_args(argv)
     from tests.distributed import DistributedPool
 

@@ -46,7 +46,6 @@ import torch.multiprocessing as mp
 from longseq.launch import free_port
 from longseq.ledger import human_bytes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(hidden_size=32, num_heads=8, depth=2, caption_channels=16, freq_dim=32)
 TINY_SHAPE = dict(B=1, H=4, W=16, N=4)          # T = P; S = 2 x 8 = 16

@@ -48,8 +48,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from longseq.benchmarks.paths import output
 from longseq.benchmarks.workloads import GLA_METHODS, STDIT_METHODS, Workload, build_step, tokens, unavailable_reason
 
 
@@ -512,7 +511,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gla-hidden", type=int, default=64, help="CPU runs: hidden size of the tiny GLA")
     ap.add_argument("--gla-tokens", type=int, nargs="+", default=None)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    ap.add_argument("--figures", default=str(output("docs/figures")))
     ap.add_argument("--compute-json", default=None, help="write per-rank compute of the simulator's targets")
     ap.add_argument("--sim-overrides", nargs="*", default=None, help="Hydra overrides of configs/simulate")
     args = ap.parse_args(argv)
@@ -525,7 +524,7 @@ def main(argv=None) -> int:
     args.gla_preset = args.gla_preset or ("1b" if cuda else "tiny")
     args.gla_tokens = args.gla_tokens or ([8192, 32768] if cuda else [4096, 16384])
     tag = "h100" if cuda else "cpu"
-    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"scaling_{tag}.json")
+    args.out = args.out or str(output(f"benchmarks/results/scaling_{tag}.json"))
 
     if args.compute_json:
         compute_json(args)

@@ -2,6 +2,7 @@
 
     python -m longseq.benchmarks.simulate                          # both comparison tables + validation
     python -m longseq.benchmarks.simulate topology.mfu=0.5 grad_sync=serial stdit.frames_per_gpu=4
+    python -m longseq.benchmarks.simulate fsdp.enabled=false fsdp.dp=2     # FSDP2 tables off / dp x sp mesh
     python -m longseq.benchmarks.simulate compute_json=benchmarks/results/compute_h100.json
 
 Configuration: configs/simulate/default.yaml (Hydra; any key can be overridden as ``key=value``),
@@ -30,12 +31,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from longseq.benchmarks.paths import data, output
 
 
 def load_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(ROOT / "configs" / "simulate"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(data("configs/simulate")), version_base="1.3"):
         return compose("default", overrides=list(overrides))
 
 
@@ -43,18 +44,11 @@ def load_topology(name_or_cfg):
     from omegaconf import OmegaConf
     from longseq.benchmarks.costmodel.topology import Topology
     if isinstance(name_or_cfg, str):
-        path = ROOT / "configs" / "simulate" / "topology" / f"{name_or_cfg}.yaml"
+        path = data(f"configs/simulate/topology/{name_or_cfg}.yaml")
         if not path.exists():
             return None
         return Topology.from_config(OmegaConf.load(path))
     return Topology.from_config(name_or_cfg)
-
-
-def _path(p: Optional[str]) -> Optional[Path]:
-    if p is None:
-        return None
-    p = Path(str(p))
-    return p if p.is_absolute() else ROOT / p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +191,17 @@ def gla_target(cfg, P: int, method: str, tokens_per_gpu: Optional[int] = None):
     return Workload.make("gla", method, str(g.preset), dict(B=int(g.batch), T=n * P), precision=str(g.precision))
 
 
+def gla_fsdp(cfg, w, P: int):
+    """FSDP2's per-step collectives for workload ``w`` sharded over dp x sp = ``cfg.fsdp.dp`` x P ranks."""
+    from longseq.benchmarks.costmodel.fsdp import fsdp_costs
+    from longseq.models.gla import GLABlock, GLAForCausalLM
+    pb = cfg.fsdp.param_bytes or (2 if w.precision == "bf16" else 4)
+    return fsdp_costs(w.model_config(), GLABlock, GLAForCausalLM, int(cfg.fsdp.dp) * P, int(pb),
+                      int(cfg.fsdp.reduce_bytes))
+
+
 def gla_one(cfg, topo, cache, measured, method: str, P: int, tokens_per_gpu: Optional[int] = None,
-            layer_barrier: bool = False) -> dict:
+            layer_barrier: bool = False, fsdp: bool = False) -> dict:
     from longseq.benchmarks.costmodel.compute import gla_compute
     from longseq.benchmarks.costmodel.ledger import roles, scaled_rows
     from longseq.benchmarks.costmodel.simulator import gla_estimate
@@ -227,7 +230,10 @@ def gla_one(cfg, topo, cache, measured, method: str, P: int, tokens_per_gpu: Opt
                    sp_bytes=0, tokens_per_s=rec["tokens"] / comps[0].total, compute_source=src)
         return rec
     rows = scaled_rows(w, P, cache)
-    est = gla_estimate(method, P, rows, comp_of, L, topo, str(cfg.grad_sync), layer_barrier=layer_barrier)
+    est = gla_estimate(method, P, rows, comp_of, L, topo, str(cfg.grad_sync), layer_barrier=layer_barrier,
+                       fsdp=gla_fsdp(cfg, w, P) if fsdp else None)
+    if fsdp:
+        rec.update(fsdp_s=est.breakdown["fsdp_s"], fsdp_bytes=est.breakdown["fsdp_bytes"])
     rec.update(step_s=est.step_s, compute_s=est.compute_s, comm_s=est.comm_s, exposed_s=est.exposed_s,
                grad_sync_s=est.grad_sync_s, sp_bytes=est.sp_bytes, tokens_per_s=est.tokens_per_s(rec["tokens"]),
                compute_source=src, waited_s=est.breakdown.get("waited_max_s"))
@@ -235,11 +241,13 @@ def gla_one(cfg, topo, cache, measured, method: str, P: int, tokens_per_gpu: Opt
 
 
 def run_gla(cfg, topo, cache, measured) -> dict:
-    res, sync = [], []
+    res, sync, fsdp = [], [], []
     for P in cfg.gla.gpus:
         for m in cfg.gla.methods:
             res.append(gla_one(cfg, topo, cache, measured, str(m), int(P)))
             sync.append(gla_one(cfg, topo, cache, measured, str(m), int(P), layer_barrier=True))
+            if cfg.fsdp.enabled:
+                fsdp.append(gla_one(cfg, topo, cache, measured, str(m), int(P), fsdp=True))
     single = gla_one(cfg, topo, cache, measured, "zeco", 1)
     hl = cfg.gla.headline
     h_multi = gla_one(cfg, topo, cache, measured, "zeco", int(hl.gpus), int(hl.tokens_per_gpu))
@@ -248,7 +256,7 @@ def run_gla(cfg, topo, cache, measured) -> dict:
                     single_step_s=h_single.get("step_s"))
     if headline["multi_step_s"] and headline["single_step_s"]:
         headline["ratio"] = headline["multi_step_s"] / headline["single_step_s"]
-    return dict(rows=res, layer_sync=sync, single=single, headline=headline)
+    return dict(rows=res, layer_sync=sync, fsdp=fsdp, single=single, headline=headline)
 
 
 def _gla_step_rows(rows: list, cfg, methods: list, single: dict) -> list[str]:
@@ -289,6 +297,17 @@ def print_gla(res: dict, cfg) -> str:
     lines.append(head)
     lines.append("-" * len(head))
     lines += _gla_step_rows(res["layer_sync"], cfg, methods, single)
+    if res.get("fsdp"):
+        dp = int(cfg.fsdp.dp)
+        lines.append(f"the same under FSDP2 (fully_shard of every layer and the root over dp x sp = {dp} x P ranks; "
+                     "per-layer all-gathers prefetched one layer ahead, gradient reduce-scatters instead of the "
+                     "all-reduce)")
+        lines.append(head + f" | {'FSDP GB/GPU':>11} {'FSDP busy s':>11}")
+        lines.append("-" * (len(head) + 26))
+        extra = {int(r["P"]): r for r in res["fsdp"] if r["method"] == "zeco" and "fsdp_bytes" in r}
+        for P, line in zip(cfg.gla.gpus, _gla_step_rows(res["fsdp"], cfg, methods, single)):
+            e = extra.get(int(P), {})
+            lines.append(line + (f" | {e['fsdp_bytes'] / 1e9:11.2f} {e['fsdp_s']:11.3f}" if e else " |"))
     h = res["headline"]
     if "ratio" in h:
         lines.append(f"headline: ZeCO, {h['gpus']} GPUs x {h['tokens_per_gpu'] // 1024}K tokens "
@@ -305,7 +324,7 @@ def print_gla(res: dict, cfg) -> str:
 # ----------------------------------------------------------------------------------------------
 def validate(cfg) -> Optional[dict]:
     from longseq.benchmarks.costmodel.validation import validate_runs
-    scal = _path(cfg.validation.scaling)
+    scal = data(cfg.validation.scaling)
     topo = load_topology(str(cfg.validation.topology))
     if scal is None or not scal.exists() or topo is None:
         print(f"\nvalidation skipped: needs {cfg.validation.scaling} (python -m longseq.benchmarks.scaling) and "
@@ -394,7 +413,7 @@ def main(argv=None) -> int:
     from longseq.benchmarks.costmodel.ledger import LedgerCache
 
     topo = load_topology(cfg.topology)
-    cache = LedgerCache(_path(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
+    cache = LedgerCache(data(cfg.ledger_cache), refresh=bool(cfg.ledger_refresh))
     t1 = time.time()
     n = cache.prefetch(capture_plan(cfg))
     if cache.changed:
@@ -402,7 +421,7 @@ def main(argv=None) -> int:
               "recapturing)")
     if n:
         print(f"(captured {n} ledgers on fake process groups in {time.time() - t1:.0f} s)")
-    measured = MeasuredCompute(str(_path(cfg.compute_json))) if cfg.compute_json else None
+    measured = MeasuredCompute(str(data(cfg.compute_json))) if cfg.compute_json else None
     print(f"topology {topo.name}: {topo.gpus_per_node} GPUs a node, intra {topo.intra.bw / 1e9:.0f} GB/s "
           f"{topo.intra.alpha * 1e6:.0f} us, inter {topo.inter.bw / 1e9:.0f} GB/s {topo.inter.alpha * 1e6:.0f} us, "
           f"{topo.peak_flops / 1e12:.0f} TFLOP/s x mfu {topo.mfu}; grad sync: {cfg.grad_sync}; compute: "
@@ -418,8 +437,8 @@ def main(argv=None) -> int:
         from longseq.benchmarks.costmodel.validation import format_validation
         txt3 = format_validation(val)
         print(txt3)
-    figs = figures(stdit, gla, val, cfg, _path(cfg.figures))
-    out = _path(cfg.out)
+    figs = figures(stdit, gla, val, cfg, output(cfg.figures))
+    out = output(cfg.out)
     if out:
         from omegaconf import OmegaConf
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,40 @@ def _step_part(tokens, repeats, warmup, methods):
     return res
 
 
+DELTA_LAYER = dict(H=4, K=64, V=64)  # a small Gated DeltaNet layer (CPU-sized; the GDN 1B shape is H=16, K=V=128)
+
+
+def _delta_part(tokens, repeats, warmup):
+    """Forward+backward of sp_delta_rule (GDN gate) per method; the local op alone for reference."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from longseq.zeco import delta_rule, sp_delta_rule
+
+    W = dist.group.WORLD
+    H, K, V = DELTA_LAYER["H"], DELTA_LAYER["K"], DELTA_LAYER["V"]
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    q, k = torch.randn(1, tokens, H, K, generator=gen), torch.randn(1, tokens, H, K, generator=gen)
+    v = torch.randn(1, tokens, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(1, tokens, H, generator=gen) + 3.0)
+    beta = torch.rand(1, tokens, H, generator=gen)
+    do = torch.randn(1, tokens, H, V, generator=gen)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def step(method):
+        def run():
+            for x in leaves:
+                x.grad = None
+            if method == "local":
+                o, _ = delta_rule(*leaves, use_qk_l2norm=True)
+            else:
+                o, _ = sp_delta_rule(*leaves, group=W, method=method, use_qk_l2norm=True, check=False)
+            (o * do).sum().backward()
+        return run
+    methods = ["local", "zeco", "allgather", "p2p"] + (["heads"] if H % dist.get_world_size() == 0 else [])
+    return _timed({m: step(m) for m in methods}, repeats, warmup)
+
+
 def _worker(rank, world, port, job, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -161,6 +195,8 @@ def _worker(rank, world, port, job, queue):
             res["comm"] = _comm_part(STATES, job["repeats"], job["warmup"], job.get("sweep", False))
         if job.get("step"):
             res["step"] = _step_part(job["tokens"], job["step_repeats"], job.get("step_warmup", 1), job["methods"])
+        if job.get("delta"):
+            res["delta"] = _delta_part(job["tokens"], job["step_repeats"], job.get("step_warmup", 1))
         if rank == 0:
             queue.put(res)
     finally:
@@ -194,6 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--step-warmup", type=int, default=1)
     ap.add_argument("--sweep", action="store_true", help="All-Scan time for N = 1..64 blocks")
     ap.add_argument("--no-step", action="store_true", help="skip the end-to-end step")
+    ap.add_argument("--delta", action="store_true", help="only the gated delta rule (sp_delta_rule) methods")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -201,6 +238,9 @@ def main(argv=None) -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo over "
           f"127.0.0.1, 1 intra-op thread per process; python {platform.python_version()}")
     print(f"command: python -m longseq.benchmarks.zeco_scan {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    if args.delta:
+        _delta_table(args)
+        return
     results = {}
     for P in args.worlds:
         job = dict(comm=True, repeats=args.repeats, warmup=args.warmup, sweep=args.sweep,
@@ -255,6 +295,23 @@ def main(argv=None) -> None:
               "pipelined scan, then one local pass from the received state")
     print(f"\n(total {time.time() - t_start:.0f} s; load average at start {load0[0]:.1f}, at end "
           f"{os.getloadavg()[0]:.1f}: other work on the machine inflates and scatters these timings)")
+
+
+def _delta_table(args) -> None:
+    L = DELTA_LAYER
+    print(f"\nGated delta rule (sp_delta_rule, GDN gate): forward+backward, H={L['H']} K={L['K']} V={L['V']}, B=1, "
+          f"{args.tokens} tokens per rank; median s of the slowest rank, {args.step_repeats} repeats after "
+          f"{args.step_warmup} warm-up")
+    head = f"{'P':>2} {'local':>7} {'zeco':>7} {'allgather':>9} {'p2p':>7} {'heads':>7} {'zeco/local':>10}"
+    print(head)
+    print("-" * len(head))
+    for P in args.worlds:
+        d = launch(P, dict(delta=True, tokens=args.tokens, step_repeats=args.step_repeats,
+                           step_warmup=args.step_warmup))["delta"]
+        hs = f"{d['heads']:7.3f}" if "heads" in d else f"{'n/a':>7}"
+        print(f"{P:>2} {d['local']:7.3f} {d['zeco']:7.3f} {d['allgather']:9.3f} {d['p2p']:7.3f} {hs} "
+              f"{d['zeco'] / d['local']:10.3f}")
+    print(f"(load average {os.getloadavg()[0]:.1f}: other work on the machine inflates and scatters these timings)")
 
 
 if __name__ == "__main__":

@@ -1,79 +1,120 @@
-"""The DSP plan engine: declarative plans, applied to a model from outside with module hooks.
+"""The DSP plan language and engine: declarative plans, applied to a model from outside by hooks.
 
-A :class:`Plan` is data. It names the dimensions of the tensors that flow through the model
-(layouts such as ``"B T S C"``), the *home* dimension the activation is sharded along between
-stages, and for each stage (submodules matched by path pattern, ``*`` standing for one path
-component) the dimension that must be sharded for it to run locally::
+A :class:`Plan` is data. It names the dims of the tensors that flow through the model with
+layouts (``"B T S C"``; einops-style folds ``"(B T) S C"``, ``...`` for unnamed dims: see
+:mod:`dsp.layout`), the *home* dim the activation is sharded along between stages, and for each
+stage (submodules matched by path pattern, ``*`` standing for one path component) the dim that
+must be sharded for it to run locally::
 
-    Plan(name="stdit", home="T",
-         input=Boundary("B C T H W"), output=Boundary("B C T H W"),
-         stages=(("embed", Stage("B C T H W", shard="T", out_layout="B T S C")),
-                 ("blocks.*.spatial", Stage("B T S C", shard="T")),
-                 ("blocks.*.temporal", Stage("B T S C", shard="S")),
-                 ("final", Stage("B T S C", shard="T", out_layout="B C T H W"))))
+    Plan(name="latte", home="T",
+         input=(Boundary("B C T H W", name="hidden_states"),              # sharded at the entry
+                Boundary("(B T) ...", name="encoder_attention_mask")),    # several inputs, by name
+         output=Boundary("B C T H W", name="sample", arg=0),              # .sample or [0]
+         stages=(("transformer_blocks.*", Stage("(B T) S C", shard="T")),
+                 ("temporal_transformer_blocks.*",
+                  Stage("(B S) T C", shard="S", args={"timestep": "(B S) C"}))))
 
-:func:`parallelize` installs hooks, and nothing else, on the model (it stays the same object, with
-the same parameters and state dict):
+Sizes are bound by name, per forward: at the entry from the inputs (``kwargs={"num_frames": "T"}``
+binds T from the argument and rewrites it to this rank's T), then at each stage from what it
+sees. A name that is sharded somewhere or folded somewhere has one size per forward (checked
+everywhere); other names (``C``, ``H``) are local to their layout.
 
-* model pre-hook (the entry): on the first forward of each new input signature, checks with one
-  small ``all_gather_object`` (tag ``dsp.check``) that every rank of the group got inputs of the
-  same shapes and values (and, the first time, the same parameters); raises ``ValueError`` on every
-  rank otherwise. Then keeps this rank's piece of the input along ``home`` (no communication) and
-  records the whole size of ``home``.
-* stage pre-hook: the first positional argument arrives sharded along ``home``; if the stage needs
-  another dimension sharded, one all-to-all switches to it (tag ``dsp.<path>.in``). The whole sizes
-  of the other dimensions are recorded here, where they are seen whole.
-* stage hook: the output is sharded along the stage's dimension; if that is not ``home``, one
-  all-to-all switches back (tag ``dsp.<path>.out``). Backward of each switch is the switch the other
-  way (tags ``.bwd``).
-* model hook (the exit): all-gathers the output along ``home`` (tag ``dsp.exit``), or with
-  ``gather_output=False`` returns this rank's piece (see :func:`dsp.sharded_mse_loss`).
+:func:`parallelize` installs hooks, and a wrapper of ``model.forward`` that names the plan when
+the model fails on its sharded inputs; nothing else (same object, parameters, state dict):
 
-Between stages the activation is always sharded along ``home``, so anything the model does
-between stages (residuals, norms, per-token layers) sees one layout. Replicated inputs (timestep,
-captions) are not touched. A stage must keep the size of the dimension it runs sharded along
-(checked); stages may not be nested. Stage hooks act only inside a forward of the whole model
-(calling a stage alone raises). Activation checkpointing works when it wraps a stage's ``forward``
-(the hooks stay outside the recomputed region), not the module call.
+* **entry** (model pre-hook): the inputs are bound to the model's signature (positional or
+  keyword); every :class:`Extension` sees them whole (``enter``); the input check (one all-gather
+  of an 8-byte digest, tag ``dsp.check``: every rank got the same inputs and weights); the sizes
+  are bound and every input checked against its layout (a :class:`PlanError` names the input, its
+  shape and the sizes, before any all-to-all); each input keeps this rank's piece along ``home``
+  (no communication); keyword sizes are rewritten.
+* **stage pre-hook**: the activation (argument ``Stage.input``) arrives sharded along ``home`` and
+  is checked; if the stage wants another dim sharded, one all-to-all switches it (tag
+  ``dsp.<path>.in``: unfold, switch, refold); a stage with ``shard=None`` gets the whole (one
+  all-gather, tag ``dsp.<path>.whole``, backward a reduce-scatter). ``Stage.args`` are brought to
+  the same sharding (an argument holding a piece of ``home`` is switched like the activation; one
+  that is whole along the stage's dim is cut to this rank's piece, no communication);
+  ``Stage.kwargs`` are rewritten to the sizes the stage sees; then ``Stage.pre`` and extensions.
+* **stage hook**: ``Stage.post`` and extensions, then the output (or its field ``Stage.out``) is
+  checked and switched back (tag ``dsp.<path>.out``) or, for a whole stage, cut to this rank's piece.
+* **exit** (model hook): every output field is all-gathered along ``home`` (tag ``dsp.exit``), or
+  with ``gather_output=False`` left as this rank's piece. Dataclasses, tuples and dicts are rebuilt.
+
+Backward of each switch is the switch the other way (tags ``.bwd``). Between stages the activation
+is always sharded along ``home``, so what the model does between stages must act per element of
+``home`` (see docs/writing_a_plan.md for what does not, and :class:`Extension` for the fix).
+Stage hooks act only inside a forward of the whole model. With ``check_stages=True`` (or
+``LONGSEQ_CHECK=1``) the first forward also runs the plan on one rank (the whole inputs, no
+sharding) and compares every stage's output with it, raising at the first stage that differs.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
+import inspect
+import os
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from longseq import comm
+from longseq import functional as LF
 from longseq.groups import mesh_of
-from longseq.sharding import check_shardable, split_sizes
+from longseq.positions import position_range
+from longseq.sharding import check_shardable, shard_range, split_sizes
 
+from . import layout as L
 from .primitives import gather, shard, sp_group_of, switch
 
-__all__ = ["Stage", "Boundary", "Plan", "as_plan", "parallelize", "DSPHandle", "shard_target"]
+__all__ = ["Stage", "Boundary", "Plan", "Extension", "Call", "PlanError", "as_plan", "parallelize", "DSPHandle",
+           "shard_target", "offset_positions"]
+
+
+class PlanError(ValueError, RuntimeError):
+    """A plan that does not fit the model or its inputs (names the plan entry, the tensor and the shapes)."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Plans (data)
 # ----------------------------------------------------------------------------------------------
 def _names(layout: str) -> list[str]:
-    return layout.split()
+    return L.parse(layout).names
+
+
+def _pairs(m: Any) -> tuple:
+    return tuple((m or {}).items()) if isinstance(m, Mapping) or m is None else tuple(m)
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A submodule whose first positional argument has dims ``layout`` and that runs locally when
-    ``shard`` is the sharded dimension; its output has dims ``out_layout`` (default ``layout``),
-    sharded along ``shard``."""
+    """A submodule whose activation (argument ``input``: a name or a position, default the first)
+    has dims ``layout`` and that runs locally when ``shard`` is the sharded dim (``None``: it needs
+    the whole tensor, e.g. a norm over every frame); its output (or the field ``out`` of it: a name
+    or an index; default the output, or element 0 of a tuple) has dims ``out_layout`` (default
+    ``layout``). ``args``: other arguments ``{name: layout}`` brought to the stage's sharding;
+    ``kwargs``: arguments ``{name: dim}`` set to the size of ``dim`` as the stage sees it (whole, or
+    this rank's piece); ``pre(handle, path, call)`` / ``post(handle, path, out) -> out | None``:
+    model-specific code (:class:`Extension`), run after the switch in / before the switch out."""
 
     layout: str
-    shard: str
-    out_layout: str | None = None
+    shard: Optional[str]
+    out_layout: Optional[str] = None
+    input: Any = 0
+    args: Any = ()
+    kwargs: Any = ()
+    out: Any = None
+    pre: Optional[Callable] = None
+    post: Optional[Callable] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", _pairs(self.args))
+        object.__setattr__(self, "kwargs", _pairs(self.kwargs))
 
     @property
     def output_layout(self) -> str:
@@ -82,34 +123,131 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Boundary:
-    """The model's input (argument ``arg``, or keyword ``name``) or output, with dims ``layout``."""
+    """A model input (argument ``name``, or position ``arg``; default position 0) or output field
+    (``name`` of a dataclass / dict, or index ``arg`` of a tuple; a bare tensor is itself), with dims
+    ``layout``. ``optional``: an input that may be absent or None (default: every input but the first)."""
 
     layout: str
-    arg: int = 0
-    name: str | None = None
+    arg: Optional[int] = None
+    name: Optional[str] = None
+    optional: Optional[bool] = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else f"argument {self.arg or 0}"
+
+
+def _boundaries(b: Any) -> tuple[Boundary, ...]:
+    items = b if isinstance(b, (tuple, list)) else (b,)
+    out = []
+    for x in items:
+        out.append(x if isinstance(x, Boundary) else Boundary(x) if isinstance(x, str) else Boundary(**x))
+    return tuple(out)
+
+
+class Extension:
+    """The public extension point: model-specific code a plan's data cannot say. Subclass it,
+    override what you need, and pass instances as ``Plan(extensions=...)``; every method gets the
+    :class:`DSPHandle` (sizes, ``rank``, ``positions(dim)``, the whole ``inputs``, ``group``).
+
+    ``install(handle)`` / ``remove(handle)``: at :func:`parallelize` / ``handle.remove()`` (swap a
+    buffer, say). ``enter(handle, call)``: the model's whole inputs (a :class:`Call`), before the
+    input check and any collective (validate: raise here). ``before(handle, path, call)``: a stage's
+    arguments, in the stage's sharding (edit ``call`` in place). ``after(handle, path, out)``: a
+    stage's activation output, before it is switched back; return the replacement or None.
+    """
+
+    def install(self, handle: "DSPHandle") -> None:
+        pass
+
+    def remove(self, handle: "DSPHandle") -> None:
+        pass
+
+    def enter(self, handle: "DSPHandle", call: "Call") -> None:
+        pass
+
+    def before(self, handle: "DSPHandle", path: str, call: "Call") -> None:
+        pass
+
+    def after(self, handle: "DSPHandle", path: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A DSP plan: see the module docstring. ``stages`` is ordered ``(path pattern, Stage)`` pairs."""
+    """A DSP plan: see the module docstring. ``input`` / ``output``: a :class:`Boundary` (or layout
+    string) or a tuple of them (the first input is the main one and must be given); ``stages``:
+    ordered ``(path pattern, Stage)`` pairs; ``kwargs``: the model's size arguments ``{name: dim}``
+    (bind the dim at the entry, rewritten to this rank's size); ``extensions``: :class:`Extension`
+    instances."""
 
     name: str
     home: str
-    input: Boundary
-    output: Boundary
-    stages: tuple[tuple[str, Stage], ...]
+    input: Any
+    output: Any
+    stages: tuple = ()
+    kwargs: Any = ()
+    extensions: tuple = ()
 
     def __post_init__(self) -> None:
-        def need(layout: str, dim: str, where: str) -> None:
-            if dim not in _names(layout):
-                raise ValueError(f"DSP plan {self.name!r}: {where} layout {layout!r} has no dimension {dim!r}")
-        need(self.input.layout, self.home, "input")
-        need(self.output.layout, self.home, "output")
+        object.__setattr__(self, "input", _boundaries(self.input) if not isinstance(self.input, Boundary) else self.input)
+        object.__setattr__(self, "output", _boundaries(self.output) if not isinstance(self.output, Boundary) else self.output)
+        object.__setattr__(self, "kwargs", _pairs(self.kwargs))
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "extensions", tuple(self.extensions))
+
+        def need(layout: str, dim: Optional[str], where: str) -> None:
+            try:
+                names = _names(layout)
+            except L.LayoutError as e:
+                raise PlanError(f"DSP plan {self.name!r}: {where}: {e}") from None
+            if dim is not None and dim not in names:
+                raise PlanError(f"DSP plan {self.name!r}: {where} layout {layout!r} has no dimension {dim!r}")
+        for b in self.inputs:
+            need(b.layout, self.home, f"input {b.label!r}")
+        for b in self.outputs:
+            need(b.layout, self.home, f"output {b.label!r}")
         for pat, st in self.stages:
             need(st.layout, st.shard, f"stage {pat!r}")
             need(st.layout, self.home, f"stage {pat!r}")
             need(st.output_layout, st.shard, f"stage {pat!r} output")
             need(st.output_layout, self.home, f"stage {pat!r} output")
+            for name, lay in st.args:
+                need(lay, None, f"stage {pat!r} argument {name!r}")
+        known = set(self.names)
+        for where, pairs in [("", self.kwargs)] + [(f"stage {pat!r} ", st.kwargs) for pat, st in self.stages]:
+            for name, dim in pairs:
+                if dim not in known:
+                    raise PlanError(f"DSP plan {self.name!r}: {where}kwargs[{name!r}] names {dim!r}, which no "
+                                    "layout has")
+
+    @property
+    def inputs(self) -> tuple[Boundary, ...]:
+        return self.input if isinstance(self.input, tuple) else (self.input,)
+
+    @property
+    def outputs(self) -> tuple[Boundary, ...]:
+        return self.output if isinstance(self.output, tuple) else (self.output,)
+
+    def layouts(self) -> list[str]:
+        out = [b.layout for b in self.inputs + self.outputs]
+        for _, st in self.stages:
+            out += [st.layout, st.output_layout] + [lay for _, lay in st.args]
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(n for lay in self.layouts() for n in _names(lay)))
+
+    @property
+    def bound_names(self) -> set[str]:
+        """Names with one size per forward: sharded anywhere, folded anywhere, or a size argument."""
+        out = set(self.sharded_dims) | {d for _, d in self.kwargs}
+        for lay in self.layouts():
+            out |= set(L.parse(lay).folded)
+        for _, st in self.stages:
+            out |= {d for _, d in st.kwargs}
+        return out
 
     def pinned(self, name: str | None = None) -> "Plan":
         """This plan with every stage sharded along ``home``: no switch anywhere, only the input's
@@ -123,7 +261,7 @@ class Plan:
         """The dimensions that are ever sharded: ``home`` and every stage's."""
         out = [self.home]
         for _, st in self.stages:
-            if st.shard not in out:
+            if st.shard is not None and st.shard not in out:
                 out.append(st.shard)
         return out
 
@@ -141,19 +279,125 @@ def as_plan(plan: Any) -> Plan:
             raise ValueError(f"unknown DSP plan {plan!r}; registered plans: {', '.join(PLANS)}")
         return PLANS[plan]
     if isinstance(plan, Mapping):
-        def bound(b):
-            return b if isinstance(b, Boundary) else Boundary(b) if isinstance(b, str) else Boundary(**b)
         stages = plan["stages"]
         pairs = stages.items() if isinstance(stages, Mapping) else stages
-        return Plan(name=plan.get("name", "custom"), home=plan["home"], input=bound(plan["input"]),
-                    output=bound(plan["output"]),
-                    stages=tuple((p, s if isinstance(s, Stage) else Stage(**s)) for p, s in pairs))
+        return Plan(name=plan.get("name", "custom"), home=plan["home"], input=plan["input"], output=plan["output"],
+                    stages=tuple((p, s if isinstance(s, Stage) else Stage(**s)) for p, s in pairs),
+                    kwargs=plan.get("kwargs", ()))
     raise TypeError(f"a DSP plan must be a dsp.Plan, a plan name or a dict, not {type(plan).__name__}")
 
 
 def _matches(pattern: str, path: str) -> bool:
     a, b = pattern.split("."), path.split(".")
     return len(a) == len(b) and all(fnmatch.fnmatchcase(y, x) for x, y in zip(a, b))
+
+
+def offset_positions(dim: str, arg: Any = 0) -> Callable:
+    """A ``Stage.pre`` for a module that gets frame / token indices counted from 0 on this rank's
+    piece of ``dim`` (``arange(num_frames)`` on the local count): adds this rank's global offset
+    along ``dim`` to the integer tensor argument ``arg``."""
+    def pre(handle: "DSPHandle", path: str, call: "Call") -> None:
+        call[arg] = call[arg] + handle.offset(dim)
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------
+# Calls: a module's arguments by name, positional or keyword
+# ----------------------------------------------------------------------------------------------
+class Call:
+    """The arguments of one call of a module, read and written by parameter name (or position):
+    ``call["timestep"]``, ``call[0]``, ``call["timestep"] = t``, ``"mask" in call``. Defaults count
+    as passed for reading."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
+        try:
+            self._sig = inspect.signature(fn)
+            self._bound = self._sig.bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            self._sig = self._bound = None
+        self._args, self._kwargs = list(args), dict(kwargs)
+
+    def _key(self, key: Any) -> Any:
+        if self._bound is None or not isinstance(key, int):
+            return key
+        params = [p for p in self._sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return params[key].name if key < len(params) else key
+
+    def _has_param(self, name: str) -> bool:
+        return self._bound is not None and name in self._sig.parameters
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        k = self._key(key)
+        if isinstance(k, int):
+            return self._args[k] if k < len(self._args) else default
+        if self._bound is None:
+            return self._kwargs.get(k, default)
+        if k in self._bound.arguments:
+            return self._bound.arguments[k]
+        p = self._sig.parameters.get(k)
+        return default if p is None or p.default is inspect.Parameter.empty else p.default
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.get(key)
+
+    def __contains__(self, key: Any) -> bool:
+        k = self._key(key)
+        if isinstance(k, int):
+            return k < len(self._args)
+        return k in self._bound.arguments if self._bound is not None else k in self._kwargs
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        k = self._key(key)
+        if isinstance(k, int):
+            self._args[k] = value
+        elif self._bound is None:
+            self._kwargs[k] = value
+        elif self._has_param(k):
+            self._bound.arguments[k] = value
+        else:
+            raise KeyError(f"{k!r} is not a parameter of this module's forward")
+
+    def accepts(self, key: Any) -> bool:
+        k = self._key(key)
+        return isinstance(k, int) or self._bound is None or self._has_param(k)
+
+    @property
+    def args(self) -> tuple:
+        return tuple(self._args) if self._bound is None else self._bound.args
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self._kwargs) if self._bound is None else self._bound.kwargs
+
+
+def _field(out: Any, b: Any) -> Any:
+    """The field of a structured output (``b``: a Boundary, a name, an index or None)."""
+    name, idx = (b.name, b.arg) if isinstance(b, Boundary) else ((b, None) if isinstance(b, str) else (None, b))
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return out[idx or 0]
+    if name is None:
+        raise TypeError(f"a structured output ({type(out).__name__}) needs a field name in the plan")
+    return out[name] if isinstance(out, Mapping) else getattr(out, name)
+
+
+def _replace(out: Any, b: Any, value: Any) -> Any:
+    name, idx = (b.name, b.arg) if isinstance(b, Boundary) else ((b, None) if isinstance(b, str) else (None, b))
+    if isinstance(out, torch.Tensor):
+        return value
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        i = idx or 0
+        return type(out)((*out[:i], value, *out[i + 1:]))
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, **{name: value})
+    if hasattr(out, "_replace"):
+        return out._replace(**{name: value})
+    if isinstance(out, Mapping):
+        return type(out)({**out, name: value})
+    setattr(out, name, value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,16 +429,24 @@ def _fingerprint(v: torch.Tensor) -> tuple[float, ...]:
         return (float(v.to(torch.int64).sum()),)
 
 
+def _env_check() -> bool:
+    return os.environ.get("LONGSEQ_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class DSPHandle:
     """What :func:`parallelize` returns: the hooks it installed on ``model`` and their state.
 
     ``remove()`` takes every hook off (the model is as before); ``shard_target(t)`` shards a
-    target like the model's output; ``whole_sizes`` holds the whole sizes seen in the last forward.
+    target like the model's output; ``sizes`` (alias ``whole_sizes``) holds the whole sizes bound
+    in the last forward. For extensions and positions: ``whole(dim)``, ``local(dim)`` (this rank's
+    count), ``offset(dim)``, ``positions(dim)`` (this rank's global indices), ``inputs`` (the
+    model's whole inputs of the running forward, a :class:`Call`), ``rank``, ``size``, ``group``.
+    ``check_report``: ``(path, max error, max |ref|)`` per stage compared by ``check_stages``.
     Usable as a context manager (removes the hooks on exit).
     """
 
     def __init__(self, model: nn.Module, group: Any, plan: Plan, *, gather_output: bool, check_inputs: Any,
-                 comm_dtype: Any = None):
+                 comm_dtype: Any = None, check_stages: Optional[bool] = None, check_rtol: float = 1e-4):
         if check_inputs not in _CHECK_MODES:
             raise ValueError(f"check_inputs must be True, False, 'new', 'always' or 'off', not {check_inputs!r}")
         self.model, self.group, self.plan = model, sp_group_of(group), plan
@@ -203,13 +455,23 @@ class DSPHandle:
             raise ValueError(f"comm_dtype must be None, 'autocast' or a torch.dtype, not {comm_dtype!r}")
         self.comm_dtype = comm_dtype
         self.check_mode = _CHECK_MODES[check_inputs]
-        self.whole_sizes: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.inputs: Optional[Call] = None
         self.stages: list[tuple[str, nn.Module, Stage]] = []
+        self.check_report: list[tuple[str, float, float]] = []
+        self._debug = _env_check() if check_stages is None else bool(check_stages)
+        self._debug_rtol = float(check_rtol)
+        self._records: Optional[dict] = None
+        self._seen_calls: dict[str, int] = {}
         self._active = False
+        self._solo = False
+        self._step = "the entry"
         self._seen: set = set()
         self._params_checked = False
         self.mesh = None            # the DeviceMesh parallelize was given, if any
         self._hooks: list = []
+        self._sharded_inputs: list = []
+        self._bound = plan.bound_names
         self._resolve()
         self._install()
 
@@ -241,16 +503,58 @@ class DSPHandle:
 
     def _install(self) -> None:
         m = self.model
+        done = []
+        try:
+            for ext in self.plan.extensions:
+                ext.install(self)
+                done.append(ext)
+        except BaseException:
+            for ext in reversed(done):
+                ext.remove(self)
+            raise
         self._hooks.append(m.register_forward_pre_hook(self._enter, with_kwargs=True))
         self._hooks.append(m.register_forward_hook(self._exit))
         for path, mod, st in self.stages:
-            self._hooks.append(mod.register_forward_pre_hook(self._stage_pre(path, st)))
+            self._hooks.append(mod.register_forward_pre_hook(self._stage_pre(path, mod, st), with_kwargs=True))
             self._hooks.append(mod.register_forward_hook(self._stage_post(path, st)))
+        self._had_forward = "forward" in vars(m)
+        self._old_forward = vars(m).get("forward")
+        m.forward = self._wrap_forward(m.forward)
+
+    def _wrap_forward(self, forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def wrapped(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            except PlanError:
+                self._active = False
+                raise
+            except Exception as e:
+                active, self._active = self._active, False
+                if not active or self.size == 1:
+                    raise
+                shapes = ", ".join(f"{b.label} {b.layout!r} {list(w.shape)} -> local {list(loc.shape)}"
+                                   for b, w, loc in self._sharded_inputs)
+                raise PlanError(
+                    f"DSP plan {self.plan.name!r}: {type(self.model).__name__}.forward failed on this rank's "
+                    f"piece ({self.plan.home}={self.local(self.plan.home)} of {self.whole(self.plan.home)}) after "
+                    f"{self._step}; sharded inputs: {shapes}; sizes {self.sizes}. The plan does not fit the model "
+                    f"there (a layout, a size argument in kwargs=, or a tensor the model lays out along "
+                    f"{self.plan.home} that the plan does not shard). The model's error: "
+                    f"{type(e).__name__}: {e}") from e
+        return wrapped
 
     def remove(self) -> None:
         """Take the hooks off; the model computes as it did before :func:`parallelize`."""
         for h in self._hooks:
             h.remove()
+        if self._hooks:
+            if self._had_forward:
+                self.model.forward = self._old_forward
+            else:
+                vars(self.model).pop("forward", None)
+            for ext in reversed(self.plan.extensions):
+                ext.remove(self)
         self._hooks.clear()
         if _PARALLELIZED.get(self.model) is self:
             del _PARALLELIZED[self.model]
@@ -261,35 +565,95 @@ class DSPHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    # -- helpers --------------------------------------------------------------------------
+    # -- sizes and positions (public: extensions use them) ----------------------------------
     @property
     def size(self) -> int:
-        return comm.group_size(self.group)
+        return 1 if self._solo else comm.group_size(self.group)
 
     @property
     def rank(self) -> int:
-        return comm.group_rank(self.group)
+        return 0 if self._solo else comm.group_rank(self.group)
 
-    def _expect_local(self, x: torch.Tensor, layout: str, dim: str, where: str) -> None:
-        d = _names(layout).index(dim)
-        n = self.whole_sizes[dim]
-        want = split_sizes(n, self.size)[self.rank]
-        if x.dim() != len(_names(layout)) or x.shape[d] != want:
-            raise RuntimeError(
-                f"DSP plan {self.plan.name!r}: {where} has shape {list(x.shape)}, but the plan says its dims are "
-                f"{layout!r} with {dim} sharded: this rank ({self.rank} of {self.size}) should hold {want} of "
-                f"{dim}={n}. The plan does not fit this model (a stage must keep the size of the dim it is "
-                f"sharded along)")
+    @property
+    def whole_sizes(self) -> dict[str, int]:
+        return self.sizes
 
-    def _record_whole(self, x: torch.Tensor, layout: str, sharded: str) -> None:
-        names = _names(layout)
-        for dim in self.plan.sharded_dims:
-            if dim != sharded and dim in names:
-                self.whole_sizes[dim] = int(x.shape[names.index(dim)])
+    def whole(self, dim: str) -> int:
+        """The whole size of ``dim`` in the running (or last) forward."""
+        if dim not in self.sizes:
+            raise PlanError(f"DSP plan {self.plan.name!r}: the size of {dim!r} is not bound yet "
+                            f"(bound: {self.sizes}); it is bound where a layout first shows it")
+        return self.sizes[dim]
+
+    def local(self, dim: str) -> int:
+        """How many elements of ``dim`` this rank holds when ``dim`` is sharded."""
+        return split_sizes(self.whole(dim), self.size)[self.rank]
+
+    def offset(self, dim: str) -> int:
+        """The global index of this rank's first element of ``dim`` when it is sharded."""
+        return shard_range(self.whole(dim), self.size, self.rank)[0]
+
+    def positions(self, dim: str, device: Any = None) -> torch.Tensor:
+        """This rank's global indices along ``dim`` when it is sharded (``longseq.positions``)."""
+        r = position_range(self.whole(dim), self.size, self.rank)
+        return torch.arange(r.start, r.stop, device=device)
+
+    def _shown(self, sharded: Optional[str]) -> dict[str, int]:
+        return L.local_sizes(self.sizes, sharded, lambda n: split_sizes(n, self.size)[self.rank])
+
+    def _fit(self, x: Any, layout: str, sharded: Optional[str], what: str, *, partial: bool = False) -> list[str]:
+        """Check ``x`` against ``layout`` (``sharded`` held as this rank's piece), binding sizes;
+        returns the names left unknown (only with ``partial``: else they raise)."""
+        if not isinstance(x, torch.Tensor):
+            raise PlanError(f"DSP plan {self.plan.name!r}: {what} must be a tensor, not {type(x).__name__}")
+        try:
+            missing = L.bind(L.parse(layout), x, self.sizes, self._bound, sharded,
+                          lambda n: split_sizes(n, self.size)[self.rank], f"DSP plan {self.plan.name!r}: {what}")
+        except L.LayoutError as e:
+            where = f" with {sharded} sharded (this rank, {self.rank} of {self.size}, holds its piece)" if sharded else ""
+            raise PlanError(f"{e}{where}. The plan does not fit this model (sizes bound so far: {self.sizes})") from None
+        if missing and not partial:
+            raise PlanError(f"DSP plan {self.plan.name!r}: {what} (layout {layout!r}, shape {list(x.shape)}): the sizes "
+                            f"of {', '.join(missing)} are not determined; bind all but one name of each group earlier")
+        return missing
+
+    def _holds_piece(self, x: torch.Tensor, layout: str, dim: str) -> bool:
+        """Whether ``x`` (layout ``layout``) holds this rank's piece of ``dim`` rather than all of it."""
+        try:
+            L.bind(L.parse(layout), x, dict(self.sizes), self._bound, dim,
+                   lambda n: split_sizes(n, self.size)[self.rank], "")
+            return self.size > 1
+        except L.LayoutError:
+            return False
 
     def _check_shardable(self, x: torch.Tensor, layout: str, dim: str, where: str) -> None:
-        check_shardable(int(x.shape[_names(layout).index(dim)]), self.size,
-                        f"{dim} (dim {_names(layout).index(dim)} of {where}, dims {layout!r}, shape {list(x.shape)})")
+        lay = L.parse(layout)
+        d = next(i for i, g in enumerate(lay.groups) if dim in g)
+        check_shardable(self.whole(dim), self.size, f"{dim} (dim {d} of {where}, dims {layout!r}, shape {list(x.shape)})")
+
+    # -- moving data between shardings ----------------------------------------------------
+    def _switch_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype switches send in: ``comm_dtype``, or under "autocast" the active autocast dtype."""
+        if self.comm_dtype != "autocast":
+            return self.comm_dtype
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+    def _move(self, x: torch.Tensor, layout: str, src: Optional[str], dst: Optional[str], tag: str) -> torch.Tensor:
+        """``x`` (layout ``layout``, ``src`` sharded or None: whole) with ``dst`` sharded instead."""
+        if src == dst or self.size == 1:
+            return x
+        lay = L.parse(layout)
+        xu, names = L.unfold(lay, x, self._shown(src))
+        if src is None:                                   # whole -> this rank's piece (no communication)
+            a, b = shard_range(self.sizes[dst], self.size, self.rank)
+            y = xu.narrow(names.index(dst), a, b - a)
+        elif dst is None:                                 # piece -> whole, backward reduce-scatter
+            y = LF.all_gather(xu, self.group, dim=names.index(src), full_size=self.sizes[src], tag=tag)
+        else:
+            y = switch(xu, self.group, names.index(dst), names.index(src), self.sizes[src], tag=tag, check=False,
+                       comm_dtype=self._switch_dtype(x))
+        return L.fold(lay, y, self._shown(dst))
 
     # -- input check ----------------------------------------------------------------------
     def _check_inputs(self, args: tuple, kwargs: dict) -> None:
@@ -346,97 +710,231 @@ class DSPHandle:
                     f"{vals}); build it with the same seed on every rank or broadcast the weights first")
 
     # -- hooks ----------------------------------------------------------------------------
+    def _bind_inputs(self, call: Call) -> list[tuple[Boundary, torch.Tensor]]:
+        """The inputs this call passes, checked against their layouts; binds the sizes."""
+        plan = self.plan
+        self.sizes = {}
+        for arg, dim in plan.kwargs:
+            v = call.get(arg)
+            if v is not None:
+                self.sizes[dim] = int(v)
+        present = []
+        for i, b in enumerate(plan.inputs):
+            key = b.name if b.name is not None and call.accepts(b.name) else (b.arg or 0)
+            x = call.get(key)
+            if x is None and (b.optional if b.optional is not None else i > 0):
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise PlanError(f"DSP plan {plan.name!r}: the model's input {b.label!r} (layout {b.layout!r}) must be "
+                                f"a tensor, not {type(x).__name__}" + ("" if x is not None else
+                                                                       "; this call does not pass it"))
+            present.append((b, key, x))
+        pending = present
+        for _ in range(len(present) + 1):
+            left = [(b, k, x) for b, k, x in pending
+                    if self._fit(x, b.layout, None, f"the model's input {b.label!r}", partial=True)]
+            if len(left) == len(pending):
+                break
+            pending = left
+        for b, k, x in pending:
+            missing = self._fit(x, b.layout, None, f"the model's input {b.label!r}", partial=True)
+            raise PlanError(f"DSP plan {plan.name!r}: the sizes of {', '.join(missing)} in the model's input "
+                            f"{b.label!r} (layout {b.layout!r}, shape {list(x.shape)}) are not determined: bind all "
+                            f"but one name of each group from another input or a size argument (Plan(kwargs=...))")
+        return present
+
     def _enter(self, module, args, kwargs):
-        b = self.plan.input
-        if len(args) > b.arg:
-            x = args[b.arg]
-        elif b.name is not None and b.name in kwargs:
-            x = kwargs[b.name]
-        else:
-            raise TypeError(f"DSP plan {self.plan.name!r}: the model's input is its argument {b.arg}"
-                            + (f" or keyword {b.name!r}" if b.name else "") + ", which this call does not pass")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"DSP plan {self.plan.name!r}: the model's input must be a tensor, not {type(x).__name__}")
+        call = Call(self._old_forward or type(module).forward.__get__(module), args, kwargs)
+        if self._solo:                       # the one-rank recomputation of check_stages
+            self._bind_inputs(call)
+            self._active = True
+            return None
         self._active = False
+        self._step = "the entry"
+        main = self.plan.inputs[0]
+        x = call.get(main.name if main.name is not None and call.accepts(main.name) else (main.arg or 0))
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"DSP plan {self.plan.name!r}: the model's input is its argument {main.arg or 0}"
+                            + (f" or keyword {main.name!r}" if main.name else "") + ", which this call does not "
+                            "pass as a tensor")
+        for ext in self.plan.extensions:
+            ext.enter(self, call)
         self._check_inputs(args, kwargs)
+        present = self._bind_inputs(call)
         home = self.plan.home
-        self._check_shardable(x, b.layout, home, "the model's input")
-        self.whole_sizes = {home: int(x.shape[_names(b.layout).index(home)])}
-        self._record_whole(x, b.layout, home)
-        xs = shard(x, _names(b.layout).index(home), self.group, tag="dsp.entry", check=False)
+        self._check_shardable(present[0][2], main.layout, home, "the model's input")
+        self.inputs = Call(self._old_forward or type(module).forward.__get__(module), call.args, call.kwargs)
+        if self._debug and self.size > 1:
+            self._recompute(call)
+        self._sharded_inputs = []
+        for b, key, x in present:
+            xs = self._shard_input(x, b.layout)
+            self._sharded_inputs.append((b, x, xs))
+            call[key] = xs
+        for arg, dim in self.plan.kwargs:
+            if call.get(arg) is not None:
+                call[arg] = self.local(dim) if dim == home else self.whole(dim)
         self._active = True
-        if len(args) > b.arg:
-            return (*args[: b.arg], xs, *args[b.arg + 1:]), kwargs
-        return args, {**kwargs, b.name: xs}
+        return call.args, call.kwargs
+
+    def _shard_input(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        lay = L.parse(layout)
+        xu, names = L.unfold(lay, x, self.sizes)
+        xs = shard(xu, names.index(self.plan.home), self.group, tag="dsp.entry", check=False)
+        return L.fold(lay, xs, self._shown(self.plan.home))
 
     def _exit(self, module, args, out):
+        if self._solo:
+            for i, b in enumerate(self.plan.outputs):
+                self._record(f"(output {i})", _field(out, b))
+            return None
         self._active = False
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"DSP plan {self.plan.name!r}: the model's output must be a tensor, not {type(out).__name__}")
-        b, home = self.plan.output, self.plan.home
-        self._expect_local(out, b.layout, home, "the model's output")
-        if not self.gather_output:
-            return out
-        return gather(out, _names(b.layout).index(home), self.group, self.whole_sizes[home], tag="dsp.exit", check=False)
+        home = self.plan.home
+        for b in self.plan.outputs:
+            y = _field(out, b)
+            if y is None:
+                continue
+            self._fit(y, b.layout, home, f"the model's output {b.label!r}")
+            if self._records is not None:
+                self._compare(f"(output {self.plan.outputs.index(b)})", y, b.layout, home)
+            if self.gather_output and self.size > 1:
+                lay = L.parse(b.layout)
+                yu, names = L.unfold(lay, y, self._shown(home))
+                yw = gather(yu, names.index(home), self.group, self.sizes[home], tag="dsp.exit", check=False)
+                out = _replace(out, b, L.fold(lay, yw, self.sizes))
+        if self._records is not None:           # compared once: the first forward only
+            self._records, self._debug = None, False
+        return out
 
-    def _switch_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype switches send in: ``comm_dtype``, or under "autocast" the active autocast dtype."""
-        if self.comm_dtype != "autocast":
-            return self.comm_dtype
-        dev = x.device.type
-        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-
-    def _stage_pre(self, path: str, st: Stage):
+    def _stage_pre(self, path: str, module: nn.Module, st: Stage):
         home = self.plan.home
 
-        def hook(module, args):
+        def hook(mod, args, kwargs):
             if not self._active:
                 raise RuntimeError(
                     f"DSP: stage {path!r} was called outside a forward of the parallelized model; its hooks need "
                     "the whole sizes recorded at the model's input (call the model, or handle.remove() first)")
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"DSP: stage {path!r} must get its activation as the first positional argument")
-            x = args[0]
-            self._expect_local(x, st.layout, home, f"the input of {path!r}")
-            self._record_whole(x, st.layout, home)
-            if st.shard == home:
-                return None
-            self._check_shardable(x, st.layout, st.shard, f"the input of {path!r}")
-            names = _names(st.layout)
-            x = switch(x, self.group, names.index(st.shard), names.index(home), self.whole_sizes[home],
-                       tag=f"dsp.{path}.in", comm_dtype=self._switch_dtype(x), check=False)
-            return (x, *args[1:])
+            call = Call(mod.forward, args, kwargs)
+            src = None if self._solo else home
+            x = call.get(st.input)
+            self._fit(x, st.layout, src, f"stage {path!r}: its input {st.input!r}")
+            dst = None if self._solo else st.shard
+            self._step = f"stage {path!r} (in)"
+            if dst not in (home, None):
+                self._check_shardable(x, st.layout, dst, f"the input of {path!r}")
+            call[st.input] = self._move(x, st.layout, src, dst, f"dsp.{path}.in" if dst else f"dsp.{path}.whole")
+            for name, lay in st.args:
+                v = call.get(name)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                names = _names(lay)
+                held = home if not self._solo and home in names and self._holds_piece(v, lay, home) else None
+                self._fit(v, lay, held, f"stage {path!r}: its argument {name!r}")
+                if dst is None or dst in names or held is None:
+                    want = dst if dst in names else None
+                elif held != dst:
+                    raise PlanError(f"DSP plan {self.plan.name!r}: stage {path!r}: argument {name!r} holds a piece "
+                                    f"of {held}, but its layout {lay!r} has no {dst} to shard instead")
+                else:
+                    want = held
+                if not self._solo:
+                    call[name] = self._move(v, lay, held, want, f"dsp.{path}.{name}")
+            for name, dim in st.kwargs:
+                call[name] = self.local(dim) if dim == dst else self.whole(dim)
+            if st.pre is not None:
+                st.pre(self, path, call)
+            for ext in self.plan.extensions:
+                ext.before(self, path, call)
+            self._step = f"stage {path!r}"
+            return call.args, call.kwargs
 
         return hook
 
     def _stage_post(self, path: str, st: Stage):
         home = self.plan.home
 
-        def hook(module, args, out):
+        def hook(mod, args, out):
             if not self._active:
                 return None
-            y = out[0] if isinstance(out, (tuple, list)) else out
+            y = _field(out, st.out)
             if not isinstance(y, torch.Tensor):
-                raise TypeError(f"DSP: stage {path!r} must return its activation (or a tuple starting with it)")
-            lay = st.output_layout
-            self._expect_local(y, lay, st.shard, f"the output of {path!r}")
-            self._record_whole(y, lay, st.shard)
-            if st.shard == home:
-                return None
-            names = _names(lay)
-            y = switch(y, self.group, names.index(home), names.index(st.shard), self.whole_sizes[st.shard],
-                       tag=f"dsp.{path}.out", comm_dtype=self._switch_dtype(y), check=False)
-            if isinstance(out, (tuple, list)):
-                return type(out)((y, *out[1:]))
-            return y
+                raise TypeError(f"DSP: stage {path!r} must return its activation (or a tuple starting with it, or "
+                                f"name its field in Stage(out=...)), not {type(y).__name__}")
+            dst = None if self._solo else st.shard
+            self._fit(y, st.output_layout, dst, f"stage {path!r}: its output")
+            for fn in ([st.post] if st.post is not None else []) + [e.after for e in self.plan.extensions]:
+                z = fn(self, path, y)
+                y = y if z is None else z
+            if self._solo:
+                self._record(path, y)
+                return _replace(out, st.out, y)
+            if self._records is not None:
+                self._compare(path, y, st.output_layout, dst)
+            self._step = f"stage {path!r} (out)"
+            y = self._move(y, st.output_layout, dst, home, f"dsp.{path}.out")
+            return _replace(out, st.out, y)
 
         return hook
 
+    # -- check_stages / LONGSEQ_CHECK: the first forward against a one-rank recomputation --
+    def _recompute(self, call: Call) -> None:
+        """Run the plan on one rank on the whole inputs (no sharding, no collectives) and record
+        every stage's output; the sharded forward then compares with it (:meth:`_compare`)."""
+        self._records, self._seen_calls, self.check_report = {}, {}, []
+        saved = dict(self.sizes)
+        self._solo = True
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                self.model(*call.args, **call.kwargs)
+        finally:
+            self._solo, self.sizes = False, saved
+
+    def _record(self, path: str, y: Optional[torch.Tensor]) -> None:
+        self._records.setdefault(path, []).append(None if y is None else y.detach().clone())
+
+    def _compare(self, path: str, y: torch.Tensor, layout: str, sharded: Optional[str]) -> None:
+        n = self._seen_calls.get(path, 0)
+        self._seen_calls[path] = n + 1
+        refs = self._records.get(path, [])
+        ref = refs[n] if n < len(refs) else None
+        with torch.no_grad():
+            if sharded is not None:
+                lay = L.parse(layout)
+                yu, names = L.unfold(lay, y, self._shown(sharded))
+                yw = comm.all_gather(yu.contiguous(), self.group, dim=names.index(sharded),
+                                     sizes=split_sizes(self.sizes[sharded], self.size), tag="dsp.debug")
+                y = L.fold(lay, yw, self.sizes)
+            if ref is None or ref.shape != y.shape:
+                err, scale = float("inf"), 0.0
+            else:
+                err = float((y.double() - ref.double()).abs().max()) if y.numel() else 0.0
+                scale = float(ref.double().abs().max()) if ref.numel() else 0.0
+        bad = not err <= self._debug_rtol * scale + 1e-6
+        everyone = comm.all_gather_int(int(bad), self.group, tag="dsp.debug.flag")
+        out = path.startswith("(output")
+        name = f"the model's output {self.plan.outputs[int(path[8:-1])].label!r}" if out else path
+        if any(everyone):
+            self._active, self._records, self._debug = False, None, False
+            agree = ", ".join(p for p, _, _ in self.check_report) or "none"
+            raise PlanError(
+                f"LONGSEQ_CHECK: DSP plan {self.plan.name!r}: {name if out else f'stage {path!r}'} (call {n}) differs from the one-rank "
+                f"recomputation: max|a-b| = {err:.3e}, max|ref| = {scale:.3e}"
+                + ("" if ref is None or ref.shape == y.shape else f" (shapes {list(y.shape)} vs {list(ref.shape)})")
+                + f". The stages before it agree ({agree}). Look at what reaches this stage: a position or index "
+                "built from a local size, an argument laid out along a sharded dim that the stage does not list "
+                "in Stage(args=...), a size argument missing from kwargs=, or a reduction over a sharded dim.")
+        self.check_report.append((name, err, scale))
+
     # -- targets --------------------------------------------------------------------------
     def shard_target(self, target: torch.Tensor) -> torch.Tensor:
-        """This rank's piece of a tensor shaped like the model's whole output (e.g. the diffusion
-        target), to compare with the output of ``gather_output=False``."""
-        return shard_target(target, self.group, self.plan)
+        """This rank's piece of a tensor shaped like the model's whole (first) output (e.g. the
+        diffusion target), to compare with the output of ``gather_output=False``. No communication."""
+        b = self.plan.outputs[0]
+        self._fit(target, b.layout, None, "the target")
+        lay = L.parse(b.layout)
+        xu, names = L.unfold(lay, target, self.sizes)
+        ts = shard(xu, names.index(self.plan.home), self.group, tag="dsp.target", check=False)
+        return L.fold(lay, ts, self._shown(self.plan.home))
 
 
 def _pretty(d: Any) -> str:
@@ -447,13 +945,18 @@ def _pretty(d: Any) -> str:
 
 def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Tensor:
     """This rank's piece, along the plan's home dimension, of a tensor laid out like the model's
-    output (the same on every rank). No communication (tag ``dsp.target``)."""
+    output (the same on every rank). No communication (tag ``dsp.target``). For a folded output
+    layout use the handle's ``shard_target`` (it knows the sizes)."""
     p = as_plan(plan)
-    return shard(target, _names(p.output.layout).index(p.home), group, tag="dsp.target", check=False)
+    lay = L.parse(p.outputs[0].layout)
+    if lay.folded:
+        raise ValueError(f"dsp.shard_target: the output layout {lay.text!r} is folded; use handle.shard_target")
+    return shard(target, lay.names.index(p.home), group, tag="dsp.target", check=False)
 
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,
-                check_inputs: Any = True, comm_dtype: Any = None, sp_dim: Any = None) -> DSPHandle:
+                check_inputs: Any = True, comm_dtype: Any = None, check_stages: Optional[bool] = None,
+                sp_dim: Any = None) -> DSPHandle:
     """Make ``model`` run DSP sequence-parallel over ``group`` (a process group, a
     ``longseq.ParallelGroups`` whose SP group is used, or a ``DeviceMesh`` whose ``sp_dim`` is),
     in place, by hooks; returns a :class:`DSPHandle` whose ``remove()`` undoes it and whose
@@ -469,6 +972,11 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
     not waits in the check); False never.
     ``comm_dtype``: the dtype the switches send in (None: the activation's own; ``"autocast"``: the
     autocast dtype while autocast is on, as a bf16 model would send; or a ``torch.dtype``).
+    ``check_stages`` (default: the environment variable ``LONGSEQ_CHECK=1``): on the first forward,
+    also run the plan on one rank on the whole inputs and compare every stage's output with it
+    (one all-gather per stage, tag ``dsp.debug``); raises :class:`PlanError` naming the first stage
+    that differs (``handle.check_report`` lists the ones that agreed). A debugging aid: it costs a
+    second forward and assumes the model is deterministic (no dropout).
 
     Every rank of the group must call it, with the same model (same parameters) and plan. Raises
     ``ValueError`` if a plan path matches no submodule, and if the model is already parallelized.
@@ -477,7 +985,7 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
         raise ValueError("this model is already parallelized by DSP; call .remove() on its handle first")
     mesh, group = mesh_of(group), sp_group_of(group, sp_dim)
     handle = DSPHandle(model, group, as_plan(plan), gather_output=gather_output, check_inputs=check_inputs,
-                       comm_dtype=comm_dtype)
+                       comm_dtype=comm_dtype, check_stages=check_stages)
     handle.mesh = mesh
     _PARALLELIZED[model] = handle
     return handle

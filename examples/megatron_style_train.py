@@ -15,7 +15,10 @@ Models (``--model``):
 * ``gla``    — ``models.gla.GLAForCausalLM`` (tiny), ZeCO (``zeco.parallelize``, All-Scan):
   the tokens are sharded, labels shifted on the whole sequence first;
 * ``latte``  — diffusers' ``LatteTransformer3DModel`` (tiny) with ``longseq.adapters.latte``;
-* ``fla-gla`` — fla's ``GLAForCausalLM`` (tiny) with ``longseq.adapters.fla_gla``.
+* ``fla-gla`` — fla's ``GLAForCausalLM`` (tiny) with ``longseq.adapters.fla_gla``;
+* ``gdn`` / ``hybrid`` — ``models.gdn.GDNForCausalLM`` (tiny / hybrid_tiny: 3 Gated DeltaNet : 1
+  attention), ``zeco.plans_delta.parallelize`` (``--cp-comm-type`` zeco, allgather, heads or p2p;
+  attention layers through Ulysses).
 
 CPU (gloo), two processes, CP 2::
 
@@ -54,7 +57,8 @@ import longseq
 from longseq import zeco
 from longseq import functional as LF
 
-MODELS = ("stdit", "gla", "latte", "fla-gla")
+MODELS = ("stdit", "gla", "latte", "fla-gla", "gdn", "hybrid")
+LMS = ("gla", "fla-gla", "gdn", "hybrid")                  # the language models (token data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", default=None,
-                   help="GLA models: zeco (All-Scan, default), lasp1 or lasp2; video models: dsp (the only one here)")
+                   help="GLA models: zeco (All-Scan, default), lasp1 or lasp2; gdn/hybrid: zeco, allgather, heads, p2p; "
+                        "video models: dsp (the only one here)")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default="gloo")
     g.add_argument("--use-torch-fsdp2", action="store_true",
                    help="shard parameters, gradients and optimizer state with FSDP2 over dp x cp")
@@ -154,8 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log-interval", type=int, default=1)
     args = p.parse_args(argv)
     if args.cp_comm_type is None:
-        args.cp_comm_type = "zeco" if args.model in ("gla", "fla-gla") else "dsp"
-    valid = ("zeco", "lasp1", "lasp2") if args.model in ("gla", "fla-gla") else ("dsp",)
+        args.cp_comm_type = "zeco" if args.model in LMS else "dsp"
+    valid = (zeco.DELTA_METHODS if args.model in ("gdn", "hybrid") else ("zeco", "lasp1", "lasp2")
+             if args.model in LMS else ("dsp",))
     if args.cp_comm_type not in valid:
         p.error(f"--cp-comm-type {args.cp_comm_type} does not fit --model {args.model}; choose from {valid}")
     return args
@@ -188,6 +194,10 @@ def model_provider(args, groups: longseq.ParallelGroups) -> torch.nn.Module:
         from longseq.models.gla import GLAForCausalLM, gla_config
         model = GLAForCausalLM(gla_config("tiny"))
         zeco.parallelize(model, groups.sp_group, method=args.cp_comm_type)
+    elif args.model in ("gdn", "hybrid"):
+        from longseq.models.gdn import GDNForCausalLM, gdn_config
+        model = GDNForCausalLM(gdn_config("tiny" if args.model == "gdn" else "hybrid_tiny"))
+        zeco.plans_delta.parallelize(model, groups.sp_group, method=args.cp_comm_type)
     else:
         from longseq.adapters import fla_gla
         model = fla_gla.build()
@@ -221,7 +231,7 @@ def train_data_iterator(args, dp_rank: int, dp_size: int, num_microbatches: int)
         for m in range(num_microbatches):
             first = (it * dp_size + dp_rank) * num_microbatches * mbs + m * mbs
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + first)
-            if args.model in ("gla", "fla-gla"):
+            if args.model in LMS:
                 vocab = 64
                 yield {"tokens": torch.randint(0, vocab, (mbs, args.seq_length), generator=gen)}
             else:
@@ -241,7 +251,7 @@ def get_batch(data_iterator, args):
     DSP entry shards the input along frames; the target (the noise) is sharded here to match."""
     batch = next(data_iterator)
     cp_group = parallel_state.get_context_parallel_group()
-    if args.model in ("gla", "fla-gla"):
+    if args.model in LMS:
         tokens = batch["tokens"]
         labels = zeco.shift_labels(tokens)
         loss_mask = (labels != -100).float()
@@ -257,7 +267,7 @@ def loss_func(args, target_or_mask, output_tensor):
     """Megatron's loss_func: the local sum and count, all-reduced over the CP group (one
     all-reduce of 2 numbers; its backward is the identity, so each CP rank's backward is its share),
     then the mean. Returns the loss and the logged value."""
-    if args.model in ("gla", "fla-gla"):
+    if args.model in LMS:
         labels, loss_mask = target_or_mask
         losses = F.cross_entropy(output_tensor.float().reshape(-1, output_tensor.shape[-1]), labels.reshape(-1),
                                  ignore_index=-100, reduction="none")
@@ -275,7 +285,7 @@ def loss_func(args, target_or_mask, output_tensor):
 
 def forward_step(data_iterator, model, args):
     """Megatron's forward_step: (output_tensor, partial(loss_func, ...))."""
-    if args.model in ("gla", "fla-gla"):
+    if args.model in LMS:
         tokens, labels, loss_mask = get_batch(data_iterator, args)
         out = model(input_ids=tokens) if args.model == "fla-gla" else model(tokens)
         output_tensor = out.logits if hasattr(out, "logits") else out

@@ -88,4 +88,11 @@ for _name, _summary in [("zeco", "ZeCO (All-Scan of the GLA state)"),
                         ("lasp2", "LASP-2 (all-gather of the states)")]:
     register_method(_name, "gla", functools.partial(zeco.parallelize, method=_name), summary=_summary,
                     input_shard="seq")
+for _name, _summary, _heads in [
+        ("zeco", "ZeCO (All-Scan of the delta-rule state, dense maps)", False),
+        ("allgather", "all-gather of every rank's [S | M] (fla cp / attention-gym)", False),
+        ("heads", "all-to-all to head shards (Megatron-core)", True),
+        ("p2p", "LASP-1-style state hand-off rank to rank", False)]:
+    register_method(_name, "gdn", functools.partial(zeco.plans_delta.parallelize, method=_name), summary=_summary,
+                    input_shard="seq", heads_divisible=_heads)
 del _name, _summary, _heads

@@ -12,8 +12,9 @@ def split_sizes(n: int, parts: int) -> list[int]:
     """Sizes of ``torch.tensor_split(range(n), parts)``: ``[n//P + 1]*(n%P) + [n//P]*(P - n%P)``."""
     if parts < 1:
         raise ValueError(f"cannot split into {parts} parts")
-    base, extra = divmod(n, parts)
-    return [base + 1] * extra + [base] * (parts - extra)
+    # piece r is ceil((n - r) / P): the same sizes, as arithmetic that also works on symbolic
+    # sizes (torch.compile's dynamic shapes), without branching on n % P
+    return [(n + parts - 1 - r) // parts for r in range(parts)]
 
 
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:

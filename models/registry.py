@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-from . import gla, stdit
+from . import gdn, gla, stdit
 
 __all__ = ["ModelFamily", "TASKS", "MODEL_FAMILIES", "register_model", "get_model_family"]
 
@@ -103,3 +103,16 @@ register_model("stdit", config=stdit.stdit_config, model=stdit.STDiT, task="diff
                mixing_flops=_stdit_mixing_flops, summary="ST-DiT video diffusion transformer (spatial + temporal)")
 register_model("gla", config=gla.gla_config, model=gla.GLAForCausalLM, task="causal_lm",
                mixing_flops=_gla_mixing_flops, summary="GLA language model (gated linear attention)")
+
+
+def _gdn_mixing_flops(c: gdn.GDNConfig, dims: dict) -> float:
+    # delta-rule layers, per head: kᵀS, the rank-1 update k uᵀ and the read-out qᵀS, 6·K·V FLOPs a token
+    # forward, x3 with backward; attention layers: causal QKᵀ and AV, 2·L·C a token forward, x3
+    n_attn = sum(c.is_attention(i) for i in range(c.num_layers))
+    return (18.0 * c.num_heads * c.head_k_dim * c.head_v_dim * (c.num_layers - n_attn)
+            + 6.0 * c.hidden_size * dims["seq_len"] * n_attn)
+
+
+register_model("gdn", config=gdn.gdn_config, model=gdn.GDNForCausalLM, task="causal_lm",
+               mixing_flops=_gdn_mixing_flops,
+               summary="Gated DeltaNet language model, or a hybrid (3 GDN : 1 softmax attention)")

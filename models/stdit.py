@@ -379,9 +379,8 @@ class STDiT(nn.Module):
         t_emb = self.timestep(t)                # [B, C]
         t_mod = self.t_block(t_emb)             # [B, 6C]
         y = self.caption(y)                     # [B, N, C]
-        for blk in self.blocks:
-            x = blk.spatial(x, t_mod, y, y_mask)
-            x = blk.temporal(x, t_mod)
+        for blk in self.blocks:                 # through the block's __call__, so per-block wrappers
+            x = blk(x, t_mod, y, y_mask)        # (torch.compile, FSDP2's fully_shard) see every block
         return self.final(x, t_emb, grid, size)
 
 

@@ -180,7 +180,7 @@ def test_adapt_errors():
             fla_gla.adapt(model)
     with pytest.raises(NotImplementedError, match="attnres_block_size"):
         fla_gla.adapt(_model(dict(attnres_block_size=2)))
-    with pytest.raises(ValueError, match="no fla GatedLinearAttention"):
+    with pytest.raises(ValueError, match="no fla layer of the routing table"):
         fla_gla.adapt(torch.nn.Linear(2, 2))
     m2 = _model({})
     with fla_gla.adapt(m2):

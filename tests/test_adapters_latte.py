@@ -169,6 +169,7 @@ def test_latte_ledger_two_switches_per_layer_each_way(dist_pool):
 def _errors():
     from longseq.adapters import latte
     W_ = dist.group.WORLD
+    torch.manual_seed(0)                     # the same weights on every rank: the input check passes
     model = latte.build(video_length=5, sample_size=6)
     x, t, y, _, _ = _inputs(5, 6, 6)
     msgs = {}
@@ -185,13 +186,14 @@ def _errors():
                 msgs[name] = None
             except Exception as e:  # noqa: BLE001
                 msgs[name] = f"{type(e).__name__}: {e}"
-        assert h.blocks[0] == ("transformer_blocks.0", "spatial")
+        assert h.stages[0][0] == "transformer_blocks.0" and h.stages[-1][0] == "temporal_transformer_blocks.1"
     return msgs
 
 
 def test_latte_errors(dist_pool):
     msgs = dist_pool(2).run(_errors)[0]
     assert "T=4" in msgs["frames"] and "video_length=5" in msgs["frames"]
-    assert "per frame" in msgs["mask"]
+    # the plan names the input at fault, its layout and the sizes, before the model runs
+    assert "'encoder_attention_mask'" in msgs["mask"] and "(B T) ..." in msgs["mask"] and "B=2·T=5" in msgs["mask"]
     assert "already parallelized" in msgs["twice"]
     assert "outside a forward" in msgs["block alone"]

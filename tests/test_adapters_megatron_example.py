@@ -25,7 +25,7 @@ def _run(cmd, timeout=240):
     return [float(x) for x in LOSS.findall(out)], out
 
 
-@pytest.mark.parametrize("model", ["stdit", "gla"])
+@pytest.mark.parametrize("model", ["stdit", "gla", "hybrid"])
 def test_megatron_style_example_two_steps(model):
     args = ["--model", model, "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-3"]
     losses, out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

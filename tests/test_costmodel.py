@@ -310,3 +310,62 @@ def test_measured_compute_round_trip(tmp_path):
     assert stdit and all(rec["compute_source"] == "measured" for rec in stdit), [rec["compute_source"] for rec in stdit]
     assert gla and all(rec["compute_source"] == "measured" for rec in gla), [rec.get("compute_source") for rec in gla]
     assert "compute: measured (cpu" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2's collectives (benchmarks/costmodel/fsdp.py)
+# ----------------------------------------------------------------------------------------------
+def test_fsdp_bytes_follow_the_formulas():
+    from longseq.benchmarks.costmodel.fsdp import FsdpCosts, fsdp_costs
+    from longseq.models.gla import GLABlock, GLAForCausalLM, gla_config
+    f = FsdpCosts(layers=6, layer_params=1000, root_params=300, world=8, param_bytes=2, reduce_bytes=4)
+    assert f.all_gather_sent() == approx(1000 * 2 * 7 / 8)           # the shard n/W to W-1 peers
+    assert f.all_gather_sent(root=True) == approx(300 * 2 * 7 / 8)
+    assert f.reduce_scatter_sent() == approx(1000 * 4 * 7 / 8)       # n minus the own chunk, fp32
+    assert f.calls == {"all_gather": 13, "reduce_scatter": 7}        # 2 per layer + root; 1 per layer + root
+    assert f.bytes_per_step == approx(6 * (2 * 1750 + 3500) + 525 + 1050)
+    t = f.times(UNIT)                                                # UNIT: a ring moves its bytes in bytes seconds
+    assert (t["ag"], t["rs"], t["root_ag"], t["root_rs"]) == (approx(1750), approx(3500), approx(525), approx(1050))
+    cfg = gla_config("tiny")
+    g = fsdp_costs(cfg, GLABlock, GLAForCausalLM, world=4, param_bytes=2)
+    layer = sum(p.numel() for p in GLABlock(cfg).parameters())
+    assert g.layer_params == layer and g.layers == cfg.num_layers
+    assert g.root_params + cfg.num_layers * layer == sum(p.numel() for p in GLAForCausalLM(cfg).parameters())
+    assert FsdpCosts(4, 1000, 300, 1).bytes_per_step == 0             # one rank: nothing to gather
+
+
+FSDP_T = dict(ag=1e-4, rs=2e-4, root_ag=5e-5, root_rs=7e-5)
+
+
+def test_fsdp_prefetch_hides_all_but_the_first_gathers_and_last_scatters():
+    """Compute >> collectives: only the root's and first layer's all-gather (forward and backward)
+    and the last reduce-scatters are exposed; the rest is prefetched under the layers' compute."""
+    P, L = 4, 6
+    comp = _gla_comp(L=L)
+    none = (None, 0, 0.0)
+    out = gla_timeline("zeco", P, L, [comp] * P, H100, fwd=none, bwd=none, fsdp=FSDP_T)
+    t = FSDP_T
+    assert max(out["end"]) == approx(comp.total + t["root_ag"] + 2 * t["ag"] + t["rs"] + t["root_rs"], rel=1e-9)
+    assert out["fsdp_s"] == approx(t["root_ag"] + 2 * L * t["ag"] + L * t["rs"] + t["root_rs"])
+    # no compute to hide under: the lane's whole time is paid
+    zero = _gla_comp(other=0.0, gla=0.0, L=L)
+    out = gla_timeline("zeco", P, L, [zero] * P, H100, fwd=none, bwd=none, fsdp=FSDP_T)
+    assert max(out["end"]) == approx(out["fsdp_s"], rel=1e-9)
+
+
+def test_fsdp_bounds_the_lasp1_wavefront_to_one_layer():
+    """FSDP's collectives span the SP ranks: with free collectives LASP-1's layers still pipeline,
+    but a rank cannot start layer l+1 before every rank has started layer l, so the step lies
+    between the free wavefront and a barrier per layer."""
+    P, L, s = 4, 6, 36e6
+    comp = _gla_comp(other=1e-3, gla=1e-3, L=L)
+    d = ("send", 1, s)
+    free = max(gla_timeline("lasp1", P, L, [comp] * P, H100, fwd=d, bwd=d)["end"])
+    sync = max(gla_timeline("lasp1", P, L, [comp] * P, H100, fwd=d, bwd=d, layer_barrier=True)["end"])
+    zero = dict.fromkeys(FSDP_T, 0.0)
+    fsdp = max(gla_timeline("lasp1", P, L, [comp] * P, H100, fwd=d, bwd=d, fsdp=zero)["end"])
+    assert free - 1e-12 <= fsdp <= sync + 1e-12
+    # ZeCO's relay hides under its kernel either way: FSDP with free collectives costs it nothing
+    z = ("send", 4, s)
+    assert max(gla_timeline("zeco", P, L, [comp] * P, H100, fwd=z, bwd=z, fsdp=zero)["end"]) == approx(comp.total,
+                                                                                                        rel=1e-9)

@@ -92,7 +92,7 @@ def test_the_modules_are_found():
     mods = modules()
     for name in ("longseq.comm", "longseq.sp.plans", "longseq.dsp.plan", "longseq.zeco.sp_gla", "longseq.methods",
                  "longseq.models.registry", "longseq.adapters.latte", "longseq.train.loop",
-                 "longseq.benchmarks.costmodel.ledger"):
+                 "longseq.benchmarks.costmodel.ledger", "longseq.plot"):
         assert name in mods, name
     assert "longseq.models.adapters.latte" not in mods
     assert {layer(m) for m in mods} == set(LAYERS)

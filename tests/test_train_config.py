@@ -78,7 +78,7 @@ def test_a_registered_family_and_method_train(monkeypatch):
     monkeypatch.setattr(methods, "MODEL_FAMILIES", model_registry.MODEL_FAMILIES)
     assert "unknown" in error("model=gla_tiny", "model.family=mylm", "parallel=none")
     model_registry.register_model("mylm", config=gla_config, model=GLAForCausalLM, task="causal_lm")
-    assert "parallelizes GLA models, not MYLM" in error("model=gla_tiny", "model.family=mylm", "parallel=zeco")
+    assert "parallelizes GLA/GDN models, not MYLM" in error("model=gla_tiny", "model.family=mylm", "parallel=zeco")
     calls = []
     registry.register_method("zeco", "mylm", lambda model, group, **kw: calls.append(kw) or model,
                              input_shard="seq")
@@ -95,7 +95,7 @@ def test_a_registered_family_and_method_train(monkeypatch):
 
 def test_method_for_the_wrong_family():
     msg = error("parallel=zeco")                                  # model is stdit_tiny
-    assert "parallelizes GLA models" in msg and "dsp" in msg
+    assert "parallelizes GLA/GDN models" in msg and "dsp" in msg
 
 
 def test_none_with_sp():
@@ -195,3 +195,11 @@ def test_checkpoint_files_are_atomic_and_latest_is_found(tmp_path):
     (d / "latest").write_text("ckpt_step00000099.pt\n")              # names a file that is gone
     assert ck.find_latest(d).name == "ckpt_step00000006.pt"
     assert not [f for f in d.iterdir() if ".tmp." in f.name and f.name != ".ckpt_step00000008.pt.tmp.123"]
+
+
+def test_gdn_and_hybrid_compose_with_delta_methods():
+    """model=gdn_tiny / hybrid_tiny with the delta-rule methods compose (and heads checks the heads)."""
+    for model in ("gdn_tiny", "hybrid_tiny"):
+        for method in ("zeco", "allgather", "heads", "p2p"):
+            validate(cfg(f"model={model}", f"parallel={method}", "parallel.sp_size=2"), 2)
+    assert "must divide num_heads=4" in error("model=gdn_tiny", "parallel=heads", "parallel.sp_size=3", world=3)

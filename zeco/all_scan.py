@@ -22,6 +22,14 @@ is per row, so every block is independent) and forwards it to its successor. Blo
 therefore travels down the chain while block ``j+1`` is still arriving: time ≈
 (P-1+N)·(α + state/(N·β)) instead of LASP-1's (P-1)·(α + state/β).
 
+**Dense maps** (the gated delta rule, :mod:`zeco.sp_delta`). ``decay`` may also be a dense
+transition ``A_i`` of shape ``[..., R, R]``: ``out_i = A_i · in_i + L_i`` (GLA's diagonal is the
+special case). A row of ``out`` then mixes every row of ``in``, but the columns (V) transform
+independently, so the blocks are column ranges ``[..., R, c0:c1]`` (each sent as its own contiguous
+copy) and the pipeline is the same: block j is ``A_i · in[..., c0:c1] + L_i[..., c0:c1]``, one
+batched matrix product, forwarded as soon as it is computed. N is clamped to ``[1, C]``. The
+backward of such a scan is the reverse scan with the transposed maps ``A_iᵀ``.
+
 **Why exactly one state per rank.** Rank ``i`` needs ``in_i = out_{i-1}``, which depends on every
 earlier rank's data, but only through that one matrix: ``out_{i-1}`` already folds ranks
 ``0..i-1`` together. So the minimum any scheme can deliver to rank ``i`` is one state, and All-Scan
@@ -101,13 +109,13 @@ def num_blocks_for(state_shape: Sequence[int], dtype: torch.dtype, num_blocks: O
     docstring. ``num_blocks`` given: clamped to ``[1, rows]`` (``ValueError`` unless a positive int)."""
     if len(state_shape) < 2:
         raise ValueError(f"a scanned state must be at least 2-D [..., rows, cols], got shape {tuple(state_shape)}")
-    rows = math.prod(int(x) for x in state_shape[:-1])
+    rows = math.prod([int(x) for x in state_shape[:-1]])
     if num_blocks is not None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int or None, got {num_blocks!r}")
         n = num_blocks
     else:
-        nbytes = math.prod(state_shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(state_shape) * dtype.itemsize
         hb = DEFAULT_HALF_BYTES if half_bytes is None else half_bytes
         n = int(round(math.sqrt(max(world_size - 1, 0) * nbytes / hb)))
     return max(1, min(n, max(rows, 1)))
@@ -204,6 +212,78 @@ class AllScanHandle:
         return self._result
 
 
+class _RowBlocks:
+    """Diagonal (or scalar, or no) decay: blocks are contiguous row ranges of the flat ``[rows, C]``
+    state (no copies); ``out = diag(d) in + L`` row by row."""
+
+    def __init__(self, decay, local, N, need_local):
+        self.shape, self.dt, self.dev = tuple(local.shape), local.dtype, local.device
+        self.rows, self.cols = math.prod(self.shape[:-1]), self.shape[-1]
+        sizes = split_sizes(self.rows, N)
+        self.bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(N)]
+        self.d, self.loc = _flat_rows(decay, local) if need_local else (None, None)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dt).contiguous().view(self.rows, self.cols)
+
+    def empty(self) -> torch.Tensor:
+        return torch.empty(self.rows, self.cols, dtype=self.dt, device=self.dev)
+
+    def block(self, buf: torch.Tensor, j: int) -> torch.Tensor:
+        r0, r1 = self.bounds[j]
+        return buf[r0:r1]
+
+    def update(self, inp: Optional[torch.Tensor], out: torch.Tensor, j: int) -> torch.Tensor:
+        """Block j of out = diag(d) inp + local, written into ``out`` (a contiguous row range)."""
+        r0, r1 = self.bounds[j]
+        # one fused kernel on the current (side) stream: decay, add local, cast, into the send buffer
+        return kernels.scan_update(out[r0:r1], None if inp is None else inp[r0:r1], self.loc[r0:r1],
+                                   None if self.d is None else self.d[r0:r1])
+
+    def whole(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf.view(self.shape)
+
+
+class _ColBlocks:
+    """A dense map ``A`` (``[..., R, R]``): ``out = A · in + L``; columns transform independently, so
+    blocks are column ranges, each held as its own contiguous ``[M, R, c_j]`` tensor (M = the
+    leading dims flattened); a buffer is the list of its blocks."""
+
+    def __init__(self, transition, local, N, need_local):
+        self.shape, self.dt, self.dev = tuple(local.shape), local.dtype, local.device
+        self.R, self.cols = self.shape[-2], self.shape[-1]
+        self.M = math.prod(self.shape[:-2])
+        sizes = split_sizes(self.cols, N)
+        self.bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(N)]
+        self.A = transition.to(self.dt).reshape(self.M, self.R, self.R) if need_local else None
+        self.loc = self.flat(local) if need_local else None
+
+    def flat(self, x: torch.Tensor) -> list:
+        x = x.to(self.dt).reshape(self.M, self.R, self.cols)
+        return [x[..., c0:c1].contiguous() for c0, c1 in self.bounds]
+
+    def empty(self) -> list:
+        return [torch.empty(self.M, self.R, c1 - c0, dtype=self.dt, device=self.dev) for c0, c1 in self.bounds]
+
+    def block(self, buf: list, j: int) -> torch.Tensor:
+        return buf[j]
+
+    def update(self, inp: Optional[list], out: list, j: int) -> torch.Tensor:
+        """Block j of out = A · inp + local (one batched matrix product per block)."""
+        if inp is None:
+            return out[j].copy_(self.loc[j])
+        return torch.baddbmm(self.loc[j], self.A, inp[j], out=out[j])
+
+    def whole(self, buf: list) -> torch.Tensor:
+        return torch.cat(buf, -1).view(self.shape)
+
+
+def _is_dense(decay: Optional[torch.Tensor], local: torch.Tensor) -> bool:
+    """A dense ``[..., R, R]`` transition (rather than a per-row or per-matrix decay)."""
+    return (isinstance(decay, torch.Tensor) and decay.dim() == local.dim()
+            and tuple(decay.shape) == tuple(local.shape[:-1]) + (local.shape[-2],))
+
+
 def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: Any, *,
                    initial_state: Optional[torch.Tensor] = None, reverse: bool = False,
                    num_blocks: Optional[int] = None, output_final_state: bool = False,
@@ -211,7 +291,9 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     """Start an All-Scan (see the module docstring); returns its :class:`AllScanHandle`.
 
     Args:
-        decay: ``[..., R]`` (per row), ``[...]`` (per matrix) or ``None``; this rank's ``d_i``.
+        decay: this rank's map. ``[..., R]`` (a decay per row), ``[...]`` (per matrix) or ``None``
+            (identity): ``out = diag(d) in + L``, blocks along rows. ``[..., R, R]`` (a dense
+            transition ``A``, e.g. the delta rule's): ``out = A · in + L``, blocks along columns.
         local: ``[..., R, C]`` floating tensor, this rank's ``L_i``; the scan runs in its dtype.
             On the last rank of the chain only its shape and dtype matter unless
             ``output_final_state`` (it sends nothing).
@@ -236,29 +318,24 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         # receiver of different dtypes corrupt silently on gloo and may hang on NCCL.
         local = local.float()
     P, me = comm.group_size(group), comm.group_rank(group)
-    N = num_blocks_for(local.shape, local.dtype, num_blocks, world_size=P)
+    dense = _is_dense(decay, local)
+    if dense:
+        N = max(1, min(num_blocks_for(local.shape, local.dtype, num_blocks, world_size=P), local.shape[-1]))
+    else:
+        N = num_blocks_for(local.shape, local.dtype, num_blocks, world_size=P)
     h = AllScanHandle()
     h.num_blocks = N
-    dt, shape, dev = local.dtype, tuple(local.shape), local.device
+    dt, dev = local.dtype, local.device
     prev, nxt = (me + 1, me - 1) if reverse else (me - 1, me + 1)
     has_prev, has_next = 0 <= prev < P, 0 <= nxt < P
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    sizes = split_sizes(rows, N)
-    bounds = [(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(N)]
     need_local = has_next or output_final_state
-    d, loc = _flat_rows(decay, local) if need_local else (None, None)
+    lay = (_ColBlocks if dense else _RowBlocks)(decay, local, N, need_local)
     inp0 = None
     if not has_prev and initial_state is not None:
-        inp0 = initial_state.to(dt).contiguous().view(rows, cols)
+        inp0 = lay.flat(initial_state)
     side = _side_stream(dev)
     _fork(side, dev)   # everything above (the caller's summary, these views) is ready first
-
-    def update(inp: Optional[torch.Tensor], out: torch.Tensor, j: int) -> torch.Tensor:
-        """Block j of out = diag(d) inp + local, written into ``out`` (a contiguous row range)."""
-        r0, r1 = bounds[j]
-        # one fused kernel on the current (side) stream: decay, add local, cast, into the send buffer
-        return kernels.scan_update(out[r0:r1], None if inp is None else inp[r0:r1], loc[r0:r1],
-                                   None if d is None else d[r0:r1])
+    update = lay.update
 
     if not has_prev:
         # first of the chain: its input is known now
@@ -268,29 +345,32 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         with _on(side):
             if need_local:
                 if inp is None:
-                    out = loc  # out = local: nothing to compute
+                    out = lay.loc  # out = local: nothing to compute
                 else:
-                    out = torch.empty(rows, cols, dtype=dt, device=dev)
+                    out = lay.empty()
                     for j in range(N):
                         update(inp, out, j)
                 if has_next:
-                    works = [comm.isend(out[r0:r1], nxt, group, tag=tag) for r0, r1 in bounds]
+                    works = [comm.isend(lay.block(out, j), nxt, group, tag=tag) for j in range(N)]
 
         def finish_first():
             with _on(side):
                 for w in works:
                     w.wait()
-            _join(side, dev, None if out is loc else out)
-            i = inp.view(shape) if inp is not None else None
-            return i, (out.view(shape).clone() if out is loc else out.view(shape)) if output_final_state else None
+            _join(side, dev, *_tensors(None if out is lay.loc else out))
+            i = lay.whole(inp) if inp is not None else None
+            if not output_final_state:
+                return i, None
+            res = lay.whole(out)
+            return i, (res.clone() if out is lay.loc and not dense else res)
 
         h._finish = finish_first
         return h
 
-    # receive N blocks (contiguous row ranges of one fresh buffer) from the previous rank
+    # receive N blocks (contiguous pieces of one fresh buffer) from the previous rank
     with _on(side):
-        buf = torch.empty(rows, cols, dtype=dt, device=dev)
-        rworks = [comm.irecv(buf[r0:r1], prev, group, tag=tag) for r0, r1 in bounds]
+        buf = lay.empty()
+        rworks = [comm.irecv(lay.block(buf, j), prev, group, tag=tag) for j in range(N)]
 
     if not has_next:
         # last of the chain: only receive
@@ -298,27 +378,27 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
             with _on(side):
                 for w in rworks:
                     w.wait()
-            _join(side, dev, buf)
+            _join(side, dev, *_tensors(buf))
             out = None
             if output_final_state:
-                out = torch.empty(rows, cols, dtype=dt, device=dev)
+                out = lay.empty()
                 for j in range(N):
                     update(buf, out, j)
-                out = out.view(shape)
-            return buf.view(shape), out
+                out = lay.whole(out)
+            return lay.whole(buf), out
 
         h._finish = finish_last
         return h
 
     # a relay: receive block j, update it, forward it
     with _on(side):
-        out = torch.empty(rows, cols, dtype=dt, device=dev)
+        out = lay.empty()
     sworks: list = []
 
     @torch.no_grad()
     def relay():
         with _on(side):   # stream contexts are per thread: the helper thread enters it itself
-            for j, (r0, r1) in enumerate(bounds):
+            for j in range(N):
                 rworks[j].wait()
                 sworks.append(comm.isend(update(buf, out, j), nxt, group, tag=tag))
             for w in sworks:
@@ -327,8 +407,8 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
     def finish_relay():
         if not background:
             relay()
-        _join(side, dev, buf, out)
-        return buf.view(shape), (out.view(shape) if output_final_state else None)
+        _join(side, dev, *_tensors(buf), *_tensors(out))
+        return lay.whole(buf), (lay.whole(out) if output_final_state else None)
 
     if background:
         def target():
@@ -341,6 +421,13 @@ def all_scan_start(decay: Optional[torch.Tensor], local: torch.Tensor, group: An
         h._thread.start()
     h._finish = finish_relay
     return h
+
+
+def _tensors(buf) -> tuple:
+    """A buffer's tensors (one flat tensor, a list of blocks, or None)."""
+    if buf is None:
+        return ()
+    return tuple(buf) if isinstance(buf, list) else (buf,)
 
 
 def all_scan(decay: Optional[torch.Tensor], local: torch.Tensor, group: Any, *,
@@ -363,8 +450,11 @@ def scan_reference(decays: Sequence[Optional[torch.Tensor]], locals_: Sequence[t
     res: list = [None] * P
     S = initial_state if initial_state is not None else torch.zeros_like(locals_[0])
     for i in order:
-        d, _ = _decay_view(decays[i], locals_[i], "scan_reference")
-        out = locals_[i] + (S if d is None else d * S)
+        if _is_dense(decays[i], locals_[i]):
+            out = locals_[i] + decays[i] @ S
+        else:
+            d, _ = _decay_view(decays[i], locals_[i], "scan_reference")
+            out = locals_[i] + (S if d is None else d * S)
         res[i] = (S, out)
         S = out
     return res

@@ -63,15 +63,15 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from longseq import comm
 from longseq.groups import sp_group_of
+from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
 
-__all__ = ["sp_gla", "METHODS", "SPGLAFunction", "local_summary", "lasp1_scan", "lasp2_scan"]
+__all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan"]
 
 METHODS = ("zeco", "lasp1", "lasp2")
 
@@ -337,88 +337,181 @@ def _bwd_local_dS0(cfg, q, g, do, gamma, dht):
     return L
 
 
-class SPGLAFunction(torch.autograd.Function):
-    """``apply(q, k, v, g, initial_state, cfg) -> (o, final_state of this rank's piece)``."""
+def _forward(cfg, q, k, v, g, h0):
+    """This rank's ``(o, ht, S0, gamma, gammas)``: output, final state of the piece, the state the
+    piece starts from (None: zero), Γ (None on one rank) and LASP-2's stack of every rank's Γ (else
+    None). ``h0`` is the whole sequence's initial state, read on rank 0 only."""
+    h0 = h0 if cfg.rank == 0 else None  # only rank 0 starts from the given initial state
+    gammas = None
+    if cfg.P == 1:
+        o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=h0, backend=cfg.backend,
+                        chunk_size=cfg.chunk_size)
+        return o, ht.to(cfg.dt), h0, None, None
+    if cfg.method == "zeco":
+        o, ht, S0, gamma = _fwd_zeco_impl(cfg, q, k, v, g, h0)
+    elif cfg.method == "lasp1":
+        o, ht, S0, gamma = _fwd_lasp1(cfg, q, k, v, g, h0)
+    else:
+        o, ht, S0, (gamma, gammas) = _fwd_lasp2(cfg, q, k, v, g, h0)
+    if gamma is None:
+        gamma = _safe_exp(g.to(cfg.dt).sum(1))
+    return o, ht.to(cfg.dt), S0, gamma, gammas
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, h0, cfg):
-        ctx.set_materialize_grads(False)
-        h0_in = h0
-        h0 = h0 if cfg.rank == 0 else None  # only rank 0 starts from the given initial state
-        if cfg.P == 1:
-            o, ht = gla_fwd(q, k, v, g, scale=cfg.scale, initial_state=h0, backend=cfg.backend,
-                            chunk_size=cfg.chunk_size)
-            S0, gamma = (h0, None)
-        elif cfg.method == "zeco":
-            o, ht, S0, gamma = _fwd_zeco_impl(cfg, q, k, v, g, h0)
-        elif cfg.method == "lasp1":
-            o, ht, S0, gamma = _fwd_lasp1(cfg, q, k, v, g, h0)
+
+def _backward(cfg, q, k, v, g, S0, gamma, gammas, do, dht, h0_dtype):
+    """``(dq, dk, dv, dg, dh0)`` of this rank's piece (``dh0`` None unless ``h0_dtype``: then the
+    initial state's gradient on rank 0, zeros elsewhere). ``do`` / ``dht`` None: zero."""
+    P, r, dt = cfg.P, cfg.rank, cfg.dt
+    if do is None:
+        do = torch.zeros_like(v)
+    if dht is not None:
+        dht = dht.to(dt)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    kw = dict(scale=cfg.scale, backend=cfg.backend, chunk_size=cfg.chunk_size)
+    first, last = r == 0, r == P - 1
+    X = None  # dS0_{i+1}: gradient reaching this piece's final state from later ranks
+    if P == 1:
+        dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+    elif cfg.method == "zeco":
+        if first and not last:
+            handle = all_scan_start(None, torch.empty(B, H, K, V, dtype=dt, device=q.device), cfg.group,
+                                    reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
         else:
-            o, ht, S0, gamma = _fwd_lasp2(cfg, q, k, v, g, h0)
-        ctx.cfg = cfg
-        ctx.h0_dtype = None if h0_in is None else h0_in.dtype
-        extra = gamma if not isinstance(gamma, tuple) else gamma[0]
-        ctx.gammas = gamma[1] if isinstance(gamma, tuple) else None
-        ctx.save_for_backward(q, k, v, g, S0, extra)
-        return o, ht.to(cfg.dt)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, dht):
-        q, k, v, g, S0, gamma = ctx.saved_tensors
-        cfg = ctx.cfg
-        P, r, dt = cfg.P, cfg.rank, cfg.dt
-        if do is None:
-            do = torch.zeros_like(v)
-        if dht is not None:
-            dht = dht.to(dt)
-        if gamma is None and P > 1:
-            gamma = _safe_exp(g.to(dt).sum(1))
-        B, _, H, K = q.shape
-        V = v.shape[-1]
-        kw = dict(scale=cfg.scale, backend=cfg.backend, chunk_size=cfg.chunk_size)
-        first, last = r == 0, r == P - 1
-        X = None  # dS0_{i+1}: gradient reaching this piece's final state from later ranks
-        if P == 1:
-            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
-        elif cfg.method == "zeco":
-            if first and not last:
-                handle = all_scan_start(None, torch.empty(B, H, K, V, dtype=dt, device=q.device), cfg.group,
-                                        reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
-            else:
-                L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
-                handle = all_scan_start(gamma, L, cfg.group, reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
-            if last:
-                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
-                handle.wait()
-            elif cfg.overlap:
-                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
-                X, _ = handle.wait()
-                ck, cv, cg = _final_state_grad_correction(q, k, v, g, S0, gamma, X, dt)
-                dk = (dk.to(dt) + ck).to(k.dtype)
-                dv = (dv.to(dt) + cv).to(v.dtype)
-                dg = (dg.to(dt) + cg).to(g.dtype)
-                dh0 = dh0.to(dt) + _expand_decay(gamma) * X
-            else:
-                X, _ = handle.wait()
-                dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do,
-                                              dht=X if dht is None else X + dht, **kw)
-        elif cfg.method == "lasp1":
-            L = _bwd_local_dS0(cfg, q, g, do, gamma, dht) if not first else None
-            X, _ = lasp1_scan(gamma, L, cfg.group, shape=(B, H, K, V), dtype=dt, device=q.device, reverse=True,
-                              tag="zeco.lasp1.bwd")
-            D = X if dht is None else (dht if X is None else X + dht)
-            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
-        else:  # lasp2
             L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
-            X, _ = lasp2_scan(gamma, L, cfg.group, reverse=True, decays=ctx.gammas, tag="zeco.lasp2.bwd")
-            D = X if dht is None else (dht if X is None else X + dht)
-            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
-        dh0_out = None
-        if ctx.needs_input_grad[4]:
-            dh0_out = dh0.to(ctx.h0_dtype) if first else torch.zeros(B, H, K, V, dtype=ctx.h0_dtype,
-                                                                      device=q.device)
-        return dq, dk, dv, dg, dh0_out, None
+            handle = all_scan_start(gamma, L, cfg.group, reverse=True, num_blocks=cfg.N, tag="zeco.scan.bwd")
+        if last:
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+            handle.wait()
+        elif cfg.overlap:
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=dht, **kw)
+            X, _ = handle.wait()
+            ck, cv, cg = _final_state_grad_correction(q, k, v, g, S0, gamma, X, dt)
+            dk = (dk.to(dt) + ck).to(k.dtype)
+            dv = (dv.to(dt) + cv).to(v.dtype)
+            dg = (dg.to(dt) + cg).to(g.dtype)
+            dh0 = dh0.to(dt) + _expand_decay(gamma) * X
+        else:
+            X, _ = handle.wait()
+            dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do,
+                                          dht=X if dht is None else X + dht, **kw)
+    elif cfg.method == "lasp1":
+        L = _bwd_local_dS0(cfg, q, g, do, gamma, dht) if not first else None
+        X, _ = lasp1_scan(gamma, L, cfg.group, shape=(B, H, K, V), dtype=dt, device=q.device, reverse=True,
+                          tag="zeco.lasp1.bwd")
+        D = X if dht is None else (dht if X is None else X + dht)
+        dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
+    else:  # lasp2
+        L = _bwd_local_dS0(cfg, q, g, do, gamma, dht)
+        X, _ = lasp2_scan(gamma, L, cfg.group, reverse=True, decays=gammas, tag="zeco.lasp2.bwd")
+        D = X if dht is None else (dht if X is None else X + dht)
+        dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, initial_state=S0, do=do, dht=D, **kw)
+    dh0_out = None
+    if h0_dtype is not None:
+        dh0_out = dh0.to(h0_dtype) if first else torch.zeros(B, H, K, V, dtype=h0_dtype, device=q.device)
+    return dq, dk, dv, dg, dh0_out
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops (torch.library): one for the forward, one for the backward, so that
+# torch.compile(fullgraph=True) traces sp_gla as one opaque node each way. The scan, its overlap
+# with the local GLA and the ledger rows all happen in the real implementation (at run time).
+# A missing tensor (None) travels as an empty one; the group as its registered name.
+# ----------------------------------------------------------------------------------------------
+def _cfg(q, k, v, g, group: str, method: str, scale: float, num_blocks: int, backend: str, chunk_size: int,
+         overlap: bool) -> _Cfg:
+    pg = resolve_group(group)
+    return _Cfg(group=pg, method=method, scale=scale, N=num_blocks, backend=backend, chunk_size=chunk_size,
+                P=dist.get_world_size(pg), rank=dist.get_rank(pg), overlap=overlap, dt=_state_dtype(q, k, v, g))
+
+
+def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _unaliased(outs: list, inputs: list) -> list:
+    """``outs`` made contiguous (the strides the fake implementations promise), with a copy of each
+    that shares memory with an input or an earlier output (a custom op's outputs may not alias; e.g.
+    LASP-2's S0 and Γ stack are views of one gathered buffer)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    res = []
+    for t in outs:
+        t = t.contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        res.append(t)
+    return res
+
+
+def _none_if_empty(t: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if t.numel() == 0 else t
+
+
+@torch.library.custom_op("longseq::sp_gla_fwd", mutates_args=())
+def _sp_gla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
+                group: str, method: str, scale: float, num_blocks: int, backend: str, chunk_size: int,
+                overlap: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = _cfg(q, k, v, g, group, method, scale, num_blocks, backend, chunk_size, overlap)
+    o, ht, S0, gamma, gammas = _forward(cfg, q, k, v, g, h0)
+    outs = [o, ht, _empty_if_none(S0, ht), _empty_if_none(gamma, ht), _empty_if_none(gammas, ht)]
+    return tuple(_unaliased(outs, [q, k, v, g, h0]))
+
+
+@_sp_gla_fwd.register_fake
+def _(q, k, v, g, h0, group, method, scale, num_blocks, backend, chunk_size, overlap):
+    P, r = size_rank(group)
+    dt = _state_dtype(q, k, v, g)
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    state = q.new_empty((B, H, K, V), dtype=dt)
+    none = q.new_empty(0, dtype=dt)
+    S0 = (none if h0 is None else q.new_empty((B, H, K, V), dtype=h0.dtype if P == 1 else dt)) if r == 0 else state
+    gshape = tuple(g.shape[:1]) + tuple(g.shape[2:])                  # [B, H, K] or [B, H]
+    gamma = none if P == 1 else q.new_empty(gshape, dtype=dt)
+    gammas = q.new_empty((P, *gshape), dtype=dt) if (P > 1 and method == "lasp2") else none
+    return q.new_empty(v.shape), state, S0, gamma, gammas
+
+
+def _sp_gla_setup(ctx, inputs, output):
+    q, k, v, g, h0, *static = inputs
+    _, _, S0, gamma, gammas = output
+    ctx.static = static
+    ctx.h0_dtype = None if h0 is None else h0.dtype
+    ctx.save_for_backward(q, k, v, g, S0, gamma, gammas)
+    ctx.mark_non_differentiable(S0, gamma, gammas)
+
+
+def _sp_gla_backward(ctx, do, dht, *_):
+    q, k, v, g, S0, gamma, gammas = ctx.saved_tensors
+    need_h0 = ctx.h0_dtype is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dg, dh0 = torch.ops.longseq.sp_gla_bwd(
+        _empty_if_none(do, q), _empty_if_none(dht, q), q, k, v, g, S0, gamma, gammas, *ctx.static,
+        ctx.h0_dtype if need_h0 else None)
+    return dq, dk, dv, dg, (dh0 if need_h0 else None), None, None, None, None, None, None, None
+
+
+_sp_gla_fwd.register_autograd(_sp_gla_backward, setup_context=_sp_gla_setup)
+
+
+@torch.library.custom_op("longseq::sp_gla_bwd", mutates_args=())
+def _sp_gla_bwd(do: torch.Tensor, dht: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                g: torch.Tensor, S0: torch.Tensor, gamma: torch.Tensor, gammas: torch.Tensor, group: str, method: str,
+                scale: float, num_blocks: int, backend: str, chunk_size: int, overlap: bool,
+                h0_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    cfg = _cfg(q, k, v, g, group, method, scale, num_blocks, backend, chunk_size, overlap)
+    grads = _backward(cfg, q, k, v, g, _none_if_empty(S0), _none_if_empty(gamma), _none_if_empty(gammas),
+                      _none_if_empty(do), _none_if_empty(dht), h0_dtype)
+    return tuple(_unaliased([*grads[:4], _empty_if_none(grads[4], q)], [do, dht, q, k, v, g, S0, gamma, gammas]))
+
+
+@_sp_gla_bwd.register_fake
+def _(do, dht, q, k, v, g, S0, gamma, gammas, group, method, scale, num_blocks, backend, chunk_size, overlap,
+      h0_dtype):
+    B, _, H, K = q.shape
+    dh0 = q.new_empty(0) if h0_dtype is None else q.new_empty((B, H, K, v.shape[-1]), dtype=h0_dtype)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape), dh0  # contiguous
 
 
 def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
@@ -466,14 +559,14 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     g = floor_decay(g)
     B, _, H, K = q.shape
     V = v.shape[-1]
-    P, r = comm.group_size(group), comm.group_rank(group)
+    P = comm.group_size(group)
     dt = _state_dtype(q, k, v, g)
     N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
-    if P > 1:
+    if P > 1 and not torch.compiler.is_compiling():   # compiled graphs: checked by the eager calls (docs/compile.md)
         sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
                    state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
         _check_across_ranks(group, sig, check)
-    cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,
-               backend=backend, chunk_size=chunk_size, P=P, rank=r, overlap=bool(overlap), dt=dt)
-    o, ht = SPGLAFunction.apply(q, k, v, g, initial_state, cfg)
+    scale = K ** -0.5 if scale is None else float(scale)
+    o, ht, *_ = torch.ops.longseq.sp_gla_fwd(q, k, v, g, initial_state, group_name(group), method, scale, N,
+                                             backend, chunk_size, bool(overlap))
     return o, (ht if output_final_state else None)

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from . import collectives as C
 from .compute import GlaCompute, StditCompute
+from .fsdp import FsdpCosts, FsdpLane
 from .ledger import Row, is_grad_sync
 from .topology import Topology
 
@@ -138,13 +139,15 @@ def _exchange(rows_by_rank: dict, suffix: str, L: int, P: int) -> tuple[Optional
 
 def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo: Topology, *,
                  fwd: tuple, bwd: tuple, step_rows: Sequence[Row] = (), update_s: float = 0.0,
-                 layer_barrier: bool = False) -> dict:
+                 layer_barrier: bool = False, fsdp: Optional[dict] = None) -> dict:
     """Simulate one step rank by rank. ``comps[i]``: rank i's compute (seconds); ``fwd`` / ``bwd``:
     (op, blocks per layer, state bytes per layer) of the per-layer exchange. Returns per-rank end
     times of forward and backward and the waiting each rank did.
 
     ``layer_barrier``: all ranks synchronise after every layer (no pipelining of layers across
-    ranks): the accounting of the ZeCO paper, in which a chain's full latency is paid per layer."""
+    ranks): the accounting of the ZeCO paper, in which a chain's full latency is paid per layer.
+    ``fsdp``: the seconds of FSDP2's collectives (:meth:`.fsdp.FsdpCosts.times`), scheduled as
+    :mod:`.fsdp` describes (prefetch one layer ahead; each waits for every rank to issue it)."""
     fit = topo.fit("p2p", P)          # a measured point-to-point line for this group size, if any
     links = [fit or topo.link(i, i + 1) for i in range(P - 1)]
     rlinks = [fit or topo.link(i + 1, i) for i in range(P - 1)][::-1]
@@ -185,11 +188,26 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
                 t[i] = done + gla[i] + after[i]
 
     zeco = method == "zeco"
+    lane = FsdpLane(fsdp) if fsdp else None
+
+    def gate(until: float) -> None:
+        """Every rank waits for an FSDP all-gather that ends at ``until``."""
+        for i in range(P):
+            if t[i] < until:
+                waited[i] += until - t[i]
+                t[i] = until
 
     def layers(times, other, kernel, extra, reverse):
         """L layers: half the other work, the GLA exchange (ZeCO splits its extra work around the
-        kernel), the other half; all ranks meet after each layer with ``layer_barrier``."""
-        for _ in range(L):
+        kernel), the other half; all ranks meet after each layer with ``layer_barrier``. Under FSDP
+        a layer starts once its parameters are gathered (prefetched as the previous layer started)
+        and, in backward, its gradients are reduce-scattered once every rank has finished it."""
+        nxt = lane.run(t, "ag") if lane else 0.0
+        for layer in range(L):
+            if lane:
+                gate(nxt)
+                if layer + 1 < L:
+                    nxt = lane.run(t, "ag")
             for i in range(P):
                 t[i] += other[i] / 2
             exchange(times, kernel, [e / 2 if zeco else e for e in extra],
@@ -198,7 +216,11 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
                 t[i] += other[i] / 2
             if layer_barrier:
                 t[:] = [max(t)] * P
+            if lane and reverse:
+                lane.run(t, "rs")
 
+    if lane:
+        gate(lane.run(t, "root_ag"))
     layers(fwd, [c.other_fwd for c in comps], [c.gla_fwd for c in comps], [c.extra_fwd for c in comps], False)
     for i in range(P):
         t[i] += comps[i].head_fwd
@@ -209,21 +231,26 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
         waited[i] += sync - t[i]
         t[i] = sync + comps[i].head_bwd
     layers(bwd, [c.other_bwd for c in comps], [c.gla_bwd for c in comps], [c.extra_bwd for c in comps], True)
-    return {"fwd_end": fwd_end, "end": list(t), "waited": waited}
+    if lane:
+        lane.run(t, "root_rs")
+        gate(lane.free)            # the optimizer step needs every gradient shard
+    return {"fwd_end": fwd_end, "end": list(t), "waited": waited, "fsdp_s": lane.busy if lane else 0.0}
 
 
 def gla_estimate(method: str, P: int, rows_by_rank: dict, comp_of_rank, L: int, topo: Topology,
-                 grad_sync: str = "overlap", layer_barrier: bool = False) -> Estimate:
-    """``rows_by_rank``: rows of the role ranks (0, 1, P-1); ``comp_of_rank(i)`` -> GlaCompute (s)."""
+                 grad_sync: str = "overlap", layer_barrier: bool = False, fsdp: Optional[FsdpCosts] = None) -> Estimate:
+    """``rows_by_rank``: rows of the role ranks (0, 1, P-1); ``comp_of_rank(i)`` -> GlaCompute (s).
+    ``fsdp``: parameters sharded by FSDP2 (its collectives replace the gradient all-reduce)."""
     comps = [comp_of_rank(i) for i in range(P)]
     fwd = _exchange(rows_by_rank, ".fwd", L, P)
     bwd = _exchange(rows_by_rank, ".bwd", L, P)
     rows0 = rows_by_rank[0]
     step_rows = [r for r in rows0 if not is_grad_sync(r.tag) and not r.tag.endswith((".fwd", ".bwd"))
                  and r.op not in ("send", "recv")]
-    sim = gla_timeline(method, P, L, comps, topo, fwd=fwd, bwd=bwd, step_rows=step_rows, layer_barrier=layer_barrier)
+    sim = gla_timeline(method, P, L, comps, topo, fwd=fwd, bwd=bwd, step_rows=step_rows, layer_barrier=layer_barrier,
+                       fsdp=fsdp.times(topo) if fsdp else None)
     end = max(sim["end"])
-    gs_rows = [r for r in rows0 if is_grad_sync(r.tag)]
+    gs_rows = [] if fsdp else [r for r in rows0 if is_grad_sync(r.tag)]
     gs = sum(_row_time(topo, r, P) for r in gs_rows)
     bwd_time = L * (comps[0].other_bwd + comps[0].gla_bwd + comps[0].extra_bwd) + comps[0].head_bwd
     exposed_gs = grad_sync_exposed(gs, sum(r.calls for r in gs_rows), bwd_time, grad_sync)
@@ -238,5 +265,6 @@ def gla_estimate(method: str, P: int, rows_by_rank: dict, comp_of_rank, L: int, 
             comm += L * C.chain_closed_form(P, sb, max(N, 1), topo.inter if topo.spans_nodes(P) else topo.intra)
     comm += sum(_row_time(topo, r, P) for r in step_rows)
     sp_bytes = max(_sp_bytes(rows) for rows in rows_by_rank.values())
-    bd = {"waited_max_s": max(sim["waited"]), "fwd": fwd, "bwd": bwd}
+    bd = {"waited_max_s": max(sim["waited"]), "fwd": fwd, "bwd": bwd, "fsdp_s": sim["fsdp_s"],
+          "fsdp_bytes": fsdp.bytes_per_step if fsdp else 0}
     return Estimate(method, P, step, compute, comm, step - compute, gs, sp_bytes, bd)

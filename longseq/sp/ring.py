@@ -13,7 +13,7 @@ Each block's output and log-sum-exp are merged into float32 accumulators::
 
     lse' = logaddexp(lse, lse_b);   out' = out·exp(lse - lse') + out_b·exp(lse_b - lse')
 
-Backward (a hand-written ``torch.autograd.Function``; no all-gather of the sequence): k, v travel
+Backward (a hand-written backward, a custom op as the forward is; no all-gather of the sequence): k, v travel
 around the ring again (P-1 transfers); each block's gradient is computed with the *final* output
 and log-sum-exp (``dS = P ⊙ (dP - rowsum(dO ⊙ O))``, as flash-attention's backward). dq accumulates
 locally. The gradient of rank j's block is summed by an accumulator that starts at rank j+1 (step
@@ -45,6 +45,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from longseq import comm
+from longseq.ops import group_name, resolve_group
 from longseq.sharding import split_sizes
 
 __all__ = [
@@ -219,109 +220,146 @@ def _wait(works: list) -> None:
         w.wait()
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
-        P, r = comm.group_size(group), comm.group_rank(group)
-        fwd, _ = _kernel(kernel, q)
-        nxt, prv = (r + 1) % P, (r - 1) % P
-        acc = _acc(q.dtype)
-        B, lq, H, D = q.shape
-        out = torch.zeros((B, lq, H, D), dtype=acc, device=q.device)
-        lse = torch.full((B, H, lq), float("-inf"), dtype=acc, device=q.device)
-        cur_k, cur_v = k.contiguous(), v.contiguous()
-        for i in range(P):
-            src = (r - i) % P
-            works = []
-            if i < P - 1:   # post the next block's transfer first: it overlaps this block's compute
-                n_in = sizes[(r - i - 1) % P]
-                buf_k = torch.empty((B, n_in, *k.shape[2:]), dtype=k.dtype, device=k.device)
-                buf_v = torch.empty((B, n_in, *v.shape[2:]), dtype=v.dtype, device=v.device)
-                works = _post([comm.P2POp("send", cur_k, nxt), comm.P2POp("send", cur_v, nxt),
-                               comm.P2POp("recv", buf_k, prv), comm.P2POp("recv", buf_v, prv)], group, f"{tag}.kv")
-            for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, cur_k.shape[1]):
-                o_b, l_b = fwd(q[:, qs], cur_k[:, ks], cur_v[:, ks], c, scale)
-                _merge(out, lse, qs, o_b, l_b)
-            if works:
-                _wait(works)
-                cur_k, cur_v = buf_k, buf_v
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale, ctx.layout = group, causal, scale, layout
-        ctx.sizes, ctx.kernel, ctx.grad_dtype, ctx.tag = sizes, kernel, grad_dtype, tag
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, causal, scale, layout, sizes = ctx.group, ctx.causal, ctx.scale, ctx.layout, ctx.sizes
-        tag = ctx.tag
-        P, r = comm.group_size(group), comm.group_rank(group)
-        _, bwd = _kernel(ctx.kernel, q)
-        nxt, prv = (r + 1) % P, (r - 1) % P
-        acc = _acc(q.dtype)
-        gdt = ctx.grad_dtype
-        dout = dout.contiguous()
-        lq = q.shape[1]
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk_own = dv_own = None
-        cur_k, cur_v = k.contiguous(), v.contiguous()
-        pending: list = []        # sends in flight and the tensors they read
-        B = q.shape[0]
-
-        def kv_shape(t, n):
-            return (B, n, *t.shape[2:])
-
-        for i in range(P):
-            src = (r - i) % P
-            n_src = cur_k.shape[1]
-            # Posting order on the channel r-1 -> r must match rank r-1's sending order:
-            # (k, v) of step i-1, then the (dk, dv) accumulator of step i-1, then (k, v) of step i.
-            acc_works, acc_k, acc_v = [], None, None
-            if i >= 2:     # the accumulator of block src, sent by rank r-1 after its step i-1
-                acc_k = torch.empty(kv_shape(k, n_src), dtype=gdt, device=k.device)
-                acc_v = torch.empty(kv_shape(v, n_src), dtype=gdt, device=v.device)
-                acc_works = _post([comm.P2POp("recv", acc_k, prv), comm.P2POp("recv", acc_v, prv)], group,
-                                  f"{tag}.bwd.dkv")
-            kv_works = []
-            if i < P - 1:
-                n_in = sizes[(r - i - 1) % P]
-                buf_k = torch.empty(kv_shape(k, n_in), dtype=k.dtype, device=k.device)
-                buf_v = torch.empty(kv_shape(v, n_in), dtype=v.dtype, device=v.device)
-                kv_works = _post([comm.P2POp("send", cur_k, nxt), comm.P2POp("send", cur_v, nxt),
-                                  comm.P2POp("recv", buf_k, prv), comm.P2POp("recv", buf_v, prv)], group,
-                                 f"{tag}.bwd.kv")
-            dk_b = torch.zeros(cur_k.shape, dtype=acc, device=k.device)
-            dv_b = torch.zeros(cur_v.shape, dtype=acc, device=v.device)
-            for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, n_src):
-                dq_s, dk_s, dv_s = bwd(dout[:, qs], q[:, qs], cur_k[:, ks], cur_v[:, ks], out[:, qs],
-                                       lse[:, :, qs].contiguous(), c, scale)
-                dq[:, qs] += dq_s.to(acc)
-                dk_b[:, ks] += dk_s.to(acc)
-                dv_b[:, ks] += dv_s.to(acc)
-            if i == 0:
-                dk_own, dv_own = dk_b, dv_b
-            else:
-                if acc_works:
-                    _wait(acc_works)
-                    dk_b += acc_k.to(acc)
-                    dv_b += acc_v.to(acc)
-                send_k, send_v = dk_b.to(gdt).contiguous(), dv_b.to(gdt).contiguous()
-                pending.append((_post([comm.P2POp("send", send_k, nxt), comm.P2POp("send", send_v, nxt)], group,
-                                      f"{tag}.bwd.dkv"), send_k, send_v))
-            if kv_works:
-                _wait(kv_works)
-                cur_k, cur_v = buf_k, buf_v
-        if P > 1:   # this rank's block, summed over the other P-1 ranks, arrives from rank r-1
-            fin_k = torch.empty(k.shape, dtype=gdt, device=k.device)
-            fin_v = torch.empty(v.shape, dtype=gdt, device=v.device)
-            _wait(_post([comm.P2POp("recv", fin_k, prv), comm.P2POp("recv", fin_v, prv)], group, f"{tag}.bwd.dkv"))
-            dk_own = dk_own + fin_k.to(acc)
-            dv_own = dv_own + fin_v.to(acc)
-        for works, _, _ in pending:
+def _ring_fwd(q, k, v, group, causal, scale, layout, sizes, kernel, tag):
+    """This rank's ``(out, lse)``: the ring's forward (module docstring)."""
+    P, r = comm.group_size(group), comm.group_rank(group)
+    fwd, _ = _kernel(kernel, q)
+    nxt, prv = (r + 1) % P, (r - 1) % P
+    acc = _acc(q.dtype)
+    B, lq, H, D = q.shape
+    out = torch.zeros((B, lq, H, D), dtype=acc, device=q.device)
+    lse = torch.full((B, H, lq), float("-inf"), dtype=acc, device=q.device)
+    cur_k, cur_v = k.contiguous(), v.contiguous()
+    for i in range(P):
+        src = (r - i) % P
+        works = []
+        if i < P - 1:   # post the next block's transfer first: it overlaps this block's compute
+            n_in = sizes[(r - i - 1) % P]
+            buf_k = torch.empty((B, n_in, *k.shape[2:]), dtype=k.dtype, device=k.device)
+            buf_v = torch.empty((B, n_in, *v.shape[2:]), dtype=v.dtype, device=v.device)
+            works = _post([comm.P2POp("send", cur_k, nxt), comm.P2POp("send", cur_v, nxt),
+                           comm.P2POp("recv", buf_k, prv), comm.P2POp("recv", buf_v, prv)], group, f"{tag}.kv")
+        for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, cur_k.shape[1]):
+            o_b, l_b = fwd(q[:, qs], cur_k[:, ks], cur_v[:, ks], c, scale)
+            _merge(out, lse, qs, o_b, l_b)
+        if works:
             _wait(works)
-        return (dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype),
-                None, None, None, None, None, None, None, None)
+            cur_k, cur_v = buf_k, buf_v
+    return out.to(q.dtype), lse
+
+
+def _ring_bwd(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kernel, gdt, tag):
+    """``(dq, dk, dv)`` of this rank's pieces: the ring's backward (module docstring)."""
+    P, r = comm.group_size(group), comm.group_rank(group)
+    _, bwd = _kernel(kernel, q)
+    nxt, prv = (r + 1) % P, (r - 1) % P
+    acc = _acc(q.dtype)
+    dout = dout.contiguous()
+    lq = q.shape[1]
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk_own = dv_own = None
+    cur_k, cur_v = k.contiguous(), v.contiguous()
+    pending: list = []        # sends in flight and the tensors they read
+    B = q.shape[0]
+
+    def kv_shape(t, n):
+        return (B, n, *t.shape[2:])
+
+    for i in range(P):
+        src = (r - i) % P
+        n_src = cur_k.shape[1]
+        # Posting order on the channel r-1 -> r must match rank r-1's sending order:
+        # (k, v) of step i-1, then the (dk, dv) accumulator of step i-1, then (k, v) of step i.
+        acc_works, acc_k, acc_v = [], None, None
+        if i >= 2:     # the accumulator of block src, sent by rank r-1 after its step i-1
+            acc_k = torch.empty(kv_shape(k, n_src), dtype=gdt, device=k.device)
+            acc_v = torch.empty(kv_shape(v, n_src), dtype=gdt, device=v.device)
+            acc_works = _post([comm.P2POp("recv", acc_k, prv), comm.P2POp("recv", acc_v, prv)], group,
+                              f"{tag}.bwd.dkv")
+        kv_works = []
+        if i < P - 1:
+            n_in = sizes[(r - i - 1) % P]
+            buf_k = torch.empty(kv_shape(k, n_in), dtype=k.dtype, device=k.device)
+            buf_v = torch.empty(kv_shape(v, n_in), dtype=v.dtype, device=v.device)
+            kv_works = _post([comm.P2POp("send", cur_k, nxt), comm.P2POp("send", cur_v, nxt),
+                              comm.P2POp("recv", buf_k, prv), comm.P2POp("recv", buf_v, prv)], group,
+                             f"{tag}.bwd.kv")
+        dk_b = torch.zeros(cur_k.shape, dtype=acc, device=k.device)
+        dv_b = torch.zeros(cur_v.shape, dtype=acc, device=v.device)
+        for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, n_src):
+            dq_s, dk_s, dv_s = bwd(dout[:, qs], q[:, qs], cur_k[:, ks], cur_v[:, ks], out[:, qs],
+                                   lse[:, :, qs].contiguous(), c, scale)
+            dq[:, qs] += dq_s.to(acc)
+            dk_b[:, ks] += dk_s.to(acc)
+            dv_b[:, ks] += dv_s.to(acc)
+        if i == 0:
+            dk_own, dv_own = dk_b, dv_b
+        else:
+            if acc_works:
+                _wait(acc_works)
+                dk_b += acc_k.to(acc)
+                dv_b += acc_v.to(acc)
+            send_k, send_v = dk_b.to(gdt).contiguous(), dv_b.to(gdt).contiguous()
+            pending.append((_post([comm.P2POp("send", send_k, nxt), comm.P2POp("send", send_v, nxt)], group,
+                                  f"{tag}.bwd.dkv"), send_k, send_v))
+        if kv_works:
+            _wait(kv_works)
+            cur_k, cur_v = buf_k, buf_v
+    if P > 1:   # this rank's block, summed over the other P-1 ranks, arrives from rank r-1
+        fin_k = torch.empty(k.shape, dtype=gdt, device=k.device)
+        fin_v = torch.empty(v.shape, dtype=gdt, device=v.device)
+        _wait(_post([comm.P2POp("recv", fin_k, prv), comm.P2POp("recv", fin_v, prv)], group, f"{tag}.bwd.dkv"))
+        dk_own = dk_own + fin_k.to(acc)
+        dv_own = dv_own + fin_v.to(acc)
+    for works, _, _ in pending:
+        _wait(works)
+    return dq.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
+
+
+# The ring as two custom ops (forward, backward), so torch.compile(fullgraph=True) traces it as one
+# opaque node each way; the overlapped p2p steps and their ledger rows run in the real implementation.
+@torch.library.custom_op("longseq::ring_attention_fwd", mutates_args=())
+def _ring_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float,
+                 layout: str, sizes: Sequence[int], kernel: str, grad_dtype: torch.dtype,
+                 tag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _ring_fwd(q, k, v, resolve_group(group), causal, scale, layout, list(sizes), kernel, tag)
+    return out.contiguous(), lse.contiguous()
+
+
+@_ring_fwd_op.register_fake
+def _(q, k, v, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
+    B, lq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, lq), dtype=_acc(q.dtype))
+
+
+def _ring_setup(ctx, inputs, output):
+    q, k, v, *static = inputs
+    ctx.static = static
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ring_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.longseq.ring_attention_bwd(dout, q, k, v, out, lse, *ctx.static)
+    return (dq, dk, dv) + (None,) * len(ctx.static)
+
+
+_ring_fwd_op.register_autograd(_ring_backward, setup_context=_ring_setup)
+
+
+@torch.library.custom_op("longseq::ring_attention_bwd", mutates_args=())
+def _ring_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, sizes: Sequence[int],
+                 kernel: str, grad_dtype: torch.dtype, tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _ring_bwd(dout, q, k, v, out, lse, resolve_group(group), causal, scale, layout, list(sizes), kernel,
+                      grad_dtype, tag)
+    return tuple(t.contiguous() for t in grads)
+
+
+@_ring_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, *, causal: bool = False,
@@ -378,4 +416,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
     if grad_comm_dtype is None:
         grad_comm_dtype = torch.float32 if q.dtype in _HALF else q.dtype
     _kernel(kernel, q)   # validate early
-    return _RingAttention.apply(q, k, v, group, bool(causal), scale, layout, sizes, kernel, grad_comm_dtype, tag)
+    out, _ = torch.ops.longseq.ring_attention_fwd(q, k, v, group_name(group), bool(causal), scale, layout, sizes,
+                                                  kernel, grad_comm_dtype, tag)
+    return out

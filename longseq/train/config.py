@@ -7,16 +7,17 @@ everything that can be checked without a process group and raises :class:`Config
 message that names the fix. ``resolve_parallel`` turns ``parallel.sp_size`` (``null`` = the whole
 world) into the SP x DP layout.
 
-Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``; the
-checkout's ``configs/`` (next to the ``longseq`` package: an editable install or a run from the
-checkout); ``longseq/configs`` inside an installed package; ``./configs``.
+Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``;
+``longseq/configs`` inside an installed package; the checkout's ``configs/`` (next to the
+``longseq`` package: an editable install or a run from the checkout); ``./configs``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,9 +31,14 @@ DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "constant")
 RESUME_WORDS = ("auto", "strict", "none")
+CFG_WORDS = ("job",)                # --cfg [job]: the composed job config (no Hydra runtime config here)
+FREE_FORM = ("model.overrides", "parallel.options")   # dicts of keyword arguments: any key is fine
+INTEGERS = ("train.steps", "train.global_batch_size", "train.seed", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.log_every", "optim.warmup_steps", "data.seed", "data.num_samples")
 
 USAGE = """\
-usage: [torchrun --nproc_per_node N [rendezvous flags]] -m longseq.train [options] [key=value ...]
+usage: python -m longseq.train [--nproc_per_node N] [options] [key=value ...]
+       torchrun --nproc_per_node N [rendezvous flags] -m longseq.train [options] [key=value ...]
 
 Trains a model with sequence parallelism (SP) x data parallelism (DP). Settings are Hydra overrides
 of configs/config.yaml, e.g.
@@ -44,7 +50,9 @@ groups: model=stdit_tiny|stdit_720m|stdit_3b|gla_tiny|gla_1b|gla_3b
         data=synthetic|latents|tokens (data.path=...)   optim=adamw   train=default
 
 options:
-  --cfg                print the composed config and exit (nothing is started)
+  --nproc_per_node N   launch N local processes (torchrun --standalone) after the config is checked
+                       here, so a config error is one message before any worker starts
+  --cfg [job]          print the composed config and exit (nothing is started)
   --config-dir DIR     read configs from DIR (default: the checkout's configs/)
   --config-name NAME   top-level config file (default: config)
   -h, --help           this help
@@ -62,16 +70,28 @@ class CliArgs:
     config_name: str = "config"
     print_cfg: bool = False
     help: bool = False
+    nproc: int | None = None          # --nproc_per_node: launch that many local workers
+    worker_argv: list[str] = dataclasses.field(default_factory=list)   # argv without --nproc_per_node
 
 
 def parse_args(argv: Sequence[str]) -> CliArgs:
     """Split argv into Hydra overrides and the few options of ``python -m longseq.train``."""
     out = CliArgs(overrides=[])
-    it = iter(argv)
+    argv = list(argv)
+    it = iter([a for i, a in enumerate(argv)        # Hydra's `--cfg job` habit: the word is optional
+               if not (a in CFG_WORDS and i and argv[i - 1] in ("--cfg", "-c"))])
     for a in it:
         if a in ("-h", "--help"):
             out.help = True
-        elif a in ("--cfg", "--cfg=job"):
+        elif a.split("=", 1)[0] in ("--nproc_per_node", "--nproc-per-node"):
+            key, _, val = a.partition("=")
+            val = val or next(it, None)
+            if val is None or not val.isdigit() or int(val) < 1:
+                raise ConfigError(f"{key} needs a number of processes, e.g. {key} 2")
+            out.nproc = int(val)
+            i = argv.index(a)
+            out.worker_argv = argv[:i] + argv[i + (1 if "=" in a else 2):]
+        elif a in ("--cfg", "--cfg=job", "-c"):
             out.print_cfg = True
         elif a.startswith("--config-dir") or a.startswith("--config-name") or a in ("-cd", "-cn"):
             key, _, val = a.partition("=")
@@ -99,7 +119,7 @@ def find_config_dir(explicit: str | None = None) -> Path:
         candidates.append(Path(os.environ["LONGSEQ_CONFIG_DIR"]))
     else:
         pkg = Path(__file__).resolve().parents[1]          # .../longseq
-        candidates += [pkg.parent / "configs", pkg / "configs", Path.cwd() / "configs"]
+        candidates += [pkg / "configs", pkg.parent / "configs", Path.cwd() / "configs"]
     for c in candidates:
         if (c / "config.yaml").is_file() or (explicit and c.is_dir()):
             return c.resolve()
@@ -117,21 +137,58 @@ def load_config(overrides: Sequence[str] = (), *, config_dir: str | os.PathLike 
     from omegaconf.errors import OmegaConfBaseException
 
     d = find_config_dir(str(config_dir) if config_dir is not None else None)
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
+
+    def _compose(ovr):
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(d), version_base="1.3", job_name="longseq_train"):
-            cfg = compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(ovr))
+
+    # The valid keys: the config with the same group choices and no key=value settings.
+    groups = [o for o in overrides if "=" in o and "." not in o.partition("=")[0] and not o.startswith(("+", "~"))]
+    try:
+        cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e).strip()
+        msg = re.sub(r"\n?To append to your config use \+\S+", "", str(e)).strip()   # not for a typo
         hint = ""
-        if "not in struct" in msg or "Could not override" in msg or "Key '" in msg:
-            hint = ("\n  (a misspelt key? `--cfg` prints every key; a key that is not in the config is added "
-                    "with +key=value)")
+        bad = re.search(r"(?:Could not override|Key) '([^']+)'", msg)
+        if bad or "not in struct" in msg:
+            near = _closest(bad.group(1), _compose_keys(_compose, groups)) if bad else ""
+            hint = (f"\n  (did you mean {near}? " if near else "\n  (a misspelt key? ") + \
+                "`--cfg` prints every key)"
         elif "Could not find" in msg or "In 'config'" in msg:
             hint = "\n  (see `python -m longseq.train --help` for the options of each group)"
         raise ConfigError(f"cannot compose the config from {d}: {msg}{hint}") from None
+    valid = _compose_keys(_compose, groups)
+    unknown = [k for k in _leaf_keys(cfg) if k not in valid and not k.startswith(tuple(f + "." for f in FREE_FORM))]
+    if unknown:
+        near = _closest(unknown[0], valid)
+        raise ConfigError(f"unknown config key {unknown[0]!r}" + (f": did you mean {near}?" if near else "")
+                          + " (`--cfg` prints every key; +key=value adds keys only to "
+                          + " / ".join(FREE_FORM) + ")")
     return cfg
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+    out = []
+    for k in cfg.keys() if isinstance(cfg, DictConfig) else ():
+        v = cfg._get_node(k)
+        key = f"{prefix}{k}"
+        out += _leaf_keys(v, key + ".") if isinstance(v, DictConfig) and len(v) else [key]
+    return out
+
+
+def _compose_keys(compose, groups) -> set:
+    try:
+        return set(_leaf_keys(compose(groups)))
+    except Exception:           # the group choices themselves fail: no suggestion then
+        return set()
+
+
+def _closest(key: str, valid) -> str:
+    import difflib
+    best = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return best[0] if best else ""
 
 
 def world_size_from_env() -> int:
@@ -194,6 +251,13 @@ def _choice(cfg: DictConfig, key: str, allowed: Sequence[str]) -> str:
     return str(val)
 
 
+def _as_int_hint(v) -> str:
+    try:
+        return str(max(1, round(float(v))))
+    except (TypeError, ValueError):
+        return "1"
+
+
 FSDP_MODES = ("none", "full", "dp")
 FSDP_PARAM_DTYPES = ("fp32", "bf16")
 
@@ -233,6 +297,10 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
     for key in ("model.family", "parallel.method", "data.kind", "train.steps", "train.global_batch_size"):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{key} is missing from the config")
+    for key in INTEGERS:
+        v = OmegaConf.select(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{key}={v!r} must be an integer: pass e.g. {key}={_as_int_hint(v)}")
     steps = int(cfg.train.steps)
     if steps < 1:
         raise ConfigError(f"train.steps={steps} must be at least 1")

@@ -43,10 +43,10 @@ from . import dcp_checkpoint
 from . import methods
 from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
 from .manifest import CheckpointCorrupt
-from .metrics import MetricsWriter, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
+from .metrics import MetricsWriter, format_eta, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
-__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "backward_and_sync", "DataError",
-           "NonFiniteError", "CheckpointWriteError"]
+__all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "apply_optim_settings",
+           "backward_and_sync", "DataError", "NonFiniteError", "CheckpointWriteError"]
 
 
 class DataError(RuntimeError):
@@ -108,6 +108,35 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.
     sched, ratio = str(o.schedule), float(o.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=sched, min_ratio=ratio))
+
+
+def apply_optim_settings(opt: torch.optim.Optimizer, sched, ocfg) -> None:
+    """After loading a checkpoint: this run's optimizer settings (``optim.lr``, ``betas``, ``eps``,
+    ``weight_decay``) and its schedule (``train.steps``, ``optim.schedule``, ``warmup_steps``,
+    ``min_lr_ratio``) replace the checkpoint's from the first resumed step; AdamW's moments and the
+    step count are kept."""
+    lr = float(ocfg.lr)
+    for g in opt.param_groups:
+        g["initial_lr"] = lr
+        g["betas"] = tuple(float(b) for b in ocfg.betas)
+        g["eps"] = float(ocfg.eps)
+        g["weight_decay"] = float(ocfg.weight_decay) if all(p.dim() >= 2 for p in g["params"]) else 0.0
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    for g, f in zip(opt.param_groups, sched.lr_lambdas):
+        g["lr"] = lr * f(sched.last_epoch)
+
+
+def _changed_settings(old: dict, cfg) -> list[str]:
+    """``key old -> new`` for the schedule and optimizer settings that differ from the checkpoint's."""
+    out = []
+    for key in ("train.steps", "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio",
+                "optim.weight_decay", "optim.betas", "optim.eps"):
+        a, b = OmegaConf.select(OmegaConf.create(old or {}), key), OmegaConf.select(cfg, key)
+        b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
+        if a is not None and a != b:
+            out.append(f"{key} {a} -> {b}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +416,10 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
                 raise CheckpointCorrupt(f"the checkpoint {path} does not verify on {err}")
             state = _load(path, model, optimizer, fsdp_plan)
             scheduler.load_state_dict(state["scheduler"])
+            apply_optim_settings(optimizer, scheduler, cfg.optim)   # this run's settings, from the next step
+            changed = _changed_settings(state.get("config"), cfg)
+            if lead and changed:
+                _say("resume: this run's settings apply from the first resumed step: " + ", ".join(changed))
             step, position = int(state["step"]), int(state["data_position"])
             rng = state.get("rng") or []
             if rng:
@@ -412,14 +445,19 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
              f"{device.type} {dist.get_backend()} | precision {precision}"
              + (f" | FSDP2 {fsdp_mode} over {fsdp_plan.mesh.size()} ranks" if fsdp_plan else "")
              + (" | activation checkpointing" if cfg.train.activation_checkpointing else ""))
-        _say(f"global batch {G} samples x {trainable.tokens_per_sample} tokens | {steps} steps | "
-             f"out_dir {out_dir}" + (f" | resumed from {Path(resumed_from).name} (step {step})" if resumed_from else ""))
+        _say(f"global batch {G} samples x {trainable.tokens_per_sample} tokens | {steps} steps"
+             + (f" | resumed from {Path(resumed_from).name} (step {step})" if resumed_from else ""))
+        _say(f"metrics -> {out_dir / 'metrics.jsonl'} | checkpoints -> "
+             + (f"{ckpt_dir}" if cfg.train.save_checkpoints else "none (train.save_checkpoints=false)")
+             + f" | plot: python -m longseq.plot {out_dir}")
 
     ledger_before = {k: tuple(v) for k, v in LEDGER.totals.items()}
     every = int(cfg.train.checkpoint_every)
     save = bool(cfg.train.save_checkpoints)
     keep = int(cfg.train.keep_checkpoints)
     log_every = max(1, int(cfg.train.log_every))
+    progress = bool(cfg.train.progress)
+    first_step = step
     sleep_s = float(cfg.train.debug_sleep_s or 0.0)
     clip = float(cfg.optim.grad_clip or 0.0)
     last: dict = {}
@@ -483,8 +521,9 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
                 "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {})}
         losses.append(loss_value)
         metrics.log(last)
-        if lead and (step % log_every == 0 or step == steps):
-            _say(progress_line(last, steps, device.type == "cpu"))
+        if lead and progress and (step % log_every == 0 or step == steps):
+            eta = (time.perf_counter() - wall0) / (step - first_step) * (steps - step)
+            _say(progress_line(last, steps, device.type == "cpu") + f" | ETA {format_eta(eta)}")
 
         if save and ((every and step % every == 0) or step == steps):
             rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
@@ -557,6 +596,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if lead:
                 print(OmegaConf.to_yaml(cfg))
             return 0
+        if args.nproc and "LOCAL_RANK" not in os.environ:
+            os.environ["WORLD_SIZE"] = str(args.nproc)     # validate the layout the workers will see
+            try:
+                validate(cfg)
+            finally:
+                del os.environ["WORLD_SIZE"]
+            return launch_workers(args.nproc, args.worker_argv)
         layout = validate(cfg)
     except ConfigError as e:
         if lead:
@@ -567,4 +613,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _CLEAN_STOPS as e:
         print(f"longseq.train: rank {_env_rank()}: stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def launch_workers(nproc: int, argv: Sequence[str]) -> int:
+    """``torchrun --standalone --nproc_per_node nproc -m longseq.train argv``, in this process, once
+    the config has been checked here; a failed worker is reported in one line (its own output, above,
+    says why) instead of torchrun's ChildFailedError traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc),
+                                          "-m", "longseq.train", *argv]))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(f"longseq.train: {len(e.failures)} of {nproc} workers failed (exit code {', '.join(map(str, codes))});"
+              " their messages are above", file=sys.stderr, flush=True)
+        return 2 if codes == [2] else 1
     return 0

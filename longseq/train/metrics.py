@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["MetricsWriter", "progress_line", "peak_memory_gib", "peak_tflops", "truncate_metrics", "read_metrics"]
+__all__ = ["MetricsWriter", "progress_line", "format_eta", "peak_memory_gib", "peak_tflops", "truncate_metrics", "read_metrics"]
 
 # Dense bf16 peak TFLOP/s by device-name fragment (first match wins).
 _PEAKS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -63,6 +63,14 @@ def progress_line(rec: dict, steps: int, cpu: bool) -> str:
     return (f"step {rec['step']:>{width}}/{steps} | loss {rec['loss']:.5f} | lr {rec['lr']:.2e} | "
             f"gnorm {rec['grad_norm']:.3f} | {_human_rate(rec['tokens_per_s'])} tok/s | "
             f"{1000 * rec['step_time_s']:.0f} ms/step | {mem}{mfu}")
+
+
+def format_eta(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    s = max(0, int(round(seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def read_metrics(path) -> list[dict]:

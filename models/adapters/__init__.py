@@ -2,17 +2,22 @@
 third-party source).
 
 * :mod:`longseq.adapters.latte`   — diffusers' ``LatteTransformer3DModel`` made DSP-parallel
-  (``latte.parallelize(model, group)``), on the DSP plan engine's entry / input check / exit.
-* :mod:`longseq.adapters.fla_gla` — fla's GLA models (``fla.models.GLAForCausalLM``): their
-  ``GatedLinearAttention`` layers routed through ``zeco.sp_gla`` (``fla_gla.parallelize(model,
-  group)``), with pure-PyTorch stand-ins for fla's Triton-only modules where Triton cannot run.
+  (``latte.parallelize(model, group)``): ``LATTE_PLAN`` in the public plan language.
+* :mod:`longseq.adapters.diffusers_video` — DSP plans for diffusers' ``TransformerSpatioTemporalModel``
+  (``SVD_PLAN``) and ``TransformerTemporalModel`` (``TEMPORAL_PLAN``), for ``dsp.parallelize``.
+* :mod:`longseq.adapters.fla_gla` — fla's gated-linear-attention models (GLA, HGRN2, RetNet, linear
+  attention; a public routing table ``LAYERS`` / ``ROUTES``): their layers routed through
+  ``zeco.sp_gla`` (``fla_gla.parallelize(model, group)``), with pure-PyTorch stand-ins for fla's
+  Triton-only modules and functions where Triton cannot run.
+* :mod:`longseq.adapters.fla_delta` — fla's Gated DeltaNet models (``fla.models.GatedDeltaNetForCausalLM``):
+  their ``GatedDeltaNet`` layers through ``zeco.sp_delta_rule`` (``fla_delta.parallelize(model, group)``).
 
 Each module imports its third-party library lazily (on first use), so ``import longseq.adapters``
 costs nothing. See docs/integration.md.
 """
 import importlib
 
-__all__ = ["latte", "fla_gla"]
+__all__ = ["latte", "diffusers_video", "fla_gla", "fla_delta"]
 
 
 def __getattr__(name):

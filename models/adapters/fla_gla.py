@@ -1,4 +1,12 @@
-"""ZeCO for fla's GLA models (``fla.models.GLAForCausalLM`` / ``GLAModel``), applied from outside.
+"""ZeCO for fla's gated-linear-attention models, applied from outside: one adapter, one routing table.
+
+Every fla layer of ``LAYERS`` (GLA, HGRN2, simple GLA, retention, linear attention; extend it in
+two lines, see ``ROUTES``) has its kernel calls routed to a ``gla_fn`` while its forward runs:
+each kernel's arguments become ``q, k, v`` and the log decay ``g [B, T, H, K]`` of the GLA it
+computes (per key, scalar per head, fixed per head, or none). Triton functions the layers call
+by name get PyTorch stand-ins on CPU (``FUNCTIONS``), rotary embeddings the rank's global offset
+under SP. The rest of this docstring describes the GLA case; docs/integration.md lists every fla
+layer and whether it works.
 
 fla's ``GatedLinearAttention.forward`` (``fla/layers/gla.py``) projects q, k, v and the low-rank
 gate ``gk``, then calls one of its module-level kernels — ``fused_recurrent_gla`` when the sequence
@@ -61,11 +69,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "tiny_config", "build", "rms_norm",
-           "rms_norm_gated", "short_conv", "TorchCrossEntropy"]
+from longseq import functional as LF
 
-#: The kernel names fla's GatedLinearAttention.forward looks up in its module.
-KERNEL_NAMES = ("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla")
+__all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "LAYERS", "ROUTES", "FUNCTIONS", "MODELS",
+           "build_model", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
+           "rms_norm_swish_gate_linear", "rotary_embedding", "tiny_config", "build", "rms_norm",
+           "rms_norm_gated", "short_conv", "TorchCrossEntropy"]
 
 _STATE = threading.local()          # .layer: the adapted GatedLinearAttention whose forward is running
 _MARK = "_longseq_fla_adapter"      # set on a model that is adapted (the handle)
@@ -87,22 +96,45 @@ def build(**overrides) -> nn.Module:
     return GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))
 
 
+#: fla models whose layers the routing table covers, tested on CPU against one process:
+#: name -> (config class, model class, tiny overrides). Build one with :func:`build_model`.
+MODELS = {
+    "gla": ("GLAConfig", "GLAForCausalLM", {}),
+    "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM", dict(expand_ratio=8)),           # per-key decay, k = 1 - decay
+    "retnet": ("RetNetConfig", "RetNetForCausalLM", {}),                         # scalar decay per head, rotary
+    "linear_attn": ("LinearAttentionConfig", "LinearAttentionForCausalLM", {}),  # no decay (g = 0)
+}
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """A tiny fla causal LM of ``MODELS`` (hidden 32, 2 layers, 2 heads, vocab 64, no cache)."""
+    import fla.models as fm
+    cfg_cls, model_cls, extra = MODELS[name]
+    return getattr(fm, model_cls)(getattr(fm, cfg_cls)(**tiny_config(**{**extra, **overrides})))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure-PyTorch stand-ins for fla's Triton modules (fla's reference formulas)
 # ----------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half / bfloat16 / float32 inputs, float64 for float64 (never lower than the input)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm(x, weight, bias, eps, residual=None, prenorm=False, residual_in_fp32=False):
-    """fla's ``rms_norm`` (``LayerNormFunction`` with ``is_rms_norm``): statistics in float32,
+    """fla's ``rms_norm`` (``LayerNormFunction`` with ``is_rms_norm``): statistics in float32 (float64 for float64),
     ``y`` in x's dtype; with ``residual`` the normalised input is ``x + residual`` and ``prenorm``
     also returns it (in residual's dtype, float32 with ``residual_in_fp32``)."""
     res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-    xf = x.float()
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
     if residual is not None:
-        xf = xf + residual.float()
+        xf = xf + residual.to(ct)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(ct)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(ct)
     y = y.to(x.dtype)
     if not prenorm:
         return y
@@ -112,17 +144,17 @@ def rms_norm(x, weight, bias, eps, residual=None, prenorm=False, residual_in_fp3
 def rms_norm_gated(x, g, weight, bias, eps, activation="swish", residual=None, prenorm=False,
                    residual_in_fp32=False):
     """fla's ``rms_norm_gated``: ``rms_norm(x) * act(g)``, act swish/silu (``g·sigmoid(g)``) or
-    sigmoid, in float32, output in x's dtype."""
+    sigmoid, in float32 (float64 for float64), output in x's dtype."""
     out = rms_norm(x, weight, bias, eps, residual, prenorm, residual_in_fp32)
     y, res = (out if prenorm else (out, None))
-    gf = g.float()
+    gf = g.to(_compute_dtype(x))
     if activation in ("swish", "silu"):
         gate = gf * torch.sigmoid(gf)
     elif activation == "sigmoid":
         gate = torch.sigmoid(gf)
     else:
         raise NotImplementedError(f"fla gated norm activation {activation!r}")
-    y = (y.float() * gate).to(x.dtype)
+    y = (y.to(gf.dtype) * gate).to(x.dtype)
     return (y, res) if prenorm else y
 
 
@@ -135,7 +167,8 @@ def short_conv(x, weight, bias, activation, halo=None):
     if halo is None:
         halo = x.new_zeros(B, W - 1, D)
     xp = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)           # [B, D, W-1+T]
-    y = F.conv1d(xp.float(), weight.float(), None if bias is None else bias.float(), groups=D)
+    ct = _compute_dtype(x)
+    y = F.conv1d(xp.to(ct), weight.to(ct), None if bias is None else bias.to(ct), groups=D)
     if activation in ("swish", "silu"):
         y = F.silu(y)
     elif activation is not None:
@@ -153,7 +186,8 @@ class TorchCrossEntropy:
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction=self.reduction)
+        return F.cross_entropy(logits.to(_compute_dtype(logits)), target, ignore_index=self.ignore_index,
+                               reduction=self.reduction)
 
 
 def _torch_activation(fn: Callable) -> Optional[Callable]:
@@ -188,39 +222,130 @@ def _conv_forward(self, x, residual=None, mask=None, cache=None, output_final_st
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
     group = getattr(self, "_longseq_sp_group", None)
-    halo = _gather_halo(x, self.weight.shape[-1] - 1, group) if group is not None else None
+    halo = LF.gather_halo(x, self.weight.shape[-1] - 1, group, tag="fla_gla.conv.halo") if group is not None else None
     y = short_conv(x, self.weight, self.bias, self.activation, halo)
     if residual is not None:
         y = y + residual
     return y, None
 
 
-def _gather_halo(x: torch.Tensor, h: int, group: Any) -> torch.Tensor:
-    """The ``h`` tokens before this rank's piece ``x [B, T_r, D]`` (zeros before the sequence start):
-    one all-gather of every rank's last ``h`` tokens (front-padded with zeros when T_r < h) and their
-    counts; backward reduce-scatters, so each piece's tail gets the gradients of every rank that read it."""
-    from longseq import comm
-    from longseq import functional as LF
-    P, r = comm.group_size(group), comm.group_rank(group)
-    B, T, D = x.shape
-    if P == 1 or h == 0:
-        return x.new_zeros(B, h, D)
-    n = min(T, h)
-    tail = torch.cat([x.new_zeros(B, h - n, D), x[:, T - n:]], dim=1)
-    counts = comm.all_gather_int(n, group, tag="fla_gla.conv.sizes")
-    tails = LF.all_gather(tail.unsqueeze(0).contiguous(), group, dim=0, tag="fla_gla.conv.halo")   # [P, B, h, D]
-    # every rank's result must depend on the gathered tensor (rank 0's on an empty slice of it), so
-    # that every rank runs the backward reduce-scatter: a rank that skipped it would hang the others
-    pieces = [tails[j, :, h - counts[j]:] for j in range(r)] or [tails[0, :, :0]]
-    before = torch.cat([x.new_zeros(B, h, D), *pieces], dim=1)
-    return before[:, before.shape[1] - h:]
+# ----------------------------------------------------------------------------------------------
+# Routing fla's kernel calls to the layer's gla_fn: the public routing table
+# ----------------------------------------------------------------------------------------------
+def gla_decay(a: dict) -> torch.Tensor:
+    """Per-key log decay ``g`` (or ``gk``) ``[B, T, H, K]``: fla's GLA kernels (GLA, HGRN2)."""
+    return a.get("g") if a.get("g") is not None else a.get("gk")
 
 
-# ----------------------------------------------------------------------------------------------
-# Routing fla's kernel calls to the layer's gla_fn
-# ----------------------------------------------------------------------------------------------
-_KNOWN = {"q", "k", "v", "g", "gk", "gv", "scale", "initial_state", "output_final_state", "reverse",
-          "state_v_first", "transpose_state_layout", "cu_seqlens", "cu_seqlens_cpu"}
+def scalar_decay(a: dict) -> torch.Tensor:
+    """A scalar log decay per head and step, ``g [B, T, H]`` (or per head, ``g_gamma [H]``),
+    broadcast over the keys: fla's simple-GLA kernels."""
+    q, g = a["q"], a.get("g")
+    if g is None:
+        g = a["g_gamma"].to(q.dtype).view(1, 1, -1).expand(*q.shape[:3])
+    return g.unsqueeze(-1).expand(*q.shape)
+
+
+def retention_decay(a: dict) -> torch.Tensor:
+    """Retention's fixed decay per head h, ``log(1 - 2^(-5 - h))`` (fla's ``chunk_retention``)."""
+    q = a["q"]
+    h = torch.arange(q.shape[2], dtype=torch.float64, device=q.device)
+    return scalar_decay({"q": q, "g_gamma": torch.log1p(-(2.0 ** (-5.0 - h)))})
+
+
+def no_decay(a: dict) -> torch.Tensor:
+    """Plain linear attention (decay 1, ``g = 0``); fla's ``normalize=True`` (a running denominator) is
+    not a GLA and raises."""
+    if a.get("normalize"):
+        raise NotImplementedError("normalize=True (a running sum of keys as denominator) is not a GLA recurrence")
+    return torch.zeros_like(a["q"])
+
+
+#: kernel name -> the log decay ``g [B, T, H, K]`` of the GLA it computes, from its bound arguments
+#: (a dict by parameter name). A kernel listed here computes
+#: ``S_t = exp(g_t)·S_{t-1} + k_t v_t^T, o_t = scale·q_t S_t`` on fla's ``[B, T, H, K]`` layout.
+ROUTES: dict[str, Callable[[dict], torch.Tensor]] = {
+    **dict.fromkeys(("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"), gla_decay),
+    **dict.fromkeys(("chunk_simple_gla", "fused_recurrent_simple_gla", "fused_chunk_simple_gla"), scalar_decay),
+    **dict.fromkeys(("chunk_retention", "fused_recurrent_retention", "fused_chunk_retention", "parallel_retention"),
+                    retention_decay),
+    **dict.fromkeys(("chunk_linear_attn", "fused_recurrent_linear_attn", "fused_chunk_linear_attn"), no_decay),
+}
+
+#: fla layer class (``module.QualName``) -> the kernel names its forward calls, routed while it runs.
+#: Extend it for another layer whose recurrence is a GLA: ``LAYERS["pkg.mod.MyAttention"] =
+#: ("my_kernel",)`` and ``ROUTES["my_kernel"] = lambda a: a["g"]``.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "fla.layers.gla.GatedLinearAttention": ("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"),
+    "fla.layers.hgrn2.HGRN2Attention": ("chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"),
+    "fla.layers.simple_gla.SimpleGatedLinearAttention": ("chunk_simple_gla", "fused_recurrent_simple_gla"),
+    "fla.layers.multiscale_retention.MultiScaleRetention": ("chunk_retention", "fused_recurrent_retention",
+                                                            "fused_chunk_retention", "parallel_retention"),
+    "fla.layers.linear_attn.LinearAttention": ("chunk_linear_attn", "fused_recurrent_linear_attn",
+                                               "fused_chunk_linear_attn"),
+}
+
+#: The kernel names fla's GatedLinearAttention.forward looks up in its module (kept for compatibility).
+KERNEL_NAMES = LAYERS["fla.layers.gla.GatedLinearAttention"]
+
+
+def rms_norm_linear(x, norm_weight, norm_bias, linear_weight, linear_bias, residual=None, eps=1e-5, prenorm=False,
+                    residual_in_fp32=False):
+    """fla's ``rms_norm_linear``: ``linear(rms_norm(x))``."""
+    out = rms_norm(x, norm_weight, norm_bias, eps, residual, prenorm, residual_in_fp32)
+    y, res = out if prenorm else (out, None)
+    y = F.linear(y, linear_weight, linear_bias)
+    return (y, res) if prenorm else y
+
+
+def rms_norm_swish_gate_linear(x, g, norm_weight, norm_bias, linear_weight, linear_bias, residual=None,
+                               prenorm=False, residual_in_fp32=False, eps=1e-6):
+    """fla's ``rms_norm_swish_gate_linear``: ``linear(rms_norm(x) · swish(g))``."""
+    out = rms_norm_gated(x, g, norm_weight, norm_bias, eps, "swish", residual, prenorm, residual_in_fp32)
+    y, res = out if prenorm else (out, None)
+    y = F.linear(y, linear_weight, linear_bias)
+    return (y, res) if prenorm else y
+
+
+def rotary_embedding(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     chunk_indices=None):
+    """fla's ``rotary_embedding`` on ``x [B, T, H, D]`` with tables ``cos, sin [L, R/2]``, positions
+    ``seqlen_offsets + t``: the first R dims rotated in pairs (halves, or neighbours if interleaved)."""
+    if cu_seqlens is not None or not isinstance(seqlen_offsets, int):
+        raise NotImplementedError("fla_gla: rotary embedding with cu_seqlens or per-sequence offsets")
+    T, R = x.shape[1], 2 * cos.shape[-1]
+    ct = _compute_dtype(x)
+    c = cos[seqlen_offsets:seqlen_offsets + T].to(ct)[None, :, None]
+    s_ = sin[seqlen_offsets:seqlen_offsets + T].to(ct)[None, :, None]
+    xr = x[..., :R].to(ct)
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        y = torch.stack([a * c - b * s_, a * s_ + b * c], -1).flatten(-2)
+    else:
+        a, b = xr[..., :R // 2], xr[..., R // 2:]
+        y = torch.cat([a * c - b * s_, a * s_ + b * c], -1)
+    return torch.cat([y.to(x.dtype), x[..., R:]], -1)
+
+
+#: fla's Triton functions that layers call by name -> PyTorch stand-ins (used when the adapter
+#: runs with ``torch_modules``; in the globals of every routed layer's module and of fla's rotary).
+FUNCTIONS: dict[str, Callable] = {
+    "swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
+    "swiglu": lambda x, y: F.silu(x) * y, "rms_norm_linear": rms_norm_linear,
+    "rms_norm_swish_gate_linear": rms_norm_swish_gate_linear, "rotary_embedding": rotary_embedding,
+}
+
+
+def _layer_kernels(mod: nn.Module) -> Optional[tuple[str, ...]]:
+    for cls in type(mod).__mro__:
+        names = LAYERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if names is not None:
+            return names
+    return None
+
+
+_KNOWN = {"q", "k", "v", "g", "gk", "g_gamma", "scale", "initial_state", "output_final_state", "state_v_first",
+          "transpose_state_layout", "normalize", "chunk_size", "output_attentions"}
 
 
 def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
@@ -230,17 +355,20 @@ def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
     for key, val in bound.arguments.items():
         kind = sig.parameters[key].kind
         a.update(val if kind is inspect.Parameter.VAR_KEYWORD else {key: val})
-    q, k, v = a.get("q"), a.get("k"), a.get("v")
-    g = a.get("g") if a.get("g") is not None else a.get("gk")
-    unsupported = sorted(key for key in a if key not in _KNOWN)
-    unsupported += [key for key in ("gv", "cu_seqlens", "cu_seqlens_cpu", "reverse") if a.get(key)
-                    is not None and a.get(key) is not False]
-    if q is None or k is None or v is None or g is None:
-        unsupported.append("q, k, v and a key decay g/gk")
+    unsupported = sorted(key for key, val in a.items() if key not in _KNOWN and val is not None and val is not False)
+    if any(a.get(x) is None for x in ("q", "k", "v")):
+        unsupported.append("q, k and v")
     if unsupported:
         raise NotImplementedError(
             f"fla_gla: {type(layer).__name__} called {name} with {unsupported}, which the adapter does not "
             "route (padding masks / variable-length batches, value gates, reverse scans)")
+    try:
+        g = ROUTES[name](a)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"fla_gla: {type(layer).__name__} called {name}: {e}") from None
+    if g is None:
+        raise NotImplementedError(f"fla_gla: {type(layer).__name__} called {name} without a decay")
+    q, k, v = a["q"], a["k"], a["v"]
     sp = hasattr(layer, "_zeco_serial_gla_fn")      # zeco.parallelize has swapped gla_fn for sp_gla
     h0, final = a.get("initial_state"), bool(a.get("output_final_state", False))
     if sp and (h0 is not None or final):
@@ -249,7 +377,7 @@ def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
     v_first = bool(a.get("state_v_first") or a.get("transpose_state_layout"))
     if h0 is not None and v_first:
         h0 = h0.transpose(-1, -2)
-    o, ht = layer.gla_fn(q, k, v, g, scale=a.get("scale"), initial_state=h0, output_final_state=final,
+    o, ht = layer.gla_fn(q, k, v, g.to(q.dtype).contiguous(), scale=a.get("scale"), initial_state=h0, output_final_state=final,
                          **layer._longseq_gla_opts)
     if ht is not None and v_first:
         ht = ht.transpose(-1, -2)
@@ -257,26 +385,46 @@ def _route(name: str, sig: inspect.Signature, args: tuple, kwargs: dict):
 
 
 def _dispatcher(name: str, original: Callable) -> Callable:
-    sig = inspect.signature(original)
+    """fla's ``original`` unless a routed layer's forward runs in this thread: then its kernel call
+    goes to the layer's ``gla_fn``, and (with ``torch_modules``) a Triton function to its stand-in."""
+    sig = inspect.signature(original) if name in ROUTES else None
 
     @functools.wraps(original)
-    def kernel(*args, **kwargs):
-        if getattr(_STATE, "layer", None) is None:
+    def call(*args, **kwargs):
+        layer = getattr(_STATE, "layer", None)
+        if layer is None:
             return original(*args, **kwargs)
-        return _route(name, sig, args, kwargs)
+        if name in layer._longseq_kernels:
+            return _route(name, sig, args, kwargs)
+        if layer._longseq_torch and name in FUNCTIONS:
+            return FUNCTIONS[name](*args, **kwargs)
+        return original(*args, **kwargs)
 
-    kernel._longseq_original = original
-    return kernel
+    call._longseq_original = original
+    return call
 
 
-def _install_dispatchers(layer_cls: type) -> None:
-    """Once per module: the kernel names in the globals of ``layer_cls.forward`` become pass-through
-    dispatchers (fla's kernel unless an adapted layer's forward is running in this thread)."""
-    g = layer_cls.forward.__globals__
-    for name in KERNEL_NAMES:
+def _is_fla_function(f: Any) -> bool:
+    mod = getattr(f, "__module__", None) or getattr(getattr(f, "__self__", None), "__module__", "") or ""
+    return callable(f) and not isinstance(f, type) and mod.startswith(("fla.modules", "fla.ops")) and \
+        not mod.startswith("fla.ops.utils")
+
+
+def _install_dispatchers(fn: Callable, names: tuple[str, ...] = ()) -> list[str]:
+    """Once per module: the kernel ``names`` and the by-name Triton functions (``FUNCTIONS``) that
+    ``fn`` (a forward) looks up in its globals become pass-through dispatchers. Returns the fla
+    functions it calls by name that have neither a route nor a stand-in."""
+    g = fn.__globals__
+    missing = []
+    for name in dict.fromkeys(names + tuple(fn.__code__.co_names)):
         f = g.get(name)
-        if f is not None and not hasattr(f, "_longseq_original"):
+        if f is None or hasattr(f, "_longseq_original"):
+            continue
+        if name in names or name in FUNCTIONS:
             g[name] = _dispatcher(name, f)
+        elif _is_fla_function(f) and name not in ROUTES:
+            missing.append(name)
+    return missing
 
 
 def _routed_forward(layer, original_forward, *args, **kwargs):
@@ -300,6 +448,8 @@ class FLAGLAHandle:
         self.model = model
         self.layers: list[str] = []
         self.substituted: list[tuple[str, str]] = []
+        self.rotaries: list[str] = []
+        self.offset = 0                 # this rank's global token offset (rotary positions under SP)
         self.group = None
         self._undo: list[Callable[[], None]] = []
 
@@ -337,14 +487,16 @@ def _on_cuda(model: nn.Module) -> bool:
 
 
 def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto", chunk_size: int = 64) -> FLAGLAHandle:
-    """Route every fla ``GatedLinearAttention`` in ``model`` through its ``gla_fn`` (default
-    :func:`zeco.gla.gla` with ``backend`` / ``chunk_size``), in place; with ``torch_modules``
-    (``True``, ``False`` or ``"auto"``: when no parameter is on CUDA) also give fla's Triton-only
-    modules PyTorch forwards. Single process; :func:`parallelize` adds sequence parallelism.
-    Raises ``NotImplementedError`` naming modules that cannot run this way, ``ValueError`` when the
-    model has no fla GLA layer or is already adapted."""
-    from fla.layers.gla import GatedLinearAttention
+    """Route every fla layer of the routing table (``LAYERS``: GLA, HGRN2, simple GLA, retention,
+    linear attention) in ``model`` through its ``gla_fn`` (default :func:`zeco.gla.gla` with
+    ``backend`` / ``chunk_size``), in place; with ``torch_modules`` (``True``, ``False`` or
+    ``"auto"``: when no parameter is on CUDA) also give fla's Triton-only modules PyTorch forwards
+    and the Triton functions the layers call by name (``FUNCTIONS``) PyTorch stand-ins. Single
+    process; :func:`parallelize` adds sequence parallelism. Raises ``NotImplementedError`` naming
+    modules / functions that cannot run this way, ``ValueError`` when the model has no routed
+    layer or is already adapted."""
     from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+    from fla.modules.rotary import RotaryEmbedding
 
     from longseq.zeco.gla import gla as local_gla
 
@@ -366,11 +518,17 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
         for path, mod in model.named_modules():
             if any(path.startswith(c + ".") for c in covered):
                 continue
-            if isinstance(mod, GatedLinearAttention):
-                _install_dispatchers(type(mod))
+            kernels = _layer_kernels(mod)
+            if kernels is not None:
+                missing = _install_dispatchers(type(mod).forward, kernels)
+                if torch_modules and missing:
+                    blockers.append(f"{path}: {type(mod).__name__} calls fla's {', '.join(missing)} by name, which "
+                                    "has no PyTorch stand-in (add one to fla_gla.FUNCTIONS)")
                 h._set(mod, "forward", functools.partial(_routed_forward, mod, mod.forward))
                 h._set(mod, "gla_fn", local_gla)
                 h._set(mod, "_longseq_gla_opts", {"backend": backend, "chunk_size": chunk_size})
+                h._set(mod, "_longseq_kernels", kernels)
+                h._set(mod, "_longseq_torch", bool(torch_modules))
                 h.layers.append(path)
                 if torch_modules:
                     for attr in ("gate_fn", "feature_map_fn"):
@@ -383,6 +541,9 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
                         elif sub is not fn:
                             h._set(mod, attr, sub)
                             h.substituted.append((f"{path}.{attr}", "activation"))
+            if isinstance(mod, RotaryEmbedding):       # its Triton rotary_embedding, by name
+                _install_dispatchers(type(mod).forward)
+                h.rotaries.append(path)
             if not torch_modules:
                 continue
             for cls, fwd, what in ((RMSNorm, _rmsnorm_forward, "RMSNorm"),
@@ -397,11 +558,12 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
                     covered.append(path)
                     break
             else:
-                if type(mod).__module__.startswith("fla.") and not list(mod.children()) and \
-                        not isinstance(mod, GatedLinearAttention):
+                if type(mod).__module__.startswith("fla.") and not list(mod.children()) and kernels is None and \
+                        not isinstance(mod, RotaryEmbedding):
                     blockers.append(f"{path}: {type(mod).__name__} (fla, Triton) has no PyTorch stand-in")
         if not h.layers:
-            raise ValueError(f"fla_gla: {type(model).__name__} has no fla GatedLinearAttention layer")
+            raise ValueError(f"fla_gla: {type(model).__name__} has no fla layer of the routing table "
+                             f"(fla_gla.LAYERS: {', '.join(n.rsplit('.', 1)[1] for n in LAYERS)})")
         if torch_modules and cfg is not None and hasattr(model, "criterion") and model.criterion is None and \
                 getattr(cfg, "fuse_cross_entropy", False):
             h._set(model, "criterion", TorchCrossEntropy())          # fla's FusedCrossEntropyLoss is Triton
@@ -425,13 +587,39 @@ def _refuse_labels(module, args, kwargs):
     return None
 
 
+def _global_offset(handle: FLAGLAHandle, module, args, kwargs):
+    """Model pre-hook: this rank's global token offset (one all-gather of the local lengths, checked
+    to be the ``tensor_split`` layout), for the rotary embeddings (``longseq.position_offset``)."""
+    from longseq import comm, position_offset
+    from longseq.sharding import split_sizes
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = kwargs.get("inputs_embeds") if x is None else x
+    sizes = comm.all_gather_int(int(x.shape[1]), handle.group, tag="fla_gla.positions")
+    if sizes != split_sizes(sum(sizes), len(sizes)):
+        raise ValueError(f"fla_gla: the ranks hold {sizes} tokens, not the tensor_split layout of {sum(sizes)}; "
+                         "shard with zeco.shard_sequence")
+    handle.offset = position_offset(sum(sizes), handle.group)
+    return None
+
+
+def _rotary_forward(handle, original, q, k, seqlen_offset=0, cu_seqlens=None, max_seqlen=None, **kwargs):
+    """fla's rotary embedding at this rank's global positions: its offset added to fla's."""
+    if cu_seqlens is not None or not isinstance(seqlen_offset, int):
+        raise NotImplementedError("fla_gla: rotary embeddings with cu_seqlens / per-sequence offsets under SP")
+    off = handle.offset
+    return original(q, k, seqlen_offset=seqlen_offset + off, cu_seqlens=None,
+                    max_seqlen=None if max_seqlen is None else max_seqlen + off, **kwargs)
+
+
 def parallelize(model: nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
                 overlap: bool = True, check: Any = True, torch_modules: Any = "auto", backend: str = "auto",
                 chunk_size: int = 64) -> FLAGLAHandle:
     """Make an fla GLA model sequence-parallel over ``group`` (a process group or a
     ``longseq.ParallelGroups``): :func:`adapt`, then :func:`zeco.parallelize` (every layer's GLA
     through :func:`zeco.sp_gla` with ``method`` / ``num_blocks`` / ``overlap`` / ``check``), short
-    convolutions with halos from the previous ranks, and ``labels`` refused (module docstring).
+    convolutions with halos from the previous ranks, rotary embeddings at this rank's global
+    positions (one all-gather of the local lengths per forward, tag ``fla_gla.positions``), and
+    ``labels`` refused (module docstring).
     Returns the handle; ``remove()`` restores the model."""
     from longseq import zeco
     from fla.modules import ShortConvolution
@@ -447,6 +635,12 @@ def parallelize(model: nn.Module, group: Any, *, method: str = "zeco", num_block
                     h._set(mod, "forward", types.MethodType(_conv_forward, mod))
                     h.substituted.append((path, "ShortConvolution (halo)"))
                 h._set(mod, "_longseq_sp_group", sp_group)
+        for path in h.rotaries:                     # positions restart at 0 on every rank without this
+            mod = model.get_submodule(path)
+            h._set(mod, "forward", functools.partial(_rotary_forward, h, mod.forward))
+        if h.rotaries:
+            hook = model.register_forward_pre_hook(functools.partial(_global_offset, h), with_kwargs=True)
+            h._undo.append(hook.remove)
         if "labels" in inspect.signature(model.forward).parameters:
             hook = model.register_forward_pre_hook(_refuse_labels, with_kwargs=True)
             h._undo.append(hook.remove)

@@ -1,0 +1,71 @@
+"""DSP plans for diffusers' spatio-temporal transformer modules, in the public plan language.
+
+* ``SVD_PLAN`` — ``TransformerSpatioTemporalModel`` (Stable Video Diffusion's UNet blocks).
+  Inputs folded by frame: ``hidden_states (B·T, C, H, W)``, per-frame ``encoder_hidden_states
+  (B·T, N, E)`` and ``image_only_indicator [B, T]``, all sharded along T at the entry (the model
+  reads ``num_frames`` from the indicator, so it sees this rank's T_r). Spatial blocks
+  ``(B·T_r, S, C)`` run locally; each temporal block takes ``(B·T, S, C)`` and
+  ``num_frames=``: the engine switches it to ``(B·T, S_r, C)`` (unfold, all-to-all, refold) and
+  tells it the whole T. Two things the model builds from local sizes are put right: the frame
+  index ``arange(num_frames)`` fed to ``time_proj`` gets this rank's offset
+  (:func:`dsp.offset_positions`), and the temporal blocks' context, which the model takes from
+  frame 0 of what it holds, is frame 0 of the whole input (``first_frame_context``).
+* ``TEMPORAL_PLAN`` — ``TransformerTemporalModel`` (AnimateDiff / text-to-video UNets' temporal
+  layers): ``hidden_states (B·T, C, H, W)`` with ``num_frames=T`` (rewritten to T_r), sharded
+  along T; its GroupNorm takes statistics over T, H and W, so it runs whole (``shard=None``: one
+  all-gather in, backward a reduce-scatter); its blocks ``(B·H·W, T, C)`` attend over frames, so
+  they run with the image rows H sharded (one switch in, one out).
+
+Usage: ``dsp.parallelize(model, groups, diffusers_video.SVD_PLAN)`` (output ``.sample`` or
+``[0]``, gathered, or this rank's frames with ``gather_output=False`` and ``handle.shard_target``).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from longseq import dsp
+from longseq.dsp import Boundary, Plan, Stage
+
+__all__ = ["SVD_PLAN", "TEMPORAL_PLAN", "first_frame_context", "build_svd", "build_temporal"]
+
+
+def first_frame_context(handle: dsp.DSPHandle, path: str, call: dsp.Call) -> None:
+    """The temporal blocks' ``encoder_hidden_states``: frame 0's states of the whole input, once per
+    token this rank holds (``(B·S_r, N, E)``, b-major like the switched activation)."""
+    ehs = handle.inputs["encoder_hidden_states"]
+    first = ehs.reshape(handle.whole("B"), handle.whole("T"), *ehs.shape[1:])[:, 0]
+    call["encoder_hidden_states"] = first.repeat_interleave(handle.local("S"), dim=0)
+
+
+SVD_PLAN = Plan(
+    name="svd", home="T",
+    input=(Boundary("(B T) C H W", name="hidden_states"), Boundary("(B T) N E", name="encoder_hidden_states"),
+           Boundary("B T", name="image_only_indicator")),
+    output=Boundary("(B T) C H W", name="sample", arg=0),
+    stages=(("time_proj", Stage("(B T)", shard="T", out_layout="(B T) C", pre=dsp.offset_positions("T"))),
+            ("transformer_blocks.*", Stage("(B T) S C", shard="T")),
+            ("temporal_transformer_blocks.*", Stage("(B T) S C", shard="S", kwargs={"num_frames": "T"},
+                                                    pre=first_frame_context))))
+
+TEMPORAL_PLAN = Plan(
+    name="diffusers-temporal", home="T",
+    input=Boundary("(B T) C H W", name="hidden_states"), output=Boundary("(B T) C H W", name="sample", arg=0),
+    kwargs={"num_frames": "T"},
+    stages=(("norm", Stage("B C T H W", shard=None)),
+            ("transformer_blocks.*", Stage("(B H W) T C", shard="H"))))
+
+
+def build_svd(**overrides) -> nn.Module:
+    """A tiny ``TransformerSpatioTemporalModel`` for CPU tests (2 heads x 16 = 32 channels: its
+    GroupNorm has 32 groups and its frame embedding adds in_channels to the inner dim; 1 layer,
+    cross-attention dim 12)."""
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=1, cross_attention_dim=12)
+    return TransformerSpatioTemporalModel(**{**cfg, **overrides})
+
+
+def build_temporal(**overrides) -> nn.Module:
+    """A tiny ``TransformerTemporalModel`` for CPU tests (2 heads x 8, 8 channels in 4 groups, 2 layers)."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=8, norm_num_groups=4, num_layers=2)
+    return TransformerTemporalModel(**{**cfg, **overrides})

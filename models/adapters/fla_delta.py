@@ -1,0 +1,131 @@
+"""Sequence parallelism for fla's Gated DeltaNet models (``fla.models.GatedDeltaNetForCausalLM``),
+applied from outside, on fla's own parameters.
+
+fla's ``GatedDeltaNet.forward`` (``fla/layers/gated_deltanet.py``) calls Triton kernels (its short
+convolutions, ``chunk_gated_delta_rule`` with the gate ``g = -exp(A_log)·softplus(a + dt_bias)`` and
+``beta = sigmoid(b)`` (×2 with ``allow_neg_eigval``) computed in the kernel, fused norms). The adapter
+gives each such layer a forward computing the same function with the project's pieces: the short
+convolutions (:func:`longseq.adapters.fla_gla.short_conv`) with their halo from the previous ranks
+(:func:`longseq.functional.gather_halo`), the gated delta rule through :func:`zeco.sp_delta_rule`
+(``method``; the local op :func:`zeco.delta.delta_rule` when ``group`` is None), then fla's
+``o_norm`` and ``o_proj``. With ``torch_modules`` (default: when the model is not on CUDA) fla's
+Triton-only ``RMSNorm``, ``FusedRMSNormGated``, ``GatedMLP`` and the fused cross-entropy get PyTorch
+forwards (:mod:`longseq.adapters.fla_gla`'s ``rms_norm`` / ``rms_norm_gated``, ``TorchCrossEntropy``).
+
+Under SP each rank holds its contiguous piece of the tokens (``zeco.shard_sequence``); form the loss
+with ``zeco.shift_labels`` / ``zeco.sp_lm_loss`` on ``model(ids_local).logits`` (fla's
+``labels=`` shifts inside a piece). Not supported: caches (``use_cache``), padding masks /
+``cu_seqlens``, hybrid ``attn=`` layers, ``num_v_heads != num_heads`` (``NotImplementedError``).
+fla 0.6 has ``KimiDeltaAttention`` too; it is not wrapped here.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longseq.functional import gather_halo
+from longseq.zeco import delta_rule, sp_delta_rule
+
+from .fla_gla import TorchCrossEntropy, rms_norm, rms_norm_gated, short_conv
+
+__all__ = ["parallelize", "tiny_config", "build"]
+
+
+def tiny_config(**overrides):
+    """A small fla ``GatedDeltaNetConfig`` (CPU tests): hidden 32, 2 layers, 2 heads of dim 8."""
+    from fla.models import GatedDeltaNetConfig
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.0, vocab_size=64,
+              intermediate_size=64, use_cache=False, fuse_cross_entropy=False)
+    kw.update(overrides)
+    return GatedDeltaNetConfig(**kw)
+
+
+def build(**overrides) -> nn.Module:
+    from fla.models import GatedDeltaNetForCausalLM
+    return GatedDeltaNetForCausalLM(tiny_config(**overrides))
+
+
+def _gdn_forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+                 output_attentions=False, **kwargs):
+    if attention_mask is not None or use_cache or kwargs.get("cu_seqlens") is not None:
+        raise NotImplementedError("fla_delta: padding masks, cu_seqlens and caches are not supported; "
+                                  "train with use_cache=False and unpadded batches")
+    x = hidden_states
+    B, T, _ = x.shape
+    group, opts = self._longseq_group, self._longseq_opts
+
+    def conv(proj, mod):
+        y = proj(x)
+        if not self.use_short_conv:
+            return F.silu(y)
+        halo = gather_halo(y, mod.weight.shape[-1] - 1, group, tag="fla_delta.halo") if group is not None else None
+        return short_conv(y, mod.weight, mod.bias, mod.activation, halo)
+
+    q = conv(self.q_proj, getattr(self, "q_conv1d", None)).view(B, T, self.num_heads, self.head_k_dim)
+    k = conv(self.k_proj, getattr(self, "k_conv1d", None)).view(B, T, self.num_heads, self.head_k_dim)
+    v = conv(self.v_proj, getattr(self, "v_conv1d", None)).view(B, T, self.num_heads, self.head_v_dim)
+    f = torch.promote_types(x.dtype, torch.float32)
+    beta = torch.sigmoid(self.b_proj(x).to(f)) * (2.0 if self.allow_neg_eigval else 1.0)
+    g = -self.A_log.to(f).exp() * F.softplus(self.a_proj(x).to(f) + self.dt_bias.to(f))
+    if group is None:
+        o, _ = delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
+    else:
+        o, _ = sp_delta_rule(q, k, v, g, beta, group=group, use_qk_l2norm=True, **opts)
+    if self.use_gate:
+        o = self.o_norm(o, self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim))
+    else:
+        o = self.o_norm(o)
+    return self.o_proj(o.reshape(B, T, -1)), None, past_key_values
+
+
+def _rmsnorm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+    return rms_norm(x, self.weight, self.bias, self.eps, residual, prenorm, residual_in_fp32)
+
+
+def _gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+    return rms_norm_gated(x, g, self.weight, self.bias, self.eps, self.activation, residual, prenorm,
+                          residual_in_fp32)
+
+
+def _mlp_forward(self, x, **kwargs):
+    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def parallelize(model: nn.Module, group: Optional[Any] = None, *, method: str = "zeco", torch_modules: Any = "auto",
+                **options) -> nn.Module:
+    """Adapt ``model`` in place (module docstring); ``group`` None: one process (the local op).
+    ``options`` go to :func:`zeco.sp_delta_rule` (``num_blocks``, ``check``, ``chunk_size``, ``backend``).
+    Returns the model."""
+    from fla.layers.gated_deltanet import GatedDeltaNet
+    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm
+
+    if group is not None and hasattr(group, "sp_group"):
+        group = group.sp_group
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "attn", None) is not None:
+        raise NotImplementedError("fla_delta: hybrid softmax-attention layers (config.attn) are not wrapped")
+    if torch_modules == "auto":
+        torch_modules = not any(p.is_cuda for p in model.parameters())
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, GatedDeltaNet):
+            if mod.num_v_heads != mod.num_heads:
+                raise NotImplementedError("fla_delta: num_v_heads != num_heads (grouped value heads) is not supported")
+            mod.forward = types.MethodType(_gdn_forward, mod)
+            mod._longseq_group, mod._longseq_opts = group, dict(method=method, **options)
+            n += 1
+        elif torch_modules:
+            for cls, fwd in ((RMSNorm, _rmsnorm_forward), (FusedRMSNormGated, _gated_norm_forward),
+                             (GatedMLP, _mlp_forward)):
+                if isinstance(mod, cls):
+                    mod.forward = types.MethodType(fwd, mod)
+                    break
+    if n == 0:
+        raise ValueError(f"fla_delta: {type(model).__name__} has no fla GatedDeltaNet layer")
+    if torch_modules and getattr(model, "criterion", 1) is None and getattr(cfg, "fuse_cross_entropy", False):
+        model.criterion = TorchCrossEntropy()
+    return model
