@@ -13,9 +13,10 @@ from .loss import sharded_mse_loss
 from .plan import (Boundary, Call, DSPHandle, Extension, Plan, PlanError, Stage, as_plan, offset_positions, parallelize,
                    shard_target)
 from .plans import STDIT_PLAN
-from .primitives import gather, shard, switch
+from .primitives import check_agree, gather, shard, switch, unchecked
 
 __all__ = [
-    "switch", "shard", "gather", "parallelize", "DSPHandle", "Plan", "Stage", "Boundary", "as_plan",
+    "switch", "shard", "gather", "unchecked", "check_agree", "parallelize", "DSPHandle", "Plan", "Stage", "Boundary",
+    "as_plan",
     "STDIT_PLAN", "plans", "sharded_mse_loss", "shard_target", "Extension", "Call", "PlanError", "offset_positions",
 ]

@@ -651,7 +651,7 @@ class DSPHandle:
         elif dst is None:                                 # piece -> whole, backward reduce-scatter
             y = LF.all_gather(xu, self.group, dim=names.index(src), full_size=self.sizes[src], tag=tag)
         else:
-            y = switch(xu, self.group, names.index(dst), names.index(src), self.sizes[src], tag=tag,
+            y = switch(xu, self.group, names.index(dst), names.index(src), self.sizes[src], tag=tag, check=False,
                        comm_dtype=self._switch_dtype(x))
         return L.fold(lay, y, self._shown(dst))
 
@@ -780,7 +780,8 @@ class DSPHandle:
     def _shard_input(self, x: torch.Tensor, layout: str) -> torch.Tensor:
         lay = L.parse(layout)
         xu, names = L.unfold(lay, x, self.sizes)
-        return L.fold(lay, shard(xu, names.index(self.plan.home), self.group, tag="dsp.entry"), self._shown(self.plan.home))
+        xs = shard(xu, names.index(self.plan.home), self.group, tag="dsp.entry", check=False)
+        return L.fold(lay, xs, self._shown(self.plan.home))
 
     def _exit(self, module, args, out):
         if self._solo:
@@ -799,7 +800,7 @@ class DSPHandle:
             if self.gather_output and self.size > 1:
                 lay = L.parse(b.layout)
                 yu, names = L.unfold(lay, y, self._shown(home))
-                yw = gather(yu, names.index(home), self.group, self.sizes[home], tag="dsp.exit")
+                yw = gather(yu, names.index(home), self.group, self.sizes[home], tag="dsp.exit", check=False)
                 out = _replace(out, b, L.fold(lay, yw, self.sizes))
         if self._records is not None:           # compared once: the first forward only
             self._records, self._debug = None, False
@@ -932,7 +933,7 @@ class DSPHandle:
         self._fit(target, b.layout, None, "the target")
         lay = L.parse(b.layout)
         xu, names = L.unfold(lay, target, self.sizes)
-        ts = shard(xu, names.index(self.plan.home), self.group, tag="dsp.target")
+        ts = shard(xu, names.index(self.plan.home), self.group, tag="dsp.target", check=False)
         return L.fold(lay, ts, self._shown(self.plan.home))
 
 
@@ -950,7 +951,7 @@ def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Te
     lay = L.parse(p.outputs[0].layout)
     if lay.folded:
         raise ValueError(f"dsp.shard_target: the output layout {lay.text!r} is folded; use handle.shard_target")
-    return shard(target, lay.names.index(p.home), group, tag="dsp.target")
+    return shard(target, lay.names.index(p.home), group, tag="dsp.target", check=False)
 
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,

@@ -19,10 +19,19 @@ gradient of its own piece; parameter gradients are per-rank shares, summed by
 ``gather_size`` / ``full_size`` are the whole size of the sharded dimension. When omitted, the
 ranks exchange their local sizes first (one small all-gather tagged ``<tag>.sizes``), which also
 checks that they form a ``tensor_split`` layout; pass the size to avoid that call.
+
+Cross-rank check (``check=True``, the default): before the collective, :func:`check_agree` all-gathers
+one 8-byte digest (tag ``<tag>.check``) of what must match on every rank (dtype, the dims that are
+not sharded, the dims and sizes asked for) and of this rank's own argument error, if any; on a
+mismatch or an error every rank raises the same ``ValueError`` (details: ``<tag>.check.detail``).
+Skip it in hot loops once validated: ``check=False``, or ``with dsp.unchecked(): ...``. A rank that
+is not a member of ``group`` raises on that rank before any collective.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import hashlib
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,7 +40,62 @@ from longseq import functional as LF
 from longseq.groups import sp_group_of
 from longseq.sharding import check_shardable, split_sizes
 
-__all__ = ["switch", "shard", "gather", "sp_group_of", "whole_size"]
+__all__ = ["switch", "shard", "gather", "sp_group_of", "whole_size", "check_agree", "unchecked", "checks_enabled"]
+
+_CHECKS = [True]
+
+
+@contextlib.contextmanager
+def unchecked():
+    """Within this block, switch / shard / gather called with ``check=None`` skip the cross-rank check."""
+    _CHECKS.append(False)
+    try:
+        yield
+    finally:
+        _CHECKS.pop()
+
+
+def checks_enabled(check: Optional[bool] = None) -> bool:
+    """Whether a primitive called with ``check`` runs :func:`check_agree` (None: the current default)."""
+    return _CHECKS[-1] if check is None else bool(check)
+
+
+def _local_error(validate: Callable[[], Any]) -> Optional[str]:
+    try:
+        validate()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_agree(group: Any, what: str, signature: tuple, error: Optional[str], *, tag: str) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks have the same
+    ``signature`` and no rank has an ``error`` (its own argument error, a message, or None).
+
+    One all-gather of an 8-byte digest (tag ``tag``); only on a mismatch or an error, an
+    ``all_gather_object`` of the details (``tag + ".detail"``) to build the message. Every rank
+    must call it (with P = 1 it raises ``error`` locally and communicates nothing)."""
+    if comm.group_size(group) == 1:
+        if error:
+            raise ValueError(error)
+        return
+    digest = hashlib.blake2b(repr((signature, error)).encode(), digest_size=8).digest()
+    everyone = comm.all_gather_int(int.from_bytes(digest, "little", signed=True), group, tag=tag)
+    if len(set(everyone)) == 1 and error is None:
+        return
+    details = comm.all_gather_object((signature, error), group, tag=tag + ".detail")
+    errors = sorted({e for _, e in details if e})
+    if len(errors) == 1 and all(e == errors[0] for _, e in details):
+        raise ValueError(errors[0])
+    lines = "\n".join(f"  rank {r}: " + (f"error: {e}" if e else f"{sig}") for r, (sig, e) in enumerate(details))
+    raise ValueError(f"{what}: the ranks of the group disagree (every rank must pass the same dtype and the same "
+                     f"sizes of the dims that are not sharded, and valid arguments):\n{lines}")
+
+
+def _signature(x: torch.Tensor, skip: Optional[int], **asked) -> tuple:
+    """dtype and the shape with dim ``skip`` (the sharded one, which may differ) left out."""
+    shape = tuple(-1 if i == skip else int(n) for i, n in enumerate(x.shape))
+    return (str(x.dtype).replace("torch.", ""), shape, tuple(sorted(asked.items())))
 
 
 def _dim(x: torch.Tensor, dim: int, what: str) -> int:
@@ -66,7 +130,8 @@ def _check_local(x: torch.Tensor, dim: int, full: int, P: int, r: int, what: str
 
 
 def switch(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int, gather_size: int | None = None,
-           *, tag: str = "dsp.switch", comm_dtype: torch.dtype | None = None) -> torch.Tensor:
+           *, tag: str = "dsp.switch", comm_dtype: torch.dtype | None = None,
+           check: Optional[bool] = None) -> torch.Tensor:
     """Move the sharding of ``x`` from ``gather_dim`` to ``scatter_dim`` with one all-to-all.
 
     ``x`` holds this rank's piece of ``gather_dim`` (whole size ``gather_size``) and all of
@@ -74,42 +139,77 @@ def switch(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int, gathe
     ``scatter_dim``. Backward is the switch back (tag ``<tag>.bwd``).
     ``comm_dtype`` (e.g. ``torch.bfloat16``): send in this dtype and cast back to ``x.dtype`` after,
     forward and backward; default: ``x.dtype``.
-    Raises ``ValueError`` (before any collective) if ``scatter_dim`` or ``gather_size`` is smaller
-    than the group, or if this rank's size does not match ``gather_size``.
+    Raises ``ValueError`` (on every rank, before the all-to-all) if ``scatter_dim`` or
+    ``gather_size`` is smaller than the group, if this rank's size does not match ``gather_size``,
+    or (``check``, see the module docstring) if the ranks disagree on dtype or the other dims.
     """
     group = sp_group_of(group)
+    comm.require_member(group, "dsp.switch")
     P, r = comm.group_size(group), comm.group_rank(group)
-    sd = _dim(x, scatter_dim, "dsp.switch scatter_dim")
-    gd = _dim(x, gather_dim, "dsp.switch gather_dim")
-    if sd == gd:
-        raise ValueError(f"dsp.switch: scatter_dim and gather_dim are both {sd}")
-    check_shardable(x.shape[sd], P, f"dim {sd} (scatter_dim) of a tensor of shape {list(x.shape)}")
+
+    def validate():
+        sd = _dim(x, scatter_dim, "dsp.switch scatter_dim")
+        gd = _dim(x, gather_dim, "dsp.switch gather_dim")
+        if sd == gd:
+            raise ValueError(f"dsp.switch: scatter_dim and gather_dim are both {sd}")
+        check_shardable(x.shape[sd], P, f"dim {sd} (scatter_dim) of a tensor of shape {list(x.shape)}")
+        if gather_size is not None:
+            _check_local(x, gd, int(gather_size), P, r, f"dim {gd} (gather_dim)")
+        return sd, gd
+
+    if checks_enabled(check):
+        err = _local_error(validate)
+        sig = _signature(x, gather_dim % x.dim() if x.dim() else None, scatter_dim=scatter_dim % max(1, x.dim()),
+                         gather_dim=gather_dim % max(1, x.dim()), gather_size=gather_size, comm_dtype=str(comm_dtype))
+        check_agree(group, "dsp.switch", sig, err, tag=tag + ".check")
+    sd, gd = validate()
     if gather_size is None:
         gather_size = whole_size(x.shape[gd], group, tag=tag + ".sizes")
-    _check_local(x, gd, int(gather_size), P, r, f"dim {gd} (gather_dim)")
+        _check_local(x, gd, int(gather_size), P, r, f"dim {gd} (gather_dim)")
     if comm_dtype is not None and comm_dtype != x.dtype:
         y = LF.all_to_all(x.to(comm_dtype), group, scatter_dim=sd, gather_dim=gd, gather_size=int(gather_size), tag=tag)
         return y.to(x.dtype)
     return LF.all_to_all(x, group, scatter_dim=sd, gather_dim=gd, gather_size=int(gather_size), tag=tag)
 
 
-def shard(x: torch.Tensor, dim: int, group: Any, *, tag: str = "dsp.shard") -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int, group: Any, *, tag: str = "dsp.shard",
+          check: Optional[bool] = None) -> torch.Tensor:
     """This rank's ``tensor_split`` piece of ``x`` along ``dim``; ``x`` must be the same on every
-    rank. No communication forward; backward all-gathers the gradient (tag ``<tag>.bwd``)."""
+    rank. No communication forward (except the shape check, ``check``); backward all-gathers the
+    gradient (tag ``<tag>.bwd``)."""
     group = sp_group_of(group)
+    comm.require_member(group, "dsp.shard")
     P = comm.group_size(group)
-    d = _dim(x, dim, "dsp.shard")
-    check_shardable(x.shape[d], P, f"dim {d} of a tensor of shape {list(x.shape)}")
-    return LF.shard_whole(x, group, dim=d, tag=tag)
+
+    def validate():
+        d = _dim(x, dim, "dsp.shard")
+        check_shardable(x.shape[d], P, f"dim {d} of a tensor of shape {list(x.shape)}")
+        return d
+
+    if checks_enabled(check):
+        check_agree(group, "dsp.shard", _signature(x, None, dim=dim % max(1, x.dim())), _local_error(validate),
+                    tag=tag + ".check")
+    return LF.shard_whole(x, group, dim=validate(), tag=tag)
 
 
 def gather(x: torch.Tensor, dim: int, group: Any, full_size: int | None = None, *,
-           tag: str = "dsp.gather") -> torch.Tensor:
+           tag: str = "dsp.gather", check: Optional[bool] = None) -> torch.Tensor:
     """All-gather the pieces of ``x`` along ``dim`` (whole size ``full_size``) into the whole, the same
     on every rank; backward keeps this rank's piece of the gradient (no communication)."""
     group = sp_group_of(group)
+    comm.require_member(group, "dsp.gather")
     P, r = comm.group_size(group), comm.group_rank(group)
-    d = _dim(x, dim, "dsp.gather")
+
+    def validate():
+        d = _dim(x, dim, "dsp.gather")
+        if full_size is not None:
+            _check_local(x, d, int(full_size), P, r, f"dim {d}")
+        return d
+
+    if checks_enabled(check):
+        sig = _signature(x, dim % x.dim() if x.dim() else None, dim=dim % max(1, x.dim()), full_size=full_size)
+        check_agree(group, "dsp.gather", sig, _local_error(validate), tag=tag + ".check")
+    d = validate()
     if full_size is None:
         full_size = whole_size(x.shape[d], group, tag=tag + ".sizes")
     _check_local(x, d, int(full_size), P, r, f"dim {d}")

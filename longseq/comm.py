@@ -11,37 +11,96 @@ through host memory: copied to the CPU before the call and the result copied bac
 when its handle's ``wait()`` returns). That lets several processes share one GPU over gloo (NCCL
 refuses two ranks on one device), e.g. to test SP code on a single-GPU machine. The ledger counts
 the collective's bytes, not the host copies. Use NCCL for speed.
+
+Faults: every backend call runs under the process group's timeout (``longseq.launch.init_distributed``,
+``init_parallel_groups``); while it runs, :func:`in_flight` names it (op, ledger tag, the group's
+global ranks). A backend failure, a peer that stopped answering or died, comes out as a
+:class:`CollectiveError` whose message names the collective and its tag. A rank that is not a member
+of the group it passes raises ``ValueError`` on that rank before any collective.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import pickle
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from . import kernels
-from .groups import require_initialized
+from .groups import collective_timeout_s, require_initialized
 from .ledger import LEDGER
 from .sharding import split_sizes
 
 __all__ = [
     "group_size", "group_rank", "all_to_all_single", "all_to_all", "all_gather", "reduce_scatter",
     "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv",
-    "all_gather_object", "collective_device", "all_gather_int",
+    "all_gather_object", "collective_device", "all_gather_int", "require_member", "CollectiveError", "in_flight",
 ]
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed in the backend (a peer stopped answering past the timeout, died, or
+    raised before it); the message names the op, its ledger tag and the group's global ranks."""
+
+
+def group_ranks(group: Any) -> list[int]:
+    """The global ranks of ``group`` (None or WORLD: the whole world)."""
+    if group is None or group is dist.group.WORLD:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
+
+
+def require_member(group: Any, what: str = "a longseq collective") -> None:
+    """Raise ``ValueError`` (on this rank, before any collective) when this rank is not in ``group``."""
+    require_initialized(what)
+    if group is not None and group is not dist.group.WORLD and dist.get_rank(group) < 0:
+        raise ValueError(
+            f"{what}: this rank (global rank {dist.get_rank()}) is not a member of the process group it was given "
+            f"(global ranks {group_ranks(group)}); pass the group this rank belongs to, e.g. "
+            "longseq.init_parallel_groups(sp_size).sp_group on every rank")
+
+
 def group_size(group: Any) -> int:
-    require_initialized("a longseq collective")
+    require_member(group)
     return dist.get_world_size(group)
 
 
 def group_rank(group: Any) -> int:
-    require_initialized("a longseq collective")
+    require_member(group)
     return dist.get_rank(group)
+
+
+_IN_FLIGHT: list = []        # (op, tag, group) of the backend calls running now, innermost last
+
+
+def in_flight() -> Optional[tuple[str, str, list[int]]]:
+    """``(op, tag, global ranks)`` of the collective this process is waiting in now, or None (a
+    timeout handler or an exception path can name it)."""
+    if not _IN_FLIGHT:
+        return None
+    op, tag, group = _IN_FLIGHT[-1]
+    return op, tag, group_ranks(group)
+
+
+@contextlib.contextmanager
+def _running(op: str, tag: str, group: Any):
+    """Mark a backend call as in flight; turn a backend failure into a CollectiveError naming it."""
+    _IN_FLIGHT.append((op, tag, group))
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except (RuntimeError, ConnectionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CollectiveError(
+            f"collective {op} (ledger tag '{tag}') over global ranks {group_ranks(group)} failed on rank "
+            f"{dist.get_rank()}: a peer stopped answering (timeout {collective_timeout_s():g} s), died or raised "
+            f"before it -- see the first error of the other ranks. Backend: {first}") from e
+    finally:
+        _IN_FLIGHT.pop()
 
 
 def collective_device(group: Any) -> torch.device:
@@ -94,15 +153,18 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     return x.to("cpu", copy=True).contiguous()
 
 
-class _StagedWork:
-    """A backend work handle whose ``wait()`` also copies a received host buffer to its device
-    tensor (``after``), and keeps a staged send buffer alive until then."""
+class _Work:
+    """A backend work handle whose ``wait()`` runs as an in-flight collective (see :func:`in_flight`),
+    and, when staged, also copies a received host buffer to its device tensor (``after``) and keeps
+    a staged send buffer alive until then."""
 
-    def __init__(self, work: Any, after: Any = None, keep: Any = None):
+    def __init__(self, work: Any, op: str, tag: str, group: Any, after: Any = None, keep: Any = None):
         self._work, self._after, self._keep = work, after, keep
+        self._what = (op, tag, group)
 
     def wait(self, *args: Any) -> bool:
-        out = self._work.wait(*args)
+        with _running(*self._what):
+            out = self._work.wait(*args)
         if self._after is not None:
             self._after()
             self._after = None
@@ -131,11 +193,12 @@ def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_
     if P == 1:
         out.copy_(x)
         return out
-    if _stages(x, group):
-        host = torch.empty(out.shape, dtype=out.dtype)
-        dist.all_to_all_single(host, _to_host(x), list(output_split_sizes), list(input_split_sizes), group=group)
-        return out.copy_(host)
-    dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
+    with _running("all_to_all", tag, group):
+        if _stages(x, group):
+            host = torch.empty(out.shape, dtype=out.dtype)
+            dist.all_to_all_single(host, _to_host(x), list(output_split_sizes), list(input_split_sizes), group=group)
+            return out.copy_(host)
+        dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
     return out
 
 
@@ -189,13 +252,14 @@ def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int
     m = max(sizes)
     buf = torch.zeros((m, *front.shape[1:]), dtype=x.dtype, device=x.device)
     buf[: sizes[me]].copy_(front)
-    if _stages(x, group):
-        out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype)
-        _all_gather_flat(out, _to_host(buf), group=group)
-        out = out.to(x.device)
-    else:
-        out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
-        _all_gather_flat(out, buf, group=group)
+    with _running("all_gather", tag, group):
+        if _stages(x, group):
+            out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype)
+            _all_gather_flat(out, _to_host(buf), group=group)
+            out = out.to(x.device)
+        else:
+            out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
+            _all_gather_flat(out, buf, group=group)
     parts = [out[i * m: i * m + sizes[i]] for i in range(P)]
     return torch.cat(parts, 0).movedim(0, dim).contiguous()
 
@@ -217,13 +281,14 @@ def reduce_scatter(x: torch.Tensor, group: Any, *, dim: int = 0, op: Any = None,
         raise NotImplementedError("uneven reduce_scatter supports only SUM")
     if _stages(x, group):
         front = _to_host(front)
-    if len(set(sizes)) == 1:
-        out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=front.device)
-        _reduce_scatter_flat(out, front, op=op or dist.ReduceOp.SUM, group=group)
-    else:
-        out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=front.device)
-        dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)
-        out = out.view(P, sizes[me], *front.shape[1:]).sum(0)
+    with _running("reduce_scatter", tag, group):
+        if len(set(sizes)) == 1:
+            out = torch.empty((sizes[me], *front.shape[1:]), dtype=x.dtype, device=front.device)
+            _reduce_scatter_flat(out, front, op=op or dist.ReduceOp.SUM, group=group)
+        else:
+            out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=front.device)
+            dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)
+            out = out.view(P, sizes[me], *front.shape[1:]).sum(0)
     return out.to(x.device).movedim(0, dim).contiguous()
 
 
@@ -235,12 +300,13 @@ def all_reduce(x: torch.Tensor, group: Any, *, op: Any = None, tag: str = "untag
     if not x.is_contiguous():
         x = x.contiguous()
     if P > 1:
-        if _stages(x, group):
-            host = _to_host(x)
-            dist.all_reduce(host, op=op or dist.ReduceOp.SUM, group=group)
-            x.copy_(host)
-        else:
-            dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+        with _running("all_reduce", tag, group):
+            if _stages(x, group):
+                host = _to_host(x)
+                dist.all_reduce(host, op=op or dist.ReduceOp.SUM, group=group)
+                x.copy_(host)
+            else:
+                dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
     return x
 
 
@@ -251,12 +317,13 @@ def broadcast(x: torch.Tensor, src: int, group: Any, *, tag: str = "untagged") -
     if not x.is_contiguous():
         x = x.contiguous()
     if P > 1:
-        if _stages(x, group):
-            host = _to_host(x)
-            dist.broadcast(host, src=_global(group, src), group=group)
-            x.copy_(host)
-        else:
-            dist.broadcast(x, src=_global(group, src), group=group)
+        with _running("broadcast", tag, group):
+            if _stages(x, group):
+                host = _to_host(x)
+                dist.broadcast(host, src=_global(group, src), group=group)
+                x.copy_(host)
+            else:
+                dist.broadcast(x, src=_global(group, src), group=group)
     return x
 
 
@@ -272,7 +339,8 @@ def send(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged") -> Non
     x = x.contiguous()
     _check_p2p(x, dst, group, "send")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
-    dist.send(_to_host(x) if _stages(x, group) else x, _global(group, dst), group=group)
+    with _running("send", tag, group):
+        dist.send(_to_host(x) if _stages(x, group) else x, _global(group, dst), group=group)
 
 
 def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, device: Any = "cpu",
@@ -280,11 +348,12 @@ def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, devi
     buf = torch.empty(tuple(shape), dtype=dtype, device=device)
     _check_p2p(buf, src, group, "recv")
     LEDGER.record("recv", tag, group_size(group), dtype, 0, buf.numel())
-    if _stages(buf, group):
-        host = torch.empty(buf.shape, dtype=dtype)
-        dist.recv(host, _global(group, src), group=group)
-        return buf.copy_(host)
-    dist.recv(buf, _global(group, src), group=group)
+    with _running("recv", tag, group):
+        if _stages(buf, group):
+            host = torch.empty(buf.shape, dtype=dtype)
+            dist.recv(host, _global(group, src), group=group)
+            return buf.copy_(host)
+        dist.recv(buf, _global(group, src), group=group)
     return buf
 
 
@@ -292,20 +361,23 @@ def isend(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous send; returns the backend's work handle (call ``.wait()``). Keep ``x`` alive until then."""
     _check_p2p(x, dst, group, "isend")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
-    if _stages(x, group):
-        host = _to_host(x)
-        return _StagedWork(dist.isend(host, _global(group, dst), group=group), keep=host)
-    return dist.isend(x, _global(group, dst), group=group)
+    with _running("send", tag, group):
+        if _stages(x, group):
+            host = _to_host(x)
+            return _Work(dist.isend(host, _global(group, dst), group=group), "send", tag, group, keep=host)
+        return _Work(dist.isend(x, _global(group, dst), group=group), "send", tag, group)
 
 
 def irecv(buf: torch.Tensor, src: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous receive into ``buf`` (fresh and contiguous); returns the work handle."""
     _check_p2p(buf, src, group, "irecv")
     LEDGER.record("recv", tag, group_size(group), buf.dtype, 0, buf.numel())
-    if _stages(buf, group):
-        host = torch.empty(buf.shape, dtype=buf.dtype)
-        return _StagedWork(dist.irecv(host, _global(group, src), group=group), after=lambda: buf.copy_(host))
-    return dist.irecv(buf, _global(group, src), group=group)
+    with _running("recv", tag, group):
+        if _stages(buf, group):
+            host = torch.empty(buf.shape, dtype=buf.dtype)
+            return _Work(dist.irecv(host, _global(group, src), group=group), "recv", tag, group,
+                         after=lambda: buf.copy_(host))
+        return _Work(dist.irecv(buf, _global(group, src), group=group), "recv", tag, group)
 
 
 class P2POp:
@@ -338,11 +410,12 @@ def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged"
         torch_ops.append(dist.P2POp(fn, t, _global(group, o.peer), group=group))
     if not torch_ops:
         return []
-    works = dist.batch_isend_irecv(torch_ops)
+    with _running("batch_isend_irecv", tag, group):
+        works = dist.batch_isend_irecv(torch_ops)
     if not keep:
-        return works
+        return [_Work(w, "batch_isend_irecv", tag, group) for w in works]
     # gloo returns one handle per op (NCCL, which never stages, may return one for the batch)
-    return [_StagedWork(w, after=a, keep=keep) for w, a in zip(works, afters)]
+    return [_Work(w, "batch_isend_irecv", tag, group, after=a, keep=keep) for w, a in zip(works, afters)]
 
 
 def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
@@ -353,5 +426,6 @@ def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
     out: list = [None] * P
     if P == 1:
         return [obj]
-    dist.all_gather_object(out, obj, group=group)
+    with _running("all_gather_object", tag, group):
+        dist.all_gather_object(out, obj, group=group)
     return out

@@ -14,13 +14,38 @@ groups), ``shard_mesh`` the 1-D mesh over every rank of dp x sp (what FSDP2 shar
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import os
 from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["ParallelGroups", "init_parallel_groups", "from_existing_groups", "from_mesh", "require_initialized",
-           "sp_dp_layout", "sp_group_of", "mesh_of", "check_mesh_dim"]
+           "sp_dp_layout", "sp_group_of", "mesh_of", "check_mesh_dim", "collective_timeout_s", "set_collective_timeout_s",
+           "DEFAULT_TIMEOUT_S"]
+
+# The library default for every collective's timeout (seconds): init_distributed and the SP/DP groups
+# use it unless told otherwise; the environment variable LONGSEQ_COLLECTIVE_TIMEOUT_S overrides it.
+DEFAULT_TIMEOUT_S = 600.0
+_timeout_s: Optional[float] = None
+
+
+def set_collective_timeout_s(seconds: float) -> None:
+    """Record the timeout (seconds) that groups made from now on get (init_distributed calls it)."""
+    global _timeout_s
+    if not seconds > 0:
+        raise ValueError(f"the collective timeout must be > 0 seconds, got {seconds}")
+    _timeout_s = float(seconds)
+
+
+def collective_timeout_s() -> float:
+    """The timeout of longseq's collectives: the one given to ``init_distributed`` (or
+    ``set_collective_timeout_s``), else ``$LONGSEQ_COLLECTIVE_TIMEOUT_S``, else ``DEFAULT_TIMEOUT_S``."""
+    if _timeout_s is not None:
+        return _timeout_s
+    env = os.environ.get("LONGSEQ_COLLECTIVE_TIMEOUT_S")
+    return float(env) if env else DEFAULT_TIMEOUT_S
 
 
 def require_initialized(what: str = "this call") -> None:
@@ -158,10 +183,13 @@ def from_mesh(mesh: DeviceMesh, sp_dim: Optional[str] = "sp", dp_dims: Optional[
 
 
 def init_parallel_groups(sp_size: Optional[int] = None, base_group: Any = None, *, mesh: Optional[DeviceMesh] = None,
-                         sp_dim: Optional[str] = "sp", dp_dim: str = "dp") -> ParallelGroups:
+                         sp_dim: Optional[str] = "sp", dp_dim: str = "dp",
+                         timeout_s: Optional[float] = None) -> ParallelGroups:
     """Build SP x DP groups over ``base_group`` (default: the world), or take them from ``mesh``
     (:func:`from_mesh`; ``sp_size``, if given, must be the size of its ``sp_dim``). Every rank must
     call it. The result's ``mesh`` is a (``dp_dim``, ``sp_dim``) DeviceMesh over the groups built.
+    The groups built time out after ``timeout_s`` (default :func:`collective_timeout_s`, the one
+    ``init_distributed`` got), not torch's 30-minute default for new groups.
 
     Errors (before any collective): torch.distributed not initialised; sp_size not dividing the size;
     a mesh without ``sp_dim`` or of another SP size.
@@ -183,15 +211,16 @@ def init_parallel_groups(sp_size: Optional[int] = None, base_group: Any = None, 
     sp_layout, dp_layout = sp_dp_layout(size, sp_size)
     to_global = [dist.get_global_rank(base, i) for i in range(size)] if base_group is not None else list(range(size))
     mine_sp = mine_dp = None
+    timeout = datetime.timedelta(seconds=float(timeout_s) if timeout_s is not None else collective_timeout_s())
     # new_group must be entered by every rank of the world, in the same order.
     for pos in sp_layout:
         ranks = [to_global[i] for i in pos]
-        g = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+        g = dist.new_group(ranks, timeout=timeout) if len(ranks) < dist.get_world_size() else dist.group.WORLD
         if me in pos:
             mine_sp = (g, tuple(ranks))
     for pos in dp_layout:
         ranks = [to_global[i] for i in pos]
-        g = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+        g = dist.new_group(ranks, timeout=timeout) if len(ranks) < dist.get_world_size() else dist.group.WORLD
         if me in pos:
             mine_dp = (g, tuple(ranks))
     assert mine_sp is not None and mine_dp is not None

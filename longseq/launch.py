@@ -8,7 +8,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "default_backend", "local_device", "destroy", "free_port"]
+from .groups import collective_timeout_s, set_collective_timeout_s
+
+__all__ = ["init_distributed", "default_backend", "local_device", "destroy", "free_port", "descendants"]
 
 
 def default_backend() -> str:
@@ -23,8 +25,13 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment; returns (rank, world).
+
+    ``timeout_s``: every collective's timeout, of the world and of the groups
+    ``init_parallel_groups`` makes later (default: ``longseq.groups.collective_timeout_s()``, 600 s
+    unless ``$LONGSEQ_COLLECTIVE_TIMEOUT_S`` says otherwise). A rank that stops answering makes the
+    others raise ``longseq.comm.CollectiveError`` after it.
 
     Without torchrun's variables, starts a single-process group (world 1) on 127.0.0.1 so scripts
     also run as plain ``python``. After a torchrun restart (``--max-restarts``) of a single-node
@@ -32,6 +39,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> tu
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    timeout_s = float(timeout_s) if timeout_s is not None else collective_timeout_s()
+    set_collective_timeout_s(timeout_s)
     backend = backend or default_backend()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -80,6 +89,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs, ...), from /proc (Linux); [] elsewhere. Used to
+    SIGKILL a launched job whole: torchrun starts its workers in sessions of their own."""
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return [d for k in kids for d in [k] + descendants(k)]
 
 
 def destroy() -> None:

@@ -1,6 +1,8 @@
 """dsp.switch / dsp.shard / dsp.gather: values against slicing the whole tensor (even and uneven
 sizes, strided inputs), float64 gradcheck across ranks, the ledger's volumes, and the errors raised
 before any collective."""
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,12 +36,13 @@ def _values(T, S, transposed):
         res["back"] = torch.equal(back, _piece(whole, 1, P, r))
         res["gather"] = torch.equal(dsp.gather(back, 1, W, full_size=T), whole)
         res["gather_s"] = torch.equal(dsp.gather(s_local, 2, W, full_size=S), whole)
-    res["vol"] = [(x.op, x.tag, x.elements_sent, x.elements_recv) for x in rec]
+    res["vol"] = [(x.op, x.tag, x.elements_sent, x.elements_recv) for x in rec if not x.tag.endswith(".check")]
+    res["checks"] = [(x.op, x.tag, x.elements_sent) for x in rec if x.tag.endswith(".check")]
     # the whole size omitted: exchanged first (tag <tag>.sizes), same result
     with LEDGER.recording() as rec2:
         res["inferred"] = torch.equal(dsp.switch(t_local, W, 2, 1), s_local) and \
             torch.equal(dsp.gather(s_local, 2, W), whole)
-    res["inferred_ops"] = [(x.op, x.tag) for x in rec2]
+    res["inferred_ops"] = [(x.op, x.tag) for x in rec2 if not x.tag.endswith(".check")]
     return res
 
 
@@ -59,6 +62,9 @@ def test_values_and_volumes(dist_pool, P, T, S, transposed):
             ("all_gather", "dsp.gather", B * ts[r] * S * C * (P - 1), B * (T - ts[r]) * S * C),
             ("all_gather", "dsp.gather", B * T * ss[r] * C * (P - 1), B * T * (S - ss[r]) * C),
         ]
+        # one 8-byte digest per call for the cross-rank check (shard, 2 switches, 2 gathers)
+        assert res["checks"] == [("all_gather", f"dsp.{k}.check", P - 1)
+                                 for k in ("shard", "switch", "switch", "gather", "gather")]
         assert res["inferred_ops"] == [("all_gather", "dsp.switch.sizes"), ("all_to_all", "dsp.switch"),
                                        ("all_gather", "dsp.gather.sizes"), ("all_gather", "dsp.gather")]
     if T % P == 0 and S % P == 0:   # the DESIGN formula: (P-1)·M/P² elements per rank per switch
@@ -93,11 +99,14 @@ def test_gradcheck_float64(dist_pool, P):
     assert dist_pool(P).run(_gradcheck) == [True] * P
 
 
-def _too_small(kind):
-    """Each call must raise before issuing any collective (the ledger records nothing)."""
+def _too_small(kind, check=True):
+    """Each call raises the same error on every rank before the data collective: with the cross-rank
+    check only its 8-byte digest and details are exchanged; with ``check=False`` nothing."""
     W, P = dist.group.WORLD, dist.get_world_size()
     x = torch.randn(2, P - 1, 6)
-    with LEDGER.recording() as rec:
+    with LEDGER.recording() as rec, contextlib.ExitStack() as stack:
+        if not check:
+            stack.enter_context(dsp.unchecked())
         try:
             if kind == "switch":
                 dsp.switch(torch.randn(2, 1, P - 1, 3), W, scatter_dim=2, gather_dim=1, gather_size=P)
@@ -112,8 +121,8 @@ def _too_small(kind):
             elif kind == "same_dims":
                 dsp.switch(torch.randn(2, 3, 4 * P, 3), W, 2, -2, gather_size=3 * P)
         except ValueError as e:
-            return str(e), len(rec)
-    return None, len(rec)
+            return str(e), [r.tag for r in rec]
+    return None, [r.tag for r in rec]
 
 
 @pytest.mark.parametrize("kind,words", [
@@ -124,13 +133,18 @@ def _too_small(kind):
     ("wrong_size", ["holds 3", "16", "gives it 4"]),
     ("same_dims", ["both 2"]),
 ])
-def test_errors_before_any_collective(dist_pool, kind, words):
-    out = dist_pool(4).run(_too_small, kind)
-    for r, (msg, n_records) in enumerate(out):
+@pytest.mark.parametrize("check", [True, False])
+def test_errors_before_any_collective(dist_pool, kind, words, check):
+    out = dist_pool(4).run(_too_small, kind, check)
+    for r, (msg, tags) in enumerate(out):
         assert msg is not None, f"rank {r}: no error"
         for w in words:
             assert w in msg, (w, msg)
-        assert n_records == 0, f"rank {r}: a collective was issued before the error"
+        if check:
+            assert msg == out[0][0], "every rank raises the same error"
+            assert tags and all(".check" in t for t in tags), f"rank {r}: a data collective before the error: {tags}"
+        else:
+            assert tags == [], f"rank {r}: a collective was issued before the error"
 
 
 def _single_rank():
@@ -152,7 +166,7 @@ def _switch_in_bf16():
     W, P, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     x = torch.randn(2, 3, 4 * P, 5, generator=torch.Generator().manual_seed(r), requires_grad=True)
     with LEDGER.recording() as rec:
-        y = dsp.switch(x, W, 2, 1, 3 * P, comm_dtype=torch.bfloat16)
+        y = dsp.switch(x, W, 2, 1, 3 * P, comm_dtype=torch.bfloat16, check=False)
         y.backward(torch.ones_like(y))
     ref = dsp.switch(x.detach().to(torch.bfloat16).float(), W, 2, 1, 3 * P)
     return (y.dtype, torch.equal(y, ref), x.grad.dtype, torch.equal(x.grad, torch.ones_like(x)),

@@ -127,7 +127,7 @@ def test_missing_data_path(tmp_path):
 def test_bad_choices():
     assert "train.precision='fp8'" in error("train.precision=fp8")
     assert "optim.schedule" in error("optim.schedule=linear")
-    assert "neither auto/none nor an existing checkpoint" in error("train.resume=/no/such/ckpt.pt")
+    assert "neither auto/strict/none nor an existing checkpoint" in error("train.resume=/no/such/ckpt.pt")
 
 
 def test_cli_reports_config_errors_before_starting(tmp_path):

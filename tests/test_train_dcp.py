@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from longseq.train import checkpoint as ckpt
+from longseq.train.manifest import write_manifest
 from tests import train_helpers as th
 
 STEPS, SAVE_AT = 6, 3
@@ -46,6 +47,7 @@ def _from_step3(ref_dir, tmp_path, name):
     (out / "checkpoints").mkdir(parents=True)
     src = ref_dir / "checkpoints" / f"ckpt_step{SAVE_AT:08d}.dcp"
     shutil.copytree(src, out / "checkpoints" / src.name)
+    shutil.copy(src.with_name(src.name + ".manifest.json"), out / "checkpoints")    # what proves it whole
     (out / "checkpoints" / "latest").write_text(src.name + "\n")
     shutil.copy(ref_dir / "metrics.jsonl", out / "metrics.jsonl")
     return out
@@ -99,6 +101,8 @@ def test_find_latest_ignores_temporaries_and_dangling_pointers(tmp_path):
     d = tmp_path / "checkpoints"
     (d / "ckpt_step00000004.dcp").mkdir(parents=True)
     (d / "ckpt_step00000004.dcp" / ".metadata").write_bytes(b"x")
+    assert ckpt.find_latest(d) is None                       # not proven whole: no manifest yet
+    write_manifest(d / "ckpt_step00000004.dcp")
     (d / ".ckpt_step00000008.dcp.tmp").mkdir()              # a save that crashed before its rename
     (d / "latest").write_text("ckpt_step00000006.dcp\n")   # names a checkpoint that is gone
     assert ckpt.find_latest(d) == d / "ckpt_step00000004.dcp"

@@ -68,7 +68,7 @@ def test_sigkill_then_resume_auto_is_exact(reference, tmp_path):
     # Nothing half-written is left behind under a final name; `latest` names the final checkpoint.
     names = sorted(f.name for f in (out / "checkpoints").iterdir())
     assert (out / "checkpoints" / "latest").read_text().strip() == f"ckpt_step{STEPS:08d}.pt"
-    assert all(n == "latest" or n.startswith("ckpt_step") or n.startswith(".") for n in names), names
+    assert all(n in ("latest", "run.json") or n.startswith("ckpt_step") for n in names), names   # no temporaries
 
 
 def test_torchrun_restart_after_rank_failure_is_exact(reference, tmp_path):
@@ -91,3 +91,76 @@ def test_resume_of_a_finished_run_does_nothing(reference, tmp_path):
     p = th.run(BASE + [f"train.out_dir={ref_dir}", "train.resume=auto", "parallel.sp_size=1"], 1, timeout=120)
     assert "resumed from ckpt_step00000008.pt (step 8)" in p.stdout and "nothing to do" in p.stdout
     assert th.losses(ref_dir) == ref
+
+
+def _copy_run(src, dst, upto):
+    """The run directory as it stood after step ``upto``: its checkpoints up to there, its metrics."""
+    import shutil
+    shutil.copytree(src, dst)
+    for f in (dst / "checkpoints").iterdir():
+        if f.name.startswith("ckpt_step") and int(f.name[9:17]) > upto:
+            f.unlink()
+    (dst / "checkpoints" / "latest").write_text(f"ckpt_step{upto:08d}.pt\n")
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_newest_good_one(reference, tmp_path):
+    ref_dir, ref = reference
+    out = tmp_path / "run"
+    _copy_run(ref_dir, out, 6)
+    p6 = out / "checkpoints" / "ckpt_step00000006.pt"
+    raw = bytearray(p6.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 4096] = b"\x00" * 4096           # loads without error, wrong weights
+    p6.write_bytes(bytes(raw))
+    (out / "checkpoints" / ".ckpt_step00000008.pt.tmp.999").write_bytes(b"torn")
+    p = th.run(BASE + [f"train.out_dir={out}", "train.resume=auto"], 2, timeout=120)
+    assert "ckpt_step00000006.pt: file ckpt_step00000006.pt has sha256" in p.stdout, p.stdout[-3000:]
+    assert "resumed from ckpt_step00000004.pt (step 4)" in p.stdout
+    assert "removed 1 temporary file(s)" in p.stdout
+    assert th.losses(out) == ref
+    _same_weights(ref_dir, out)
+
+
+def test_strict_resume_refuses_a_damaged_latest_checkpoint(reference, tmp_path):
+    ref_dir, _ = reference
+    out = tmp_path / "run"
+    _copy_run(ref_dir, out, 6)
+    (out / "checkpoints" / "ckpt_step00000006.pt").write_bytes(b"")
+    p = th.run(BASE + [f"train.out_dir={out}", "train.resume=strict"], 2, timeout=120, check=False)
+    assert p.returncode != 0
+    assert p.stdout.count("stopped: CheckpointCorrupt: train.resume=strict: ckpt_step00000006.pt: file "
+                          "ckpt_step00000006.pt has 0 bytes") == 2, p.stdout[-3000:]
+
+
+def test_a_full_disk_stops_cleanly_with_the_previous_checkpoint_intact(reference, tmp_path):
+    ref_dir, ref = reference
+    out = tmp_path / "run"
+    p = th.run(BASE + [f"train.out_dir={out}", "train.resume=none", "train.fault_at_step=4",
+                       "train.fault_kind=disk_full"], 2, timeout=120, check=False)
+    assert p.returncode != 0
+    line = "stopped: CheckpointWriteError: rank 0: writing the checkpoint of step 4"
+    assert p.stdout.count(line) == 2 and "the previous checkpoint ckpt_step00000002.pt is intact" in p.stdout, \
+        p.stdout[-3000:]
+    names = sorted(f.name for f in (out / "checkpoints").iterdir())
+    assert names == ["ckpt_step00000002.pt", "ckpt_step00000002.pt.manifest.json", "latest", "run.json"], names
+    # space freed: the same command resumes and ends exactly like the uninterrupted run
+    th.run(BASE + [f"train.out_dir={out}", "train.resume=auto"], 2, timeout=120)
+    assert th.losses(out) == ref
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_non_finite_loss_on_one_rank_is_agreed_on(reference, tmp_path, mode):
+    ref_dir, ref = reference
+    out = tmp_path / "run"
+    p = th.run(BASE + [f"train.out_dir={out}", "train.resume=none", "train.fault_at_step=3", "train.fault_kind=nan",
+                       "train.fault_rank=1", f"train.on_nonfinite={mode}", "train.steps=4"], 2, timeout=120,
+               check=False)
+    if mode == "stop":
+        assert p.returncode != 0 and p.stdout.count("stopped: NonFiniteError") == 2, p.stdout[-3000:]
+        assert "lower optim.lr" in p.stdout and th.latest_step(out) == 2     # nothing written from the NaN state
+    else:
+        assert p.returncode == 0 and "update skipped" in p.stdout, p.stdout[-3000:]
+        rows = th.metrics(out)
+        assert [r.get("skipped", False) for r in rows] == [False, False, True, False]
+        assert th.losses(out)[:2] == ref[:2]
+        st = th.final_state(out)
+        assert all(torch.isfinite(v).all() for v in st["model"].values())

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from longseq.launch import descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: every test run uses these unless it overrides them.
@@ -47,24 +49,10 @@ def start(overrides, nproc: int = 1, *, log_path=None):
                             start_new_session=True)
 
 
-def _children(pid: int) -> list:
-    kids = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    out = []
-    for k in kids:
-        out += [k] + _children(k)
-    return out
-
-
 def kill_job(proc: subprocess.Popen) -> list:
     """SIGKILL a launched job: the launcher and every process under it (torchrun starts its workers
     in sessions of their own, so they are found by walking /proc). Returns the pids killed."""
-    pids = [proc.pid] + _children(proc.pid)
+    pids = [proc.pid] + descendants(proc.pid)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -52,7 +52,10 @@ or compute garbage in the scan. ``check=True`` (default) runs one small ``all_ga
 ``ValueError`` listing every rank's signature on mismatch; ``check="always"`` does it on every call;
 ``check=False`` never. (With ``True``, a rank that has already seen its signature skips the check,
 so a mismatch that appears only after a first matching call can still hang; use ``"always"`` when
-shapes vary from call to call.)
+shapes vary from call to call.) Unless ``check=False``, every call also refuses a positive log decay
+``g`` on the rank that has it (a local reduction over g, no communication), and log decays below
+``zeco.gla.ops.DECAY_FLOOR`` (``-inf`` included) are raised to it, so a decay of exactly 0 gives the
+recurrence's finite result. A rank not in ``group`` raises before any collective.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ from longseq.groups import sp_group_of
 from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
+from longseq.zeco.gla.ops import floor_decay
 
 __all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan"]
 
@@ -546,6 +550,13 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     """
     _validate_local(q, k, v, g, initial_state, method)
     group = sp_group_of(group)  # a ParallelGroups or a 1-D DeviceMesh -> its process group
+    comm.require_member(group, "zeco.sp_gla")
+    if check is not False and g.numel() and bool((g > 0).any()):
+        raise ValueError(
+            f"sp_gla: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
+            "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
+            "to skip this value check)")
+    g = floor_decay(g)
     B, _, H, K = q.shape
     V = v.shape[-1]
     P = comm.group_size(group)

@@ -1,17 +1,27 @@
-"""Checkpoints: atomic writes, a ``latest`` pointer, finding the latest complete one, RNG states.
+"""Checkpoints: atomic writes, manifests that prove them whole, a ``latest`` pointer, run lineages,
+finding the newest good one, RNG states.
 
 Layout under ``<out_dir>/checkpoints/``::
 
-    ckpt_step00000010.pt     one file per checkpoint (torch.save of a dict, see below)
-    ckpt_step00000010.dcp/   or, for FSDP runs, a sharded DCP directory (see :mod:`.dcp_checkpoint`)
-    latest                   the file name of the newest complete checkpoint, one line
+    ckpt_step00000010.pt                 one file per checkpoint (torch.save of a dict, see below)
+    ckpt_step00000010.pt.manifest.json   its size + sha256 and the run lineage (longseq.train.manifest)
+    ckpt_step00000010.dcp/               or, for FSDP runs, a sharded DCP directory (see :mod:`.dcp_checkpoint`)
+    latest                               the file name of the newest complete checkpoint, one line
+    run.json                             this run's lineage: {"lineage", "run_id", "seed"}
 
 A checkpoint is written by global rank 0 only (model and optimizer are replicated across SP and DP)
-to a temporary file in the same directory, flushed and fsync'ed, then renamed over its final
-name with ``os.replace`` (atomic on POSIX), the directory fsync'ed; ``latest`` is written the
-same way, last. A crash at any point leaves either the previous state or the new one, never a
-torn file under a final name. ``find_latest`` trusts ``latest`` when the file it names exists,
-and otherwise takes the highest-numbered ``ckpt_step*.pt`` (temporaries are never matched).
+to a temporary file in the same directory, flushed and fsync'ed, renamed over its final name with
+``os.replace`` (atomic on POSIX), the directory fsync'ed; then its manifest the same way, and
+``latest`` last. A crash at any point leaves the previous state or the new one, never a torn file
+under a final name; a failed write (full disk) removes its temporary and leaves the rest intact.
+Temporaries of killed writes are removed at start (:func:`clean_temporaries`).
+:func:`find_good` walks the candidates newest first and returns the first that verifies against its
+manifest, with a one-line reason for each that did not.
+
+Lineage: a fresh start (``resume=none``) or a start from a given checkpoint (``resume=PATH``)
+begins a new lineage; ``auto`` continues the directory's; a torchrun restart of the same job
+(same ``TORCHELASTIC_RUN_ID``) continues its own lineage, whatever ``resume`` says. Clean-up
+(``keep``) only deletes checkpoints of the current lineage, and never the one the run started from.
 
 The dict: ``format``, ``step`` (optimizer steps done), ``data_position`` (the next sample
 position of the stream), ``model``, ``optimizer``, ``scheduler`` (state dicts), ``rng`` (one
@@ -20,18 +30,24 @@ entry per global rank: torch CPU, CUDA, python, numpy), ``layout`` (world, sp_si
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["checkpoint_dir", "save_checkpoint", "find_latest", "load_checkpoint", "rng_state", "set_rng_state",
-           "write_atomic", "list_checkpoints", "remove_checkpoint", "fsync_dir", "FORMAT"]
+from .manifest import (TMP_MARK, CheckpointCorrupt, fsync_dir, manifest_path, read_meta, verify, write_atomic,
+                       write_manifest)
+
+__all__ = ["checkpoint_dir", "save_checkpoint", "find_latest", "find_good", "load_checkpoint", "rng_state",
+           "set_rng_state", "write_atomic", "list_checkpoints", "clean_temporaries", "start_lineage",
+           "CheckpointCorrupt", "remove_checkpoint", "fsync_dir", "FORMAT"]
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt_step(\d{8})\.(pt|dcp)$")
@@ -39,36 +55,6 @@ _NAME = re.compile(r"^ckpt_step(\d{8})\.(pt|dcp)$")
 
 def checkpoint_dir(out_dir) -> Path:
     return Path(out_dir) / "checkpoints"
-
-
-def fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(str(d), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory,
-    flush, fsync, ``os.replace``, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -85,39 +71,116 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint, a file or a DCP directory."""
+    """Delete a checkpoint, a file or a DCP directory, and its manifest."""
     path = Path(path)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+    manifest_path(path).unlink(missing_ok=True)
 
 
-def save_checkpoint(ckpt_dir, step: int, state: dict, keep: int = 0) -> Path:
-    """Write ``state`` as the checkpoint of ``step``, then the ``latest`` pointer; keep the newest
-    ``keep`` checkpoints (0: all). Call on one rank only."""
+def clean_temporaries(ckpt_dir) -> list[str]:
+    """Remove the temporaries of killed writes (files with ``.tmp.`` in the name, DCP's ``.*.tmp``
+    directories); returns their names. Call on one rank, before anyone writes."""
+    ckpt_dir = Path(ckpt_dir)
+    gone = []
+    if ckpt_dir.is_dir():
+        for f in os.listdir(ckpt_dir):
+            if TMP_MARK in f or (f.startswith(".") and f.endswith(".tmp")):
+                remove_checkpoint(ckpt_dir / f)
+                gone.append(f)
+    return sorted(gone)
+
+
+def start_lineage(ckpt_dir, resume: str, *, run_id: str = "", restart: int = 0) -> tuple[str, str]:
+    """Decide this start's lineage and what to resume from; returns ``(lineage, resume)`` where
+    ``resume`` is "none", "auto", "strict" or a path. A torchrun restart (``restart > 0``) of the job
+    recorded in ``run.json`` (same ``run_id``) continues its lineage: "auto" (or "strict"), with the
+    first start's ``resume=PATH`` as the fall-back when the lineage has no checkpoint yet."""
+    ckpt_dir = Path(ckpt_dir)
+    rec_path = ckpt_dir / "run.json"
+    try:
+        rec = json.loads(rec_path.read_text())
+    except (OSError, ValueError):
+        rec = {}
+    if restart > 0 and run_id and rec.get("run_id") == run_id and rec.get("lineage"):
+        return rec["lineage"], ("strict" if resume == "strict" else "auto")
+    if resume in ("auto", "strict") and rec.get("lineage"):
+        lineage = rec["lineage"]
+    else:
+        lineage = uuid.uuid4().hex[:12]
+    seed = resume if resume not in ("none", "auto", "strict") else rec.get("seed") if resume != "none" else None
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"lineage": lineage, "run_id": run_id, "seed": seed}
+    write_atomic(rec_path, lambda f: f.write(json.dumps(doc).encode()))
+    return lineage, resume
+
+
+def _seed(ckpt_dir: Path) -> Optional[Path]:
+    try:
+        seed = json.loads((ckpt_dir / "run.json").read_text()).get("seed")
+    except (OSError, ValueError):
+        return None
+    return Path(seed).resolve() if seed else None
+
+
+def save_checkpoint(ckpt_dir, step: int, state: dict, keep: int = 0, *, lineage: str = "") -> Path:
+    """Write ``state`` as the checkpoint of ``step``, its manifest, then the ``latest`` pointer;
+    keep the newest ``keep`` checkpoints of this ``lineage`` (0: all; never the run's seed). Call on
+    one rank only. An ``OSError`` (full disk, unwritable directory) leaves every earlier file intact."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt_step{step:08d}.pt"
     write_atomic(path, lambda f: torch.save(state, f))
+    write_manifest(path, lineage=lineage, step=int(step))
     write_atomic(ckpt_dir / "latest", lambda f: f.write((path.name + "\n").encode()))
     if keep and keep > 0:
-        for _, old in list_checkpoints(ckpt_dir)[:-keep]:
-            if old != path:
+        seed = _seed(ckpt_dir)
+        mine = [p for _, p in list_checkpoints(ckpt_dir) if read_meta(p).get("lineage") == lineage]
+        for old in mine[:-keep]:
+            if old != path and old.resolve() != seed:
                 remove_checkpoint(old)
+        fsync_dir(ckpt_dir)
     return path
 
 
-def find_latest(ckpt_dir) -> Optional[Path]:
-    """The newest complete checkpoint: the one ``latest`` names, or the highest-numbered file."""
-    ckpt_dir = Path(ckpt_dir)
+def _candidates(ckpt_dir: Path, lineage: str = "") -> list[Path]:
+    """Newest first: the one ``latest`` names, then this lineage's (all, when no lineage is given)
+    by step, then the run's seed (``resume=PATH`` of its first start)."""
+    out: list[Path] = []
     ptr = ckpt_dir / "latest"
     if ptr.is_file():
         name = ptr.read_text().strip()
         if _NAME.match(name) and (ckpt_dir / name).exists():
-            return ckpt_dir / name
-    found = list_checkpoints(ckpt_dir)
-    return found[-1][1] if found else None
+            out.append(ckpt_dir / name)
+    for _, p in reversed(list_checkpoints(ckpt_dir)):
+        if p not in out and (not lineage or read_meta(p).get("lineage") == lineage):
+            out.append(p)
+    seed = _seed(ckpt_dir)
+    if seed is not None and seed.exists() and seed not in [p.resolve() for p in out]:
+        out.append(seed)
+    return out
+
+
+def find_good(ckpt_dir, lineage: str = "", *, strict: bool = False) -> tuple[Optional[Path], list[str]]:
+    """The newest checkpoint that verifies against its manifest, and one line per newer one that
+    did not. ``strict``: raise :class:`CheckpointCorrupt` instead of passing over a bad one."""
+    problems = []
+    for p in _candidates(Path(ckpt_dir), lineage):
+        try:
+            verify(p)
+            return p, problems
+        except CheckpointCorrupt as e:
+            if strict:
+                raise CheckpointCorrupt(f"train.resume=strict: {e}") from None
+            problems.append(str(e))
+    return None, problems
+
+
+def find_latest(ckpt_dir) -> Optional[Path]:
+    """The newest checkpoint that verifies (see :func:`find_good`), or None."""
+    return find_good(ckpt_dir)[0]
 
 
 def load_checkpoint(path, map_location: Any = "cpu") -> dict:

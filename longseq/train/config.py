@@ -30,7 +30,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 SCHEDULES = ("cosine", "constant")
-RESUME_WORDS = ("auto", "none")
+RESUME_WORDS = ("auto", "strict", "none")
 CFG_WORDS = ("job",)                # --cfg [job]: the composed job config (no Hydra runtime config here)
 FREE_FORM = ("model.overrides", "parallel.options")   # dicts of keyword arguments: any key is fine
 INTEGERS = ("train.steps", "train.global_batch_size", "train.seed", "train.checkpoint_every", "train.keep_checkpoints",
@@ -318,7 +318,7 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
     resume = cfg.train.resume
     if resume is not None and str(resume) not in RESUME_WORDS and resume is not False:
         if not Path(str(resume)).exists():
-            raise ConfigError(f"train.resume={resume!r} is neither auto/none nor an existing checkpoint file: pass "
+            raise ConfigError(f"train.resume={resume!r} is neither auto/strict/none nor an existing checkpoint file: pass "
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
     # The method: registered for the model family, fits the model's sizes.

@@ -19,7 +19,12 @@ Sources (``data.kind``):
   ``caption`` [, ``mask``]), read lazily (``.npy`` through ``numpy.load(mmap_mode="r")``).
 * ``tokens``: a flat headerless binary file of token ids (``data.dtype``), read with
   ``numpy.memmap``; sample i is the window ``[i·L, i·L + L + 1)``; an SP rank with the piece
-  ``[a, b)`` of the L inputs reads only ``[i·L + a, i·L + b + 1)``.
+  ``[a, b)`` of the L inputs reads only ``[i·L + a, i·L + b + 1)``. A sidecar ``<file>.meta.json``
+  (``{"dtype", "vocab_size", "num_tokens"}``, written by :func:`write_token_file`) is checked against
+  ``data.dtype``, the model's vocabulary and the file's size before training; without one, a window
+  with an id >= the vocabulary raises naming the file and position.
+
+Every sample is checked finite when loaded; a file that cannot be read raises naming it.
 
 A batch is a dict of tensors with a leading batch dim; ST-DiT: ``x0``, ``noise`` (float32
 ``[b, C, T', H, W]``), ``t`` (int64 ``[b]``), ``y`` ``[b, N, C_text]``, ``y_mask`` (bool, only
@@ -41,7 +46,7 @@ from longseq.sharding import shard_range
 
 from .config import ConfigError
 
-__all__ = ["Shard", "BatchSource", "make_source", "check_data", "seed_for", "write_latent_sample",
+__all__ = ["Shard", "BatchSource", "make_source", "check_data", "seed_for", "write_latent_sample", "check_token_meta",
            "write_token_file"]
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
@@ -146,6 +151,15 @@ def _latent_files(path: Path) -> list[tuple[str, str]]:
     return sorted(out.items())
 
 
+def _named(path, what: str):
+    """Run ``what()``; any read error comes out as a ValueError naming ``path``."""
+    try:
+        return what()
+    except (ValueError, OSError, EOFError, RuntimeError, KeyError) as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a sample file? rewrite "
+                         "it or remove it from data.path)") from e
+
+
 class LatentFolder(_VideoSource):
     """A folder of latent videos + caption embeddings (see the module docstring)."""
 
@@ -160,6 +174,20 @@ class LatentFolder(_VideoSource):
         return self.path / f"{self.files[idx][0]}{suffix}"
 
     def shape(self, idx):
+        name, kind = self.files[idx]
+        suffix = {"npy": ".latent.npy", "pt": ".pt", "safetensors": ".safetensors"}[kind]
+        return _named(self._p(idx, suffix), lambda: self._shape(idx))
+
+    def load(self, idx, t_range):
+        name, kind = self.files[idx]
+        suffix = {"npy": ".latent.npy", "pt": ".pt", "safetensors": ".safetensors"}[kind]
+        out = _named(self._p(idx, suffix), lambda: self._load(idx, t_range))
+        for what, t in zip(("latent", "caption"), out[:2]):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{self._p(idx, suffix)}: its {what} holds NaN or inf; fix or remove the sample")
+        return out
+
+    def _shape(self, idx):
         if idx not in self._shapes:
             name, kind = self.files[idx]
             if kind == "npy":
@@ -175,7 +203,7 @@ class LatentFolder(_VideoSource):
             self._shapes[idx] = tuple(int(v) for v in s)
         return self._shapes[idx]
 
-    def load(self, idx, t_range):
+    def _load(self, idx, t_range):
         a, b = t_range
         name, kind = self.files[idx]
         if kind == "npy":
@@ -238,15 +266,50 @@ class SyntheticTokens(_TokenSource):
 
 
 class TokenFile(_TokenSource):
-    def __init__(self, path, dtype, seed, shuffle, seq_len):
+    def __init__(self, path, dtype, seed, shuffle, seq_len, vocab_size: Optional[int] = None):
         super().__init__(seed, shuffle, seq_len)
         self.path = str(path)
-        self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPES[str(dtype)], mode="r")
+        self.vocab = vocab_size
+        self.tokens = _named(self.path, lambda: np.memmap(self.path, dtype=TOKEN_DTYPES[str(dtype)], mode="r"))
         self.num_samples = (len(self.tokens) - 1) // self.seq_len
 
     def window(self, idx, start, stop):
         base = idx * self.seq_len
-        return np.asarray(self.tokens[base + start: base + stop], dtype=np.int64)
+        w = np.asarray(self.tokens[base + start: base + stop], dtype=np.int64)
+        if self.vocab is not None and w.size and (int(w.max()) >= self.vocab or int(w.min()) < 0):
+            bad = int(np.argmax((w >= self.vocab) | (w < 0)))
+            raise ValueError(f"{self.path}: token {base + start + bad} is {int(w[bad])}, outside the model's vocabulary "
+                             f"of {self.vocab}: check data.dtype (a uint32 file read as uint16?) and the model's "
+                             "vocab_size")
+        return w
+
+
+def token_meta_path(path) -> Path:
+    return Path(str(path) + ".meta.json")
+
+
+def check_token_meta(path, dtype: str, vocab: Optional[int]) -> None:
+    """Compare a token file with its sidecar (if any): dtype, vocabulary, size. Raises ConfigError."""
+    import json
+    mp = token_meta_path(path)
+    if not mp.exists():
+        return
+    try:
+        meta = json.loads(mp.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{mp}: unreadable ({e}); rewrite it or remove it") from None
+    if meta.get("dtype") and meta["dtype"] != dtype:
+        raise ConfigError(f"data.path={str(path)!r} holds {meta['dtype']} token ids ({mp.name}) but data.dtype={dtype}: "
+                          f"pass data.dtype={meta['dtype']}")
+    if vocab is not None and meta.get("vocab_size") is not None and int(meta["vocab_size"]) > vocab:
+        raise ConfigError(f"data.path={str(path)!r} has a vocabulary of {meta['vocab_size']} ({mp.name}) but the model "
+                          f"has {vocab}: raise the model's vocab_size or retokenize")
+    n = meta.get("num_tokens")
+    size = Path(path).stat().st_size
+    if n is not None and int(n) * np.dtype(TOKEN_DTYPES[dtype]).itemsize != size:
+        raise ConfigError(f"data.path={str(path)!r} has {size} bytes but {mp.name} says {n} {dtype} tokens "
+                          f"({int(n) * np.dtype(TOKEN_DTYPES[dtype]).itemsize} bytes): the file is truncated or "
+                          "was rewritten without its sidecar")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +339,9 @@ class BatchSource:
             shapes = {k: sorted({tuple(s[k].shape) for s in samples}) for k in samples[0]}
             raise ValueError(f"the samples of one batch differ in shape ({shapes}); every sample must have the "
                              "same latent shape [C, T, H, W] (captions may differ in length)") from e
+        for k, v in out.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise ValueError(f"the batch at data position {start} holds NaN or inf in {k!r}: check the data")
         if "labels" in out:
             out["tokens_whole"] = self.micro * self.source.seq_len
         nb = self.device.type == "cuda"
@@ -313,7 +379,7 @@ def make_source(cfg):
     if kind == "synthetic":
         return SyntheticTokens(cfg.data.seed, cfg.data.num_samples, L, int(mc.vocab_size),
                                cfg.data.markov_branching)
-    return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L)
+    return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L, int(mc.vocab_size))
 
 
 def check_data(cfg, layout) -> None:
@@ -325,6 +391,8 @@ def check_data(cfg, layout) -> None:
         raise ConfigError(f"data.kind={kind!r} is unknown: choose data=synthetic, data=latents or data=tokens")
     if kind not in allowed:
         raise ConfigError(f"data={kind} does not fit model.family={family}: use data= one of {', '.join(allowed)}")
+    if "seq_len" in cfg.model.sample and int(cfg.model.sample.seq_len) < 1:
+        raise ConfigError(f"model.sample.seq_len={cfg.model.sample.seq_len}: a sample needs at least 1 token")
     if kind == "synthetic":
         if int(cfg.data.num_samples) < 0:
             raise ConfigError("data.num_samples must be >= 0 (0: an endless stream)")
@@ -350,6 +418,7 @@ def check_data(cfg, layout) -> None:
     dtype = str(cfg.data.dtype)
     if dtype not in TOKEN_DTYPES:
         raise ConfigError(f"data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))
     n = path.stat().st_size // np.dtype(TOKEN_DTYPES[dtype]).itemsize
     L = int(cfg.model.sample.seq_len)
     if n < L + 1:
@@ -371,7 +440,15 @@ def write_latent_sample(folder, name: str, latent: np.ndarray, caption: np.ndarr
         np.save(folder / f"{name}.mask.npy", np.asarray(mask, dtype=bool))
 
 
-def write_token_file(path, tokens, dtype: str = "uint16") -> None:
-    """Write token ids as a flat binary file for ``data=tokens``."""
-    np.asarray(tokens).astype(TOKEN_DTYPES[dtype]).tofile(str(path))
+def write_token_file(path, tokens, dtype: str = "uint16", vocab_size: Optional[int] = None) -> None:
+    """Write token ids as a flat binary file for ``data=tokens``, with its sidecar
+    ``<path>.meta.json`` (dtype, vocab_size (default: the largest id + 1), num_tokens)."""
+    import json
+    a = np.asarray(tokens)
+    out = a.astype(TOKEN_DTYPES[dtype])
+    if not np.array_equal(out.astype(np.int64), a.astype(np.int64)):
+        raise ValueError(f"token ids do not fit in {dtype}: choose a wider dtype")
+    out.tofile(str(path))
+    vocab = int(vocab_size) if vocab_size is not None else (int(a.max()) + 1 if a.size else 0)
+    token_meta_path(path).write_text(json.dumps({"dtype": dtype, "vocab_size": vocab, "num_tokens": int(a.size)}))
 

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from longseq import comm
 
 from . import checkpoint as ckpt
+from .manifest import read_meta, write_manifest
 
 __all__ = ["save", "load", "is_dcp", "SUFFIX", "TRAINER_FILE"]
 
@@ -50,7 +51,7 @@ def _barrier(tag: str) -> None:
 
 
 def save(ckpt_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
-         *, keep: int = 0) -> Path:
+         *, keep: int = 0, lineage: str = "") -> Path:
     """Write the checkpoint of ``step`` (model and optimizer sharded through DCP, ``trainer`` by
     rank 0), then ``latest``; keep the newest ``keep`` checkpoints (0: all). Every rank calls it."""
     ckpt_dir = Path(ckpt_dir)
@@ -69,9 +70,11 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         shutil.rmtree(final, ignore_errors=True)         # a re-run of the same step
         os.replace(tmp, final)
         ckpt.fsync_dir(ckpt_dir)
+        write_manifest(final, lineage=lineage, step=int(step))     # verified on resume (longseq.train.manifest)
         ckpt.write_atomic(ckpt_dir / "latest", lambda f: f.write((final.name + "\n").encode()))
         if keep and keep > 0:
-            for _, old in ckpt.list_checkpoints(ckpt_dir)[:-keep]:
+            mine = [p for _, p in ckpt.list_checkpoints(ckpt_dir) if read_meta(p).get("lineage") == lineage]
+            for old in mine[:-keep]:
                 if old != final:
                     ckpt.remove_checkpoint(old)
     _barrier("train.dcp.done")

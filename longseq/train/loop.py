@@ -10,12 +10,20 @@ With ``parallel.fsdp=full|dp`` the model is sharded by FSDP2 (:mod:`longseq.fsdp
 plan: FSDP's reduce-scatter replaces ``sync_gradients`` (same SP-sum, DP-mean semantics), the norm
 is of the whole sharded gradients, and checkpoints are sharded DCP directories
 (:mod:`.dcp_checkpoint`), which also load at another SP x DP layout.
+
+Faults (docs/training.md, "Faults"): a data error on one rank becomes the same ``DataError`` on
+every rank (one 8-byte all-gather a step, tag ``train.data.ok``); a non-finite loss or gradient norm
+on any rank is agreed on (tag ``train.nonfinite``) and skips the update or stops the run
+(``train.on_nonfinite``), never checkpointed; a failed checkpoint write stops every rank cleanly,
+the previous checkpoint intact; the checkpoint resumed from is verified on every rank.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,10 +42,27 @@ from . import data as data_mod
 from . import dcp_checkpoint
 from . import methods
 from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
+from .manifest import CheckpointCorrupt
 from .metrics import MetricsWriter, format_eta, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
 __all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "apply_optim_settings",
-           "backward_and_sync"]
+           "backward_and_sync", "DataError", "NonFiniteError", "CheckpointWriteError"]
+
+
+class DataError(RuntimeError):
+    """A batch could not be loaded on some rank (the same message on every rank)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient norm is not finite and ``train.on_nonfinite=stop``."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (full disk, unwritable out_dir); the previous one is intact."""
+
+
+# Errors that stop a run with a one-line message on every rank (no traceback).
+_CLEAN_STOPS = (DataError, NonFiniteError, CheckpointWriteError, CheckpointCorrupt, comm.CollectiveError)
 
 
 def _env_rank() -> int:
@@ -161,24 +186,73 @@ def _summed_ledger(before: dict) -> dict:
     return total
 
 
-def _maybe_fault(cfg, step: int, rank: int, out_dir: Path) -> None:
-    """Fault injection: at ``train.fault_at_step`` rank ``train.fault_rank`` exits once (a marker
-    file in the run directory keeps it from firing again after a restart)."""
+FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "kill_in_write")
+
+
+def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
+    """Fault injection: True once (a marker file in the run directory keeps it from firing again
+    after a restart) when ``train.fault_kind`` is ``kind``, the step is ``train.fault_at_step`` and
+    this is rank ``train.fault_rank`` (disk_full: rank 0, the writer)."""
     at = cfg.train.fault_at_step
-    if at is None or int(at) != step or rank != int(cfg.train.fault_rank):
-        return
+    fk = str(cfg.train.get("fault_kind", "exit"))
+    if fk not in FAULT_KINDS:
+        raise ConfigError(f"train.fault_kind={fk!r}: choose one of {', '.join(FAULT_KINDS)}")
+    who = 0 if fk in ("disk_full", "kill_in_write") else int(cfg.train.fault_rank)
+    if at is None or fk != kind or int(at) != step or rank != who:
+        return False
     marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
     try:
         fd = os.open(str(marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return
+        return False
     os.write(fd, f"{os.getpid()}\n".encode())
     os.fsync(fd)
     os.close(fd)
-    _say(f"fault injection: rank {rank} exits at step {step} (train.fault_at_step={at}; marker {marker.name})")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(17)
+    what = "exits" if kind == "exit" else kind
+    _say(f"fault injection: rank {rank} {what} at step {step} (train.fault_at_step={at}; marker {marker.name})")
+    return True
+
+
+def _maybe_fault(cfg, step: int, rank: int, out_dir: Path) -> None:
+    """The faults that end or stop this process: exit, sigkill, sigstop."""
+    for kind in ("exit", "sigkill", "sigstop"):
+        if _fault_fires(cfg, kind, step, rank, out_dir):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if kind == "exit":
+                os._exit(17)
+            os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGSTOP)
+
+
+class _KillMidWrite:
+    """Pickling it SIGKILLs this process half-way through the checkpoint's temporary file."""
+
+    def __reduce_ex__(self, protocol):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _DiskFull:
+    """Pickling it fails like a write to a full disk (fault injection: disk_full)."""
+
+    def __reduce_ex__(self, protocol):
+        raise OSError(errno.ENOSPC, "No space left on device (train.fault_kind=disk_full)")
+
+
+def _agree_error(msg: Optional[str], tag: str) -> Optional[str]:
+    """Every rank's view of whether some rank failed: one all-gather of a flag, then (only on a
+    failure) of the messages; returns the first failing rank's message, the same on every rank."""
+    flags = comm.all_gather_int(1 if msg else 0, dist.group.WORLD, tag=tag)
+    if not any(flags):
+        return None
+    msgs = comm.all_gather_object(msg, dist.group.WORLD, tag=tag + ".detail")
+    r = flags.index(1)
+    return f"rank {r}: {msgs[r]}"
+
+
+def _collective_timeout(cfg) -> float:
+    t = cfg.train.get("timeout_s")
+    return float(t if t is not None else cfg.train.get("collective_timeout_s", 600))
 
 
 def _fresh_start_cleanup(out_dir: Path, ckpt_dir: Path) -> None:
@@ -244,6 +318,32 @@ def _load(path: str, model, optimizer, fsdp_plan) -> dict:
     return state
 
 
+def _verify_error(path) -> Optional[str]:
+    try:
+        ckpt.verify(path)
+    except CheckpointCorrupt as e:
+        return str(e)
+    return None
+
+
+def _choose_resume(resume: str, ckpt_dir: Path, lineage: str) -> tuple[Optional[str], Optional[str]]:
+    """(the checkpoint to resume from or None, an error that stops every rank or None); rank 0.
+    auto/strict: the newest of this lineage that verifies (each newer one that fails: one line);
+    a path: that checkpoint, which must verify."""
+    if resume in ("auto", "strict"):
+        try:
+            path, problems = ckpt.find_good(ckpt_dir, lineage, strict=resume == "strict")
+        except CheckpointCorrupt as e:
+            return None, f"{e} (train.resume=auto would use the newest good one)"
+        for line in problems:
+            _say(f"checkpoint failed verification, not used: {line}")
+        if problems:
+            _say(f"resuming from {path.name if path else 'nothing (no checkpoint verifies): a fresh start'}")
+        return (str(path) if path else None), None
+    err = _verify_error(resume)
+    return (None, f"train.resume={resume}: {err}") if err else (resume, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +353,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     is SP, the others DP); by default they are built over the world."""
     device = _device(cfg)
     owns_group = not dist.is_initialized()      # a caller's process group (and mesh) is left as it was
-    longseq.init_distributed(_backend(cfg, device), timeout_s=float(cfg.train.timeout_s))
+    longseq.init_distributed(_backend(cfg, device), timeout_s=_collective_timeout(cfg))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != layout.world:
         raise ConfigError(f"validated for a world of {layout.world} but torch.distributed has {world} ranks")
@@ -264,13 +364,24 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     resume = cfg.train.resume
     resume = "none" if resume in (None, False) else str(resume)
 
-    # Run directory, config, an earlier run's leftovers.
+    on_nonfinite = str(cfg.train.get("on_nonfinite", "stop"))
+    if on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite={on_nonfinite!r}: choose stop or skip")
+
+    # Run directory, config, an earlier run's leftovers, this run's lineage (checkpoint module docstring).
+    setup = None
     if lead:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume == "none":
+        gone = ckpt.clean_temporaries(ckpt_dir)
+        if gone:
+            _say(f"removed {len(gone)} temporary file(s) of an interrupted checkpoint write: {', '.join(gone)}")
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") if restart or "TORCHELASTIC_RUN_ID" in os.environ else ""
+        if resume == "none" and not restart:
             _fresh_start_cleanup(out_dir, ckpt_dir)
+        setup = ckpt.start_lineage(ckpt_dir, resume, run_id=run_id, restart=restart)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    _barrier("train.setup")
+    lineage, resume = comm.all_gather_object(setup, dist.group.WORLD, tag="train.setup")[0]
 
     precision = str(cfg.train.precision)
     if precision == "auto":
@@ -295,12 +406,14 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     # Resume.
     step, position, resumed_from = 0, 0, None
     if resume != "none":
-        path = None
-        if lead:
-            path = ckpt.find_latest(ckpt_dir) if resume == "auto" else Path(resume)
-            path = str(path) if path is not None else None
-        path = comm.all_gather_object(path, dist.group.WORLD, tag="train.resume")[0]
+        path = _choose_resume(resume, ckpt_dir, lineage) if lead else None
+        path, err = comm.all_gather_object(path, dist.group.WORLD, tag="train.resume")[0]
+        if err:
+            raise CheckpointCorrupt(err)
         if path is not None:
+            err = _agree_error(_verify_error(path) if not lead else None, "train.resume.verify")
+            if err:
+                raise CheckpointCorrupt(f"the checkpoint {path} does not verify on {err}")
             state = _load(path, model, optimizer, fsdp_plan)
             scheduler.load_state_dict(state["scheduler"])
             apply_optim_settings(optimizer, scheduler, cfg.optim)   # this run's settings, from the next step
@@ -356,13 +469,39 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     while step < steps:
         _maybe_fault(cfg, step + 1, rank, out_dir)
         t0 = time.perf_counter()
-        batch = loader.batch(position)
+        batch, err = None, None
+        try:
+            if _fault_fires(cfg, "data", step + 1, rank, out_dir):
+                raise ValueError("the batch failed to load (train.fault_kind=data)")
+            batch = loader.batch(position)
+        except (ValueError, OSError, EOFError, RuntimeError) as e:
+            err = f"{type(e).__name__}: {e}"
+        err = _agree_error(err, "train.data.ok")
+        if err:
+            raise DataError(f"loading the batch of step {step + 1} (data position {position}) failed on {err}")
         optimizer.zero_grad(set_to_none=True)
         with _autocast(precision, device):
             loss = trainable.loss(batch)
+            if _fault_fires(cfg, "nan", step + 1, rank, out_dir):
+                loss = loss * float("nan")
         gnorm = backward_and_sync(loss, params, groups, fsdp_plan, clip)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        bad = torch.tensor([0.0 if (math.isfinite(float(loss.detach())) and math.isfinite(float(gnorm))) else 1.0],
+                           device=_comm_device())
+        skipped = bool(comm.all_reduce(bad, dist.group.WORLD, tag="train.nonfinite").item() > 0)
+        if skipped and on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"the loss ({float(loss.detach()):g} on rank {rank}) or gradient norm ({float(gnorm):g}) is not finite "
+                f"at step {step + 1} on some rank; the data of the step loaded and was checked finite, so: lower "
+                "optim.lr, use train.precision=fp32 to see whether bf16 is the cause, or train.on_nonfinite=skip. "
+                "No checkpoint was written from this state")
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            if lead:
+                _say(f"step {step + 1}: non-finite loss or gradient norm on some rank; update skipped "
+                     "(train.on_nonfinite=skip)")
+        else:
+            optimizer.step()
         scheduler.step()
         step += 1
         position += G
@@ -379,32 +518,43 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         mfu = trainable.flops_per_token * tps / (world * peak * 1e12) if peak else None
         last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
                 "tokens_per_s": tps, "samples_per_s": G / dt, "peak_mem_gib": peak_memory_gib(device),
-                "mfu": mfu, "data_position": position}
+                "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {})}
         losses.append(loss_value)
         metrics.log(last)
         if lead and progress and (step % log_every == 0 or step == steps):
             eta = (time.perf_counter() - wall0) / (step - first_step) * (steps - step)
             _say(progress_line(last, steps, device.type == "cpu") + f" | ETA {format_eta(eta)}")
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"the loss is {loss_value} at step {step}: lower optim.lr, or use "
-                                     "train.precision=fp32 to see whether bf16 is the cause")
 
         if save and ((every and step % every == 0) or step == steps):
             rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
+            err = None
             state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
                      "scheduler": scheduler.state_dict(), "rng": rngs,
                      "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size,
                                 "fsdp": fsdp_mode},
                      "config": OmegaConf.to_container(cfg, resolve=True)}
             p = None
-            if fsdp_plan is not None:                   # sharded: every rank writes its shards
-                p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep)
-            elif lead:
-                state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-                p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep)
-            if lead and (step % log_every == 0 or step == steps):
-                _say(f"checkpoint {p.relative_to(out_dir)}")
-            _barrier("train.checkpoint")
+            try:
+                if fsdp_plan is not None:                   # sharded: every rank writes its shards
+                    p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep, lineage=lineage)
+                elif lead:
+                    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+                    if _fault_fires(cfg, "disk_full", step, rank, out_dir):
+                        state["fault"] = _DiskFull()
+                    elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
+                        state["fault"] = _KillMidWrite()
+                    p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage)
+                if lead and (step % log_every == 0 or step == steps):
+                    _say(f"checkpoint {p.relative_to(out_dir)}")
+            except OSError as e:
+                prev = ckpt.find_latest(ckpt_dir) if lead else None
+                err = (f"writing the checkpoint of step {step} in {ckpt_dir} failed ({e}); "
+                       f"{'the previous checkpoint ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}"
+                       ": free space (or choose another train.out_dir) and rerun with train.resume=auto")
+            del state
+            err = _agree_error(err, "train.checkpoint")
+            if err:
+                raise CheckpointWriteError(err)
         if sleep_s > 0:
             time.sleep(sleep_s)
 
@@ -458,7 +608,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if lead:
             print(f"longseq.train: config error: {e}", file=sys.stderr, flush=True)
         return 2
-    train(cfg, layout)
+    try:
+        train(cfg, layout)
+    except _CLEAN_STOPS as e:
+        print(f"longseq.train: rank {_env_rank()}: stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

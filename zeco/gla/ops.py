@@ -37,9 +37,19 @@ import torch
 from . import chunk as _chunk
 from . import fla_backend as _fla
 
-__all__ = ["gla_fwd", "gla_bwd", "gla", "GLAFunction", "BACKENDS", "resolve_backend"]
+__all__ = ["gla_fwd", "gla_bwd", "gla", "GLAFunction", "BACKENDS", "resolve_backend", "DECAY_FLOOR", "floor_decay"]
 
 BACKENDS = ("auto", "torch", "fla")
+
+# Log-decays below this are raised to it: exp(-100) is below every float's resolution next to 1 (a
+# decay of 0 for practical purposes), while -inf would make the chunked form's differences of
+# cumulative sums -inf - (-inf) = NaN where the recurrence is finite. Their gradient is 0.
+DECAY_FLOOR = -100.0
+
+
+def floor_decay(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with values below :data:`DECAY_FLOOR` (``-inf`` included) raised to it (NaN stays NaN)."""
+    return g.clamp(min=DECAY_FLOOR)
 
 
 def _validate(q, k, v, g, scale, initial_state, chunk_size, do=None, dht=None) -> None:
@@ -142,6 +152,7 @@ def gla_fwd(
     """
     _validate(q, k, v, g, scale, initial_state, chunk_size)
     scale = _default_scale(q, scale)
+    g = floor_decay(g)
     if resolve_backend(backend, q) == "fla":
         return _fla.fla_gla_fwd(q, k, v, g, scale, initial_state)
     o, ht = _chunk.chunk_gla_fwd(q, k, v, g, scale, initial_state, chunk_size)
@@ -169,9 +180,12 @@ def gla_bwd(
     """
     _validate(q, k, v, g, scale, initial_state, chunk_size, do=do, dht=dht)
     scale = _default_scale(q, scale)
+    low, g = g < DECAY_FLOOR, floor_decay(g)
     if resolve_backend(backend, q) == "fla":
-        return _fla.fla_gla_bwd(q, k, v, g, scale, initial_state, do, dht)
-    return _chunk.chunk_gla_bwd(q, k, v, g, scale, initial_state, do, dht, chunk_size)
+        dq, dk, dv, dg, dh0 = _fla.fla_gla_bwd(q, k, v, g, scale, initial_state, do, dht)
+    else:
+        dq, dk, dv, dg, dh0 = _chunk.chunk_gla_bwd(q, k, v, g, scale, initial_state, do, dht, chunk_size)
+    return dq, dk, dv, dg.masked_fill(low, 0), dh0
 
 
 class GLAFunction(torch.autograd.Function):

@@ -1,0 +1,176 @@
+"""Fuzz of the public API across 2-4 gloo ranks (hypothesis): ranks that disagree on shapes, dims or
+dtypes, sequences shorter than P, zero-length tensors, NaN inputs, for dsp.switch / shard / gather
+and zeco.sp_gla. Every case must end in the single-process reference result on every rank or in the
+same ValueError on every rank; a hang fails the test through the pool's timeout. The outcome counts
+are printed (pytest -s) and asserted to cover both kinds. ``LONGSEQ_FUZZ_EXAMPLES`` raises the count."""
+import collections
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longseq import dsp, zeco
+from longseq.sharding import shard_range
+from longseq.zeco.gla.naive import recurrent_gla_reference
+
+EXAMPLES = int(os.environ.get("LONGSEQ_FUZZ_EXAMPLES", "40"))
+OUTCOMES: collections.Counter = collections.Counter()
+
+
+def _piece(x, dim, P, r):
+    a, b = shard_range(x.shape[dim], P, r)
+    return x.narrow(dim, a, b - a)
+
+
+def _dsp_case(spec):
+    """One DSP case on this rank: ("ok", tensor) or ("err", message)."""
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    B, T, S, C, op, bad, who = (spec[k] for k in ("B", "T", "S", "C", "op", "bad", "who"))
+    mine = bad if r == who else "none"
+    dtype = torch.float64 if mine == "dtype" else torch.float32
+    Cr = C + 1 if mine == "channels" else C
+    Tr = T + 1 if mine == "whole" and op == "shard" else T          # pieces of switch/gather: see "channels"
+    whole = torch.randn(B, Tr, S, Cr, generator=torch.Generator().manual_seed(spec["seed"])).to(dtype)
+    if spec["nan"] and whole.numel():
+        whole.view(-1)[0] = float("nan")
+    try:
+        if op == "shard":
+            out = dsp.shard(whole, 1, W)
+        elif op == "switch":
+            x = _piece(whole, 1, P, r) if T >= P else whole[:, :0]
+            dims = (2, 1) if mine != "dims" else (3, 1)
+            out = dsp.switch(x, W, dims[0], dims[1], gather_size=spec["give_size"] and T or None)
+        else:
+            x = _piece(whole, 1, P, r) if T >= P else whole[:, :0]
+            out = dsp.gather(x, 1, W, full_size=spec["give_size"] and T or None)
+        return "ok", out
+    except ValueError as e:
+        return "err", str(e)
+
+
+def _dsp_expected(spec, P, r):
+    whole = torch.randn(spec["B"], spec["T"], spec["S"], spec["C"],
+                        generator=torch.Generator().manual_seed(spec["seed"]))
+    if spec["nan"] and whole.numel():
+        whole.view(-1)[0] = float("nan")
+    return {"shard": lambda: _piece(whole, 1, P, r), "switch": lambda: _piece(whole, 2, P, r),
+            "gather": lambda: whole}[spec["op"]]()
+
+
+def _run_many(fn, specs):
+    return [fn(s) for s in specs]
+
+
+dsp_spec = st.fixed_dictionaries({
+    "B": st.integers(1, 2), "T": st.integers(0, 6), "S": st.integers(0, 6), "C": st.integers(1, 3),
+    "op": st.sampled_from(["switch", "shard", "gather"]),
+    "bad": st.sampled_from(["none", "none", "dtype", "channels", "whole", "dims"]),
+    "who": st.integers(0, 3), "nan": st.booleans(), "give_size": st.booleans(),
+    "seed": st.integers(0, 2 ** 16)})
+
+
+def _judge(P, outs, expected_fn, must_fail):
+    kinds = {k for k, _ in outs}
+    assert len(kinds) == 1, f"ranks ended differently: {[k for k, _ in outs]} {outs}"
+    if kinds == {"err"}:
+        msgs = {m for _, m in outs}
+        assert len(msgs) == 1, f"different errors on the ranks: {msgs}"
+        OUTCOMES["same error on every rank"] += 1
+        return
+    assert not must_fail, f"ranks that disagree got a result: {outs}"
+    for r, (_, got) in enumerate(outs):
+        torch.testing.assert_close(got, expected_fn(r), rtol=0, atol=0, equal_nan=True)
+    OUTCOMES["correct result"] += 1
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_fuzz_dsp_primitives(dist_pool, P):
+    pool = dist_pool(P)
+    batch = []
+    OUTCOMES.clear()
+
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(dsp_spec)
+    def collect(spec):
+        batch.append(spec)
+
+    collect()
+    results = pool.run(_run_many, _dsp_case, batch, timeout=120)     # every case, one round trip
+    for i, spec in enumerate(batch):
+        outs = [results[r][i] for r in range(P)]
+        applies = {"dtype": True, "channels": True, "whole": spec["op"] == "shard", "dims": spec["op"] == "switch"}
+        disagree = spec["bad"] != "none" and applies[spec["bad"]] and spec["who"] < P
+        _judge(P, outs, lambda r, s=spec: _dsp_expected(s, P, r), disagree)
+    print(f"\nfuzz dsp P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)
+
+
+def _gla_inputs(spec):
+    """The whole q, k, v, g (B=1, H=2, K=4, V=3) of a case; NaN in v when asked."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    B, T, H, K, V = 1, spec["T"], 2, 4, 3
+    q, k = torch.randn(B, T, H, K, generator=g), torch.randn(B, T, H, K, generator=g)
+    v = torch.randn(B, T, H, V, generator=g)
+    lg = -torch.rand(B, T, H, K, generator=g)
+    if spec["nan"] and T:
+        v[0, 0, 0, 0] = float("nan")
+    return q, k, v, lg
+
+
+def _gla_case(spec):
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    q, k, v, lg = _gla_inputs(spec)
+    a, b = shard_range(spec["T"], P, r)
+    pieces = [t[:, a:b] for t in (q, k, v, lg)]
+    if spec["bad"] == "K" and r == spec["who"] % P:
+        pieces = [t[..., :3] if i != 2 else t for i, t in enumerate(pieces)]
+    if spec["bad"] == "dtype" and r == spec["who"] % P:
+        pieces = [t.double() for t in pieces]
+    try:
+        o, _ = zeco.sp_gla(*pieces, group=W, check="always", method=spec["method"])
+        return "ok", o
+    except ValueError as e:
+        return "err", str(e)
+
+
+def _gla_expected(spec, P, r):
+    o, _ = recurrent_gla_reference(*_gla_inputs(spec))
+    a, b = shard_range(spec["T"], P, r)
+    return o[:, a:b]
+
+
+gla_spec = st.fixed_dictionaries({
+    "T": st.integers(0, 9), "bad": st.sampled_from(["none", "none", "K", "dtype"]), "who": st.integers(0, 3),
+    "nan": st.booleans(), "method": st.sampled_from(["zeco", "lasp1", "lasp2"]), "seed": st.integers(0, 2 ** 16)})
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_fuzz_sp_gla(dist_pool, P):
+    pool = dist_pool(P)
+    batch = []
+    OUTCOMES.clear()
+
+    @settings(max_examples=max(10, EXAMPLES // 2), deadline=None, suppress_health_check=list(HealthCheck),
+              database=None)
+    @given(gla_spec)
+    def collect(spec):
+        batch.append(spec)
+
+    collect()
+    results = pool.run(_run_many, _gla_case, batch, timeout=120)
+    for i, spec in enumerate(batch):
+        outs = [results[r][i] for r in range(P)]
+        kinds = {k for k, _ in outs}
+        if kinds == {"ok"}:
+            for r, (_, got) in enumerate(outs):
+                torch.testing.assert_close(got, _gla_expected(spec, P, r), rtol=1e-4, atol=1e-4, equal_nan=True)
+            assert spec["bad"] == "none", f"ranks that disagree got a result: {spec}"
+            OUTCOMES["correct result"] += 1
+        else:
+            assert kinds == {"err"} and len({m for _, m in outs}) == 1, outs
+            OUTCOMES["same error on every rank"] += 1
+    print(f"\nfuzz sp_gla P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)
