@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from longseq.functional import gather_halo
 from longseq.zeco import delta_rule, sp_delta_rule
 
-from .fla_gla import TorchCrossEntropy, rms_norm, rms_norm_gated, short_conv
+from .fla_gla import TorchCrossEntropy, module_standins, short_conv
 
 __all__ = ["parallelize", "tiny_config", "build"]
 
@@ -82,26 +82,12 @@ def _gdn_forward(self, hidden_states, attention_mask=None, past_key_values=None,
     return self.o_proj(o.reshape(B, T, -1)), None, past_key_values
 
 
-def _rmsnorm_forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
-    return rms_norm(x, self.weight, self.bias, self.eps, residual, prenorm, residual_in_fp32)
-
-
-def _gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-    return rms_norm_gated(x, g, self.weight, self.bias, self.eps, self.activation, residual, prenorm,
-                          residual_in_fp32)
-
-
-def _mlp_forward(self, x, **kwargs):
-    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def parallelize(model: nn.Module, group: Optional[Any] = None, *, method: str = "zeco", torch_modules: Any = "auto",
                 **options) -> nn.Module:
     """Adapt ``model`` in place (module docstring); ``group`` None: one process (the local op).
     ``options`` go to :func:`zeco.sp_delta_rule` (``num_blocks``, ``check``, ``chunk_size``, ``backend``).
     Returns the model."""
     from fla.layers.gated_deltanet import GatedDeltaNet
-    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm
 
     if group is not None and hasattr(group, "sp_group"):
         group = group.sp_group
@@ -119,8 +105,7 @@ def parallelize(model: nn.Module, group: Optional[Any] = None, *, method: str = 
             mod._longseq_group, mod._longseq_opts = group, dict(method=method, **options)
             n += 1
         elif torch_modules:
-            for cls, fwd in ((RMSNorm, _rmsnorm_forward), (FusedRMSNormGated, _gated_norm_forward),
-                             (GatedMLP, _mlp_forward)):
+            for cls, fwd, _ in module_standins(conv=False):
                 if isinstance(mod, cls):
                     mod.forward = types.MethodType(fwd, mod)
                     break

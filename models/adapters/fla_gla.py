@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from longseq import functional as LF
 
 __all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "LAYERS", "ROUTES", "FUNCTIONS", "MODELS",
-           "build_model", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
+           "build_model", "module_standins", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
            "rms_norm_swish_gate_linear", "rotary_embedding", "tiny_config", "build", "rms_norm",
            "rms_norm_gated", "short_conv", "TorchCrossEntropy"]
 
@@ -212,6 +212,17 @@ def _gated_norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp
 
 def _mlp_forward(self, x, **kwargs):
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def module_standins(*, conv: bool = True) -> list[tuple[type, Callable, str]]:
+    """``(fla module class, PyTorch forward, name)`` for fla's modules whose Triton forwards get a
+    pure-PyTorch stand-in where Triton cannot run (``conv``: also ``ShortConvolution``, whose stand-in
+    fetches its halo from the previous ranks); other adapters install the same ones."""
+    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+    out = [(RMSNorm, _rmsnorm_forward, "RMSNorm"),
+           (FusedRMSNormGated, _gated_norm_forward, "FusedRMSNormGated"),
+           (GatedMLP, _mlp_forward, "GatedMLP (SwiGLU)")]
+    return out + [(ShortConvolution, _conv_forward, "ShortConvolution")] if conv else out
 
 
 def _conv_forward(self, x, residual=None, mask=None, cache=None, output_final_state=False, cu_seqlens=None,
@@ -495,7 +506,7 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
     process; :func:`parallelize` adds sequence parallelism. Raises ``NotImplementedError`` naming
     modules / functions that cannot run this way, ``ValueError`` when the model has no routed
     layer or is already adapted."""
-    from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution
+    from fla.modules import GatedMLP
     from fla.modules.rotary import RotaryEmbedding
 
     from longseq.zeco.gla import gla as local_gla
@@ -546,10 +557,7 @@ def adapt(model: nn.Module, *, torch_modules: Any = "auto", backend: str = "auto
                 h.rotaries.append(path)
             if not torch_modules:
                 continue
-            for cls, fwd, what in ((RMSNorm, _rmsnorm_forward, "RMSNorm"),
-                                   (FusedRMSNormGated, _gated_norm_forward, "FusedRMSNormGated"),
-                                   (GatedMLP, _mlp_forward, "GatedMLP (SwiGLU)"),
-                                   (ShortConvolution, _conv_forward, "ShortConvolution")):
+            for cls, fwd, what in module_standins():
                 if isinstance(mod, cls):
                     if cls is GatedMLP and mod.hidden_act != "swish":
                         blockers.append(f"{path}: GatedMLP with hidden_act={mod.hidden_act!r}")
