@@ -629,7 +629,10 @@ class DSPHandle:
     def _check_shardable(self, x: torch.Tensor, layout: str, dim: str, where: str) -> None:
         lay = L.parse(layout)
         d = next(i for i, g in enumerate(lay.groups) if dim in g)
-        check_shardable(self.whole(dim), self.size, f"{dim} (dim {d} of {where}, dims {layout!r}, shape {list(x.shape)})")
+        try:    # sizes, not this rank's shape: the same PlanError on every rank (passed on as it is)
+            check_shardable(self.whole(dim), self.size, f"{dim} (dim {d} of {where}, dims {layout!r}, sizes {self.sizes})")
+        except ValueError as e:
+            raise PlanError(f"DSP plan {self.plan.name!r}: {e}") from None
 
     # -- moving data between shardings ----------------------------------------------------
     def _switch_dtype(self, x: torch.Tensor) -> torch.dtype | None:

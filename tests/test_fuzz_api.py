@@ -174,3 +174,156 @@ def test_fuzz_sp_gla(dist_pool, P):
             OUTCOMES["same error on every rank"] += 1
     print(f"\nfuzz sp_gla P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
     assert sum(OUTCOMES.values()) == len(batch)
+
+
+# ---- (a) the baselines' attention primitives: Ulysses, ring (plain and causal) ----------------------
+def _attn_inputs(spec, L=None, H=None, D=None):
+    """The whole q, k, v [B, L, H, D] of a case (float32); NaN in v when asked."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    shape = (spec["B"], spec["L"] if L is None else L, spec["H"] if H is None else H, spec["D"] if D is None else D)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    if spec["nan"] and v.numel():
+        v.view(-1)[0] = float("nan")
+    return q, k, v
+
+
+def _attn_case(spec):
+    from longseq.sp import ring_attention, ulysses_attention
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    mine = spec["bad"] if r == spec["who"] % P else "none"
+    L = spec["L"] + (1 if mine == "L" else 0)
+    q, k, v = _attn_inputs(spec, L=L, H=spec["H"] + (mine == "heads"), D=spec["D"] + (mine == "dim"))
+    if mine == "dtype":
+        q, k, v = q.double(), k.double(), v.double()
+    q, k, v = (_piece(t, 1, P, r) for t in (q, k, v))
+    try:
+        if spec["op"] == "ulysses":
+            out = ulysses_attention(q, k, v, W, seq_len=L)
+        else:
+            out = ring_attention(q, k, v, W, causal=spec["op"] == "ring_causal", seq_len=L)
+        return "ok", out
+    except ValueError as e:
+        return "err", str(e)
+
+
+def _attn_expected(spec, P, r):
+    q, k, v = (t.double() for t in _attn_inputs(spec))
+    s = torch.einsum("blhd,bmhd->bhlm", q, k) / spec["D"] ** 0.5
+    if spec["op"] == "ring_causal":
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhlm,bmhd->blhd", s.softmax(-1), v).float()
+    return _piece(o, 1, P, r)
+
+
+attn_spec = st.fixed_dictionaries({
+    "B": st.integers(1, 2), "L": st.integers(0, 9), "H": st.sampled_from([1, 2, 3, 4, 6]), "D": st.integers(1, 3),
+    "op": st.sampled_from(["ulysses", "ring", "ring_causal"]),
+    "bad": st.sampled_from(["none", "none", "none", "L", "heads", "dim", "dtype"]), "who": st.integers(0, 3),
+    "nan": st.booleans(), "seed": st.integers(0, 2 ** 16)})
+
+
+def _collect(strategy, n):
+    batch = []
+
+    @settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(strategy)
+    def collect(spec):
+        batch.append(spec)
+
+    collect()
+    return batch
+
+
+def _judge_tol(outs, expected_fn, must_fail, tol):
+    """As :func:`_judge`, with a tolerance for the result (attention, recurrences, models)."""
+    kinds = {k for k, _ in outs}
+    assert len(kinds) == 1, f"ranks ended differently: {outs}"
+    if kinds == {"err"}:
+        assert len({m for _, m in outs}) == 1, f"different errors on the ranks: {outs}"
+        OUTCOMES["same error on every rank"] += 1
+        return
+    assert not must_fail, f"ranks that disagree got a result: {outs}"
+    for r, (_, got) in enumerate(outs):
+        torch.testing.assert_close(got, expected_fn(r), rtol=tol, atol=tol, equal_nan=True)
+    OUTCOMES["correct result"] += 1
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_fuzz_sp_attention(dist_pool, P):
+    pool = dist_pool(P)
+    OUTCOMES.clear()
+    batch = _collect(attn_spec, max(10, EXAMPLES // 2))
+    results = pool.run(_run_many, _attn_case, batch, timeout=120)
+    for i, spec in enumerate(batch):
+        _judge_tol([results[r][i] for r in range(P)], lambda r, s=spec: _attn_expected(s, P, r),
+                   spec["bad"] != "none" and spec["who"] < P, 1e-5)
+    print(f"\nfuzz sp attention P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)
+
+
+# ---- (b) parallelize on the tiny ST-DiT: dsp.parallelize and sp.parallelize(method=...) -------------
+def _stdit():
+    from longseq.models import STDiT, init_for_testing, stdit_config
+    return init_for_testing(STDiT(stdit_config("tiny", patch_size=1)), std=0.1, seed=0)
+
+
+def _stdit_inputs(spec, B=None, T=None, H=None, W=None):
+    """x [B, 4, T, H, W], timestep [B], caption [B, 3, 16], its mask (last token off in sample 0)."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    B = spec["B"] if B is None else B
+    x = torch.randn(B, 4, spec["T"] if T is None else T, spec["H"] if H is None else H, spec["W"] if W is None else W,
+                    generator=g)
+    ts, y = torch.rand(B, generator=g) * 1000, torch.randn(B, 3, 16, generator=g)
+    mask = torch.ones(B, 3, dtype=torch.bool)
+    mask[0, -1] = False
+    return x, ts, y, mask
+
+
+_MODEL: dict = {}
+
+
+def _model_case(spec):
+    import longseq.sp as sp
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    model = _MODEL.setdefault("stdit", _stdit())
+    mine = spec["bad"] if r == spec["who"] % P else "none"
+    x, ts, y, mask = _stdit_inputs(spec, **({mine: spec[mine] + 1} if mine in ("B", "T", "H", "W") else {}))
+    if mine == "dtype":
+        x = x.double()
+    handle = None
+    try:
+        handle = (dsp.parallelize(model, W) if spec["method"] == "dsp.parallelize"
+                  else sp.parallelize(model, W, spec["method"]))
+        with torch.no_grad():
+            return "ok", model(x, ts, y, mask)
+    except ValueError as e:
+        return "err", str(e)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _model_expected(spec):
+    model = _MODEL.setdefault("stdit", _stdit())
+    with torch.no_grad():
+        return model(*_stdit_inputs(spec))
+
+
+model_spec = st.fixed_dictionaries({
+    "B": st.integers(1, 2), "T": st.integers(1, 4), "H": st.integers(1, 3), "W": st.integers(2, 3),
+    "method": st.sampled_from(["dsp.parallelize", "dsp", "ulysses", "ring"]),
+    "bad": st.sampled_from(["none", "none", "B", "T", "H", "W", "dtype"]), "who": st.integers(0, 3),
+    "seed": st.integers(0, 2 ** 16)})
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_fuzz_parallelize_stdit(dist_pool, P):
+    pool = dist_pool(P)
+    OUTCOMES.clear()
+    batch = _collect(model_spec, max(8, EXAMPLES // 3))
+    results = pool.run(_run_many, _model_case, batch, timeout=120)
+    for i, spec in enumerate(batch):
+        _judge_tol([results[r][i] for r in range(P)], lambda r, s=spec: _model_expected(s),
+                   spec["bad"] != "none" and spec["who"] < P, 1e-5)
+    print(f"\nfuzz parallelize ST-DiT P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)

@@ -322,14 +322,14 @@ def _install(handle: SPHandle, attns, offsets, sp, P: int, r: int, kernel: str, 
 
             def fn(q, k, v, backend=None, causal=False, _tag=tag, **kw):
                 return ulysses_attention(q, k, v, sp, seq_len=handle.seq_len(), backend=backend, causal=causal,
-                                         tag=_tag, **kw)
+                                         check=False, tag=_tag, **kw)
             _set_attn_fn(handle, mod, path, fn)
         elif method == "ring":
             from .ring import ring_attention
 
             def fn(q, k, v, backend=None, causal=False, _tag=tag, **kw):
                 return ring_attention(q, k, v, sp, seq_len=handle.seq_len(), causal=causal, kernel=kernel,
-                                      grad_comm_dtype=grad_comm_dtype, tag=_tag, **kw)
+                                      grad_comm_dtype=grad_comm_dtype, check=False, tag=_tag, **kw)
             _set_attn_fn(handle, mod, path, fn)
         elif method == "usp":
             from .usp import usp_attention

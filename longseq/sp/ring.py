@@ -48,6 +48,8 @@ from longseq import comm
 from longseq.ops import group_name, resolve_group
 from longseq.sharding import split_sizes
 
+from .ulysses import agree
+
 __all__ = [
     "ring_attention", "zigzag_shard", "zigzag_unshard", "zigzag_indices", "ring_schedule", "LAYOUTS", "KERNELS",
 ]
@@ -366,7 +368,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
                    softmax_scale: Optional[float] = None, layout: str = "contiguous", seq_len: Optional[int] = None,
                    seq_sizes: Optional[Sequence[int]] = None, kernel: str = "auto",
                    grad_comm_dtype: Optional[torch.dtype] = None,
-                   dropout_p: float = 0.0, backend: Optional[str] = None, tag: str = "ring") -> torch.Tensor:
+                   dropout_p: float = 0.0, backend: Optional[str] = None, check: Optional[bool] = None,
+                   tag: str = "ring") -> torch.Tensor:
     """Ring attention over ``group`` (module docstring). q ``[B, Lq_r, H, D]``, k, v ``[B, Lk_r, Hkv, D]``:
     this rank's piece of a sequence laid out by ``layout``; returns this rank's piece of the output.
 
@@ -375,47 +378,61 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
     (any contiguous pieces, e.g. USP's ring of Ulysses groups). ``grad_comm_dtype``: the
     dtype of the dk/dv accumulators sent in backward (default float32 for half inputs, else the input
     dtype). ``backend`` is accepted (and ignored) so the function fits ``SelfAttention.attn_fn``.
-    Raises ``ValueError`` before any communication for bad shapes, layouts or lengths.
+    Raises ``ValueError`` before any communication for bad shapes, layouts or lengths; with ``check``
+    (as :func:`longseq.sp.ulysses.ulysses_attention`'s: one 8-byte all-gather, tag ``<tag>.check``)
+    the same one on every rank, also when the ranks disagree on dtype, B, heads, head dim or lengths.
     """
     del backend
     if dropout_p:
         raise NotImplementedError("ring_attention does not implement dropout")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape[:3] + k.shape[3:]:
-        raise ValueError(f"q, k, v must be [B, L, H, D] with k, v alike; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-        raise ValueError(f"incompatible q {list(q.shape)} and k {list(k.shape)} (heads of q must be a multiple of k's)")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown ring layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     P, r = comm.group_size(group), comm.group_rank(group)
-    lq, lk = q.shape[1], k.shape[1]
-    if layout == "zigzag":
-        if not causal:
-            layout = "contiguous"   # without a mask, the zigzag order changes nothing
-        if lq != lk or lq % 2:
-            raise ValueError(f"the zigzag layout holds two equal chunks per rank: q and k need the same even "
-                             f"local length, got {lq} and {lk}")
-        if (seq_len is not None and seq_len != P * lk) or (seq_sizes is not None and set(seq_sizes) != {lk}):
-            raise ValueError(f"the zigzag layout has {P} equal pieces of {lk}; got seq_len={seq_len}, "
-                             f"seq_sizes={seq_sizes}")
-    if seq_sizes is not None:
-        sizes = [int(s) for s in seq_sizes]
-        if len(sizes) != P:
-            raise ValueError(f"ring_attention: seq_sizes {sizes} must have one entry per rank ({P})")
-        seq_len = sum(sizes)
-    else:
-        seq_len = P * lk if seq_len is None else int(seq_len)
-        sizes = split_sizes(seq_len, P)
-    if sizes[r] != lk:
-        raise ValueError(f"ring_attention: this rank ({r} of {P}) holds {lk} keys, but the pieces are {sizes} "
-                         f"(seq_len {seq_len})")
-    if causal and lq != lk:
-        raise ValueError(f"causal ring attention needs q and k pieces of the same length, got {lq} and {lk}")
-    if causal and layout == "contiguous" and len(set(sizes)) > 1:
-        raise ValueError(f"causal ring attention needs equal pieces (seq_len {seq_len} over {P} ranks is uneven)")
+    whole = int(seq_len) if seq_len is not None else sum(seq_sizes) if seq_sizes is not None else P * k.shape[1]
+
+    def validate():
+        nonlocal layout, seq_len
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape[:3] + k.shape[3:]:
+            raise ValueError(f"q, k, v must be [B, L, H, D] with k, v alike; got {list(q.shape)}, {list(k.shape)}, "
+                             f"{list(v.shape)}")
+        lq, lk = q.shape[1], k.shape[1]
+        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+            raise ValueError(f"incompatible q {list(q.shape)} and k {list(k.shape)} (heads of q must be a multiple of k's)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown ring layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+        if layout == "zigzag":
+            if not causal:
+                layout = "contiguous"   # without a mask, the zigzag order changes nothing
+            if lq != lk or lq % 2:
+                raise ValueError(f"the zigzag layout holds two equal chunks per rank: q and k need the same even "
+                                 f"local length, got {lq} and {lk}")
+            if (seq_len is not None and seq_len != P * lk) or (seq_sizes is not None and set(seq_sizes) != {lk}):
+                raise ValueError(f"the zigzag layout has {P} equal pieces of {lk}; got seq_len={seq_len}, "
+                                 f"seq_sizes={seq_sizes}")
+        if seq_sizes is not None:
+            sizes = [int(s) for s in seq_sizes]
+            if len(sizes) != P:
+                raise ValueError(f"ring_attention: seq_sizes {sizes} must have one entry per rank ({P})")
+            seq_len = sum(sizes)
+        else:
+            seq_len = P * lk if seq_len is None else int(seq_len)
+            sizes = split_sizes(seq_len, P)
+        if min(sizes) == 0:
+            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes} (seq_len "
+                             f"{seq_len} over {P} ranks): use a sequence of at least {P} tokens or a smaller group")
+        if sizes[r] != lk:
+            raise ValueError(f"ring_attention: this rank ({r} of {P}) holds {lk} keys, but the pieces are {sizes} "
+                             f"(seq_len {seq_len})")
+        if causal and lq != lk:
+            raise ValueError(f"causal ring attention needs q and k pieces of the same length, got {lq} and {lk}")
+        if causal and layout == "contiguous" and len(set(sizes)) > 1:
+            raise ValueError(f"causal ring attention needs equal pieces (seq_len {seq_len} over {P} ranks is uneven)")
+        _kernel(kernel, q)   # validate early
+        return sizes
+    sizes = agree(group, "ring_attention", (q, k, v), validate, check, tag=f"{tag}.check", causal=bool(causal),
+                  layout=layout, seq_len=whole, seq_sizes=None if seq_sizes is None else tuple(seq_sizes))
+    seq_len = sum(sizes)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if grad_comm_dtype is None:
         grad_comm_dtype = torch.float32 if q.dtype in _HALF else q.dtype
-    _kernel(kernel, q)   # validate early
     out, _ = torch.ops.longseq.ring_attention_fwd(q, k, v, group_name(group), bool(causal), scale, layout, sizes,
                                                   kernel, grad_comm_dtype, tag)
     return out

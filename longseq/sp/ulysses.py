@@ -8,7 +8,10 @@ is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·
 rank forward for q, k, v and out as large as the local activation m, the same backward.
 
 The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
-before any communication. Causal attention needs nothing special: after the all-to-all each rank
+before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
+``dsp.unchecked()``, default on): one 8-byte all-gather (tag ``<tag>.check``) before the all-to-alls,
+so ranks that disagree on the dtype, B, heads, head dim, ``seq_len`` or ``causal``, or that got a bad
+argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing special: after the all-to-all each rank
 sees the whole sequence in order (contiguous layout).
 """
 from __future__ import annotations
@@ -20,9 +23,29 @@ import torch
 from longseq import comm
 from longseq import functional as LF
 from longseq.attention import attention
+from longseq.dsp.primitives import check_agree, checks_enabled
 from longseq.sharding import split_sizes
 
-__all__ = ["ulysses_attention", "check_heads", "parallelize"]
+__all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
+
+
+def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Optional[bool], *, tag: str,
+          **asked) -> Any:
+    """Run ``validate()`` (which raises ``ValueError`` for bad arguments) and, when the cross-rank
+    check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of ``group`` raise
+    the same ``ValueError`` unless all agree on the tensors' dtypes and shapes but dim 1 (the
+    sharded sequence), on ``asked`` and on having no error. Returns ``validate()``'s result."""
+    try:
+        result, error = validate(), None
+    except ValueError as e:
+        result, error = None, str(e)
+    if checks_enabled(check):
+        sig = tuple((str(t.dtype).replace("torch.", ""), tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape)))
+                    for t in tensors) + tuple(sorted(asked.items()))
+        check_agree(group, what, sig, error, tag=tag)
+    elif error:
+        raise ValueError(error)
+    return result
 
 
 def check_heads(num_heads: int, P: int, what: str = "Ulysses", kv_heads: Optional[int] = None) -> None:
@@ -39,20 +62,24 @@ def check_heads(num_heads: int, P: int, what: str = "Ulysses", kv_heads: Optiona
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, *, causal: bool = False,
                       dropout_p: float = 0.0, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
                       seq_len: Optional[int] = None, attn_fn: Optional[Callable] = None,
-                      tag: str = "ulysses") -> torch.Tensor:
+                      check: Optional[bool] = None, tag: str = "ulysses") -> torch.Tensor:
     """Ulysses attention over ``group`` (module docstring). ``seq_len``: the whole sequence length
     (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
     attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
-    ``softmax_scale``, ``backend``). Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, L, H, D]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring). Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
     P, r = comm.group_size(group), comm.group_rank(group)
-    check_heads(q.shape[2], P, kv_heads=k.shape[2])
     L = int(seq_len) if seq_len is not None else q.shape[1] * P
-    sizes = split_sizes(L, P)
-    if q.shape[1] != sizes[r] or k.shape[1] != sizes[r] or v.shape[1] != sizes[r]:
-        raise ValueError(f"ulysses_attention: this rank ({r} of {P}) holds q/k/v pieces of {q.shape[1]}/{k.shape[1]}/"
-                         f"{v.shape[1]} tokens, but seq_len={L} gives it {sizes[r]} (tensor_split sizes {sizes})")
+
+    def validate():
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"q, k, v must be [B, L, H, D]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+        check_heads(q.shape[2], P, kv_heads=k.shape[2])
+        sizes = split_sizes(L, P)
+        if q.shape[1] != sizes[r] or k.shape[1] != sizes[r] or v.shape[1] != sizes[r]:
+            raise ValueError(f"ulysses_attention: this rank ({r} of {P}) holds q/k/v pieces of {q.shape[1]}/"
+                             f"{k.shape[1]}/{v.shape[1]} tokens, but seq_len={L} gives it {sizes[r]} (tensor_split "
+                             f"sizes {sizes})")
+    agree(group, "ulysses_attention", (q, k, v), validate, check, tag=f"{tag}.check", seq_len=L, causal=bool(causal))
     fn = attention if attn_fn is None else attn_fn
     if P == 1:
         return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)

@@ -204,7 +204,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
         qh, kh, vh = q, k, v
     out = ring_attention(qh, kh, vh, groups.ring_group, causal=causal, softmax_scale=softmax_scale,
                          layout=layout if causal else "contiguous", seq_sizes=chunk, kernel=kernel,
-                         grad_comm_dtype=grad_comm_dtype, tag=f"{tag}.ring")
+                         grad_comm_dtype=grad_comm_dtype, check=False, tag=f"{tag}.ring")
     if u > 1:
         out = LF.all_to_all(out, groups.ulysses_group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2],
                             tag=f"{tag}.ulysses.out")
