@@ -327,3 +327,61 @@ def test_fuzz_parallelize_stdit(dist_pool, P):
                    spec["bad"] != "none" and spec["who"] < P, 1e-5)
     print(f"\nfuzz parallelize ST-DiT P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
     assert sum(OUTCOMES.values()) == len(batch)
+
+
+# ---- (c) zeco.sp_delta_rule: methods zeco / allgather / heads / p2p -------------------------------
+def _delta_inputs(spec):
+    """The whole q, k [B=1, T, H=2, K=4], v [.., V=3], g [.., H] (log space), beta [.., H]; NaN in v."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    T = spec["T"]
+    q, k = torch.randn(1, T, 2, 4, generator=g), torch.randn(1, T, 2, 4, generator=g)
+    v = torch.randn(1, T, 2, 3, generator=g)
+    lg, beta = -torch.rand(1, T, 2, generator=g), torch.rand(1, T, 2, generator=g)
+    if spec["nan"] and T:
+        v[0, 0, 0, 0] = float("nan")
+    return q, k, v, lg, beta
+
+
+def _delta_case(spec):
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    a, b = shard_range(spec["T"], P, r)
+    q, k, v, lg, beta = (t[:, a:b] for t in _delta_inputs(spec))
+    mine = spec["bad"] if r == spec["who"] % P else "none"
+    if mine == "K":
+        q, k = q[..., :3], k[..., :3]
+    elif mine == "heads":
+        q, k, v, lg, beta = (t[:, :, :1] for t in (q, k, v, lg, beta))
+    elif mine == "dtype":
+        q, k, v, lg, beta = (t.double() for t in (q, k, v, lg, beta))
+    elif mine == "method":
+        spec = {**spec, "method": "p2p" if spec["method"] != "p2p" else "zeco"}
+    try:
+        o, _ = zeco.sp_delta_rule(q, k, v, lg, beta, group=W, method=spec["method"], backend="torch")
+        return "ok", o
+    except ValueError as e:
+        return "err", str(e)
+
+
+def _delta_expected(spec, P, r):
+    from longseq.zeco.delta.naive import recurrent_delta_rule_reference
+    o, _ = recurrent_delta_rule_reference(*_delta_inputs(spec))
+    return _piece(o, 1, P, r)
+
+
+delta_spec = st.fixed_dictionaries({
+    "T": st.integers(0, 12), "bad": st.sampled_from(["none", "none", "none", "K", "heads", "dtype", "method"]),
+    "who": st.integers(0, 3), "nan": st.booleans(), "method": st.sampled_from(["zeco", "allgather", "heads", "p2p"]),
+    "seed": st.integers(0, 2 ** 16)})
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_fuzz_sp_delta_rule(dist_pool, P):
+    pool = dist_pool(P)
+    OUTCOMES.clear()
+    batch = _collect(delta_spec, max(10, EXAMPLES // 2))
+    results = pool.run(_run_many, _delta_case, batch, timeout=120)
+    for i, spec in enumerate(batch):
+        _judge_tol([results[r][i] for r in range(P)], lambda r, s=spec: _delta_expected(s, P, r),
+                   spec["bad"] != "none" and spec["who"] < P, 1e-4)
+    print(f"\nfuzz sp_delta_rule P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)
