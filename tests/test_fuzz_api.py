@@ -216,7 +216,7 @@ def _attn_expected(spec, P, r):
 
 
 attn_spec = st.fixed_dictionaries({
-    "B": st.integers(1, 2), "L": st.integers(0, 9), "H": st.sampled_from([1, 2, 3, 4, 6]), "D": st.integers(1, 3),
+    "B": st.integers(1, 2), "L": st.integers(0, 12), "H": st.sampled_from([2, 3, 4, 6, 12]), "D": st.integers(1, 3),
     "op": st.sampled_from(["ulysses", "ring", "ring_causal"]),
     "bad": st.sampled_from(["none", "none", "none", "L", "heads", "dim", "dtype"]), "who": st.integers(0, 3),
     "nan": st.booleans(), "seed": st.integers(0, 2 ** 16)})

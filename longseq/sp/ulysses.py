@@ -34,12 +34,12 @@ def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Op
     """Run ``validate()`` (which raises ``ValueError`` for bad arguments) and, when the cross-rank
     check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of ``group`` raise
     the same ``ValueError`` unless all agree on the tensors' dtypes and shapes but dim 1 (the
-    sharded sequence), on ``asked`` and on having no error. Returns ``validate()``'s result."""
+    sharded sequence), on ``asked`` and on having no error (skipped under torch.compile). Returns ``validate()``'s result."""
     try:
         result, error = validate(), None
     except ValueError as e:
         result, error = None, str(e)
-    if checks_enabled(check):
+    if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: no object collective in graphs
         sig = tuple((str(t.dtype).replace("torch.", ""), tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape)))
                     for t in tensors) + tuple(sorted(asked.items()))
         check_agree(group, what, sig, error, tag=tag)
