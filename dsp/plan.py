@@ -626,7 +626,7 @@ class DSPHandle:
         except L.LayoutError:
             return False
 
-    def _check_shardable(self, x: torch.Tensor, layout: str, dim: str, where: str) -> None:
+    def _check_shardable(self, layout: str, dim: str, where: str) -> None:
         lay = L.parse(layout)
         d = next(i for i, g in enumerate(lay.groups) if dim in g)
         try:    # sizes, not this rank's shape: the same PlanError on every rank (passed on as it is)
@@ -765,7 +765,7 @@ class DSPHandle:
         self._check_inputs(args, kwargs)
         present = self._bind_inputs(call)
         home = self.plan.home
-        self._check_shardable(present[0][2], main.layout, home, "the model's input")
+        self._check_shardable(main.layout, home, "the model's input")
         self.inputs = Call(self._old_forward or type(module).forward.__get__(module), call.args, call.kwargs)
         if self._debug and self.size > 1:
             self._recompute(call)
@@ -824,7 +824,7 @@ class DSPHandle:
             dst = None if self._solo else st.shard
             self._step = f"stage {path!r} (in)"
             if dst not in (home, None):
-                self._check_shardable(x, st.layout, dst, f"the input of {path!r}")
+                self._check_shardable(st.layout, dst, f"the input of {path!r}")
             call[st.input] = self._move(x, st.layout, src, dst, f"dsp.{path}.in" if dst else f"dsp.{path}.whole")
             for name, lay in st.args:
                 v = call.get(name)
