@@ -236,17 +236,22 @@ def _collect(strategy, n):
     return batch
 
 
+def _fuzz(pool, P, case, expected, strategy, n, tol, label):
+    """Run ``n`` drawn cases of ``case`` on every rank (one round trip) and judge each against
+    ``expected(spec, P, r)``; a case whose ``bad`` names a rank in the group must fail."""
+    OUTCOMES.clear()
+    batch = _collect(strategy, n)
+    results = pool.run(_run_many, case, batch, timeout=120)
+    for i, spec in enumerate(batch):
+        _judge(P, [results[r][i] for r in range(P)], lambda r, s=spec: expected(s, P, r),
+               spec["bad"] != "none" and spec["who"] < P, tol)
+    print(f"\nfuzz {label} P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
+    assert sum(OUTCOMES.values()) == len(batch)
+
+
 @pytest.mark.parametrize("P", [2, 3])
 def test_fuzz_sp_attention(dist_pool, P):
-    pool = dist_pool(P)
-    OUTCOMES.clear()
-    batch = _collect(attn_spec, max(10, EXAMPLES // 2))
-    results = pool.run(_run_many, _attn_case, batch, timeout=120)
-    for i, spec in enumerate(batch):
-        _judge(P, [results[r][i] for r in range(P)], lambda r, s=spec: _attn_expected(s, P, r),
-                   spec["bad"] != "none" and spec["who"] < P, 1e-5)
-    print(f"\nfuzz sp attention P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
-    assert sum(OUTCOMES.values()) == len(batch)
+    _fuzz(dist_pool(P), P, _attn_case, _attn_expected, attn_spec, max(10, EXAMPLES // 2), 1e-5, "sp attention")
 
 
 # ---- (b) parallelize on the tiny ST-DiT: dsp.parallelize and sp.parallelize(method=...) -------------
@@ -291,7 +296,8 @@ def _model_case(spec):
             handle.remove()
 
 
-def _model_expected(spec):
+def _model_expected(spec, P=None, r=None):
+    """The whole output, on every rank (``P``, ``r`` unused: gather_output)."""
     model = _MODEL.setdefault("stdit", _stdit())
     with torch.no_grad():
         return model(*_stdit_inputs(spec))
@@ -306,15 +312,7 @@ model_spec = st.fixed_dictionaries({
 
 @pytest.mark.parametrize("P", [2, 3])
 def test_fuzz_parallelize_stdit(dist_pool, P):
-    pool = dist_pool(P)
-    OUTCOMES.clear()
-    batch = _collect(model_spec, max(8, EXAMPLES // 3))
-    results = pool.run(_run_many, _model_case, batch, timeout=120)
-    for i, spec in enumerate(batch):
-        _judge(P, [results[r][i] for r in range(P)], lambda r, s=spec: _model_expected(s),
-                   spec["bad"] != "none" and spec["who"] < P, 1e-5)
-    print(f"\nfuzz parallelize ST-DiT P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
-    assert sum(OUTCOMES.values()) == len(batch)
+    _fuzz(dist_pool(P), P, _model_case, _model_expected, model_spec, max(8, EXAMPLES // 3), 1e-5, "parallelize ST-DiT")
 
 
 # ---- (c) zeco.sp_delta_rule: methods zeco / allgather / heads / p2p -------------------------------
@@ -364,12 +362,4 @@ delta_spec = st.fixed_dictionaries({
 
 @pytest.mark.parametrize("P", [2, 4])
 def test_fuzz_sp_delta_rule(dist_pool, P):
-    pool = dist_pool(P)
-    OUTCOMES.clear()
-    batch = _collect(delta_spec, max(10, EXAMPLES // 2))
-    results = pool.run(_run_many, _delta_case, batch, timeout=120)
-    for i, spec in enumerate(batch):
-        _judge(P, [results[r][i] for r in range(P)], lambda r, s=spec: _delta_expected(s, P, r),
-                   spec["bad"] != "none" and spec["who"] < P, 1e-4)
-    print(f"\nfuzz sp_delta_rule P={P}: {len(batch)} cases, {dict(OUTCOMES)}")
-    assert sum(OUTCOMES.values()) == len(batch)
+    _fuzz(dist_pool(P), P, _delta_case, _delta_expected, delta_spec, max(10, EXAMPLES // 2), 1e-4, "sp_delta_rule")
