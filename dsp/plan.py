@@ -630,7 +630,8 @@ class DSPHandle:
         lay = L.parse(layout)
         d = next(i for i, g in enumerate(lay.groups) if dim in g)
         try:    # sizes, not this rank's shape: the same PlanError on every rank (passed on as it is)
-            check_shardable(self.whole(dim), self.size, f"{dim} (dim {d} of {where}, dims {layout!r}, sizes {self.sizes})")
+            check_shardable(self.whole(dim), self.size,
+                            f"{dim} (dim {d} of {where}, dims {layout!r}, sizes {self.sizes})")
         except ValueError as e:
             raise PlanError(f"DSP plan {self.plan.name!r}: {e}") from None
 

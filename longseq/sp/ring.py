@@ -395,7 +395,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
                              f"{list(v.shape)}")
         lq, lk = q.shape[1], k.shape[1]
         if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
-            raise ValueError(f"incompatible q {list(q.shape)} and k {list(k.shape)} (heads of q must be a multiple of k's)")
+            raise ValueError(f"incompatible q {list(q.shape)} and k {list(k.shape)} (heads of q must be a multiple "
+                             f"of k's)")
         if layout not in LAYOUTS:
             raise ValueError(f"unknown ring layout {layout!r}; valid: {', '.join(LAYOUTS)}")
         if layout == "zigzag":

@@ -11,8 +11,8 @@ The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``Value
 before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
 ``dsp.unchecked()``, default on): one 8-byte all-gather (tag ``<tag>.check``) before the all-to-alls,
 so ranks that disagree on the dtype, B, heads, head dim, ``seq_len`` or ``causal``, or that got a bad
-argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing special: after the all-to-all each rank
-sees the whole sequence in order (contiguous layout).
+argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing
+special: after the all-to-all each rank sees the whole sequence in order (contiguous layout).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Op
     """Run ``validate()`` (which raises ``ValueError`` for bad arguments) and, when the cross-rank
     check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of ``group`` raise
     the same ``ValueError`` unless all agree on the tensors' dtypes and shapes but dim 1 (the
-    sharded sequence), on ``asked`` and on having no error (skipped under torch.compile). Returns ``validate()``'s result."""
+    sharded sequence), on ``asked`` and on having no error (skipped under torch.compile).
+    Returns ``validate()``'s result."""
     try:
         result, error = validate(), None
     except ValueError as e:
@@ -66,7 +67,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     """Ulysses attention over ``group`` (module docstring). ``seq_len``: the whole sequence length
     (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
     attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
-    ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring). Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
+    ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring).
+    Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
     P, r = comm.group_size(group), comm.group_rank(group)
     L = int(seq_len) if seq_len is not None else q.shape[1] * P
 
