@@ -15,3 +15,15 @@ def param_grads(model: torch.nn.Module, *, skip_missing: bool = False) -> dict:
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float, atol: float) -> None:
     err, scale = (a - b).abs().max().item(), b.abs().max().item()
     assert err <= rtol * scale + atol, f"{what}: max|a-b| = {err:.3e} > {rtol} * {scale:.3e} + {atol}"
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Max abs error of ``a`` against ``ref`` over ``ref``'s max magnitude (at least 1 in float64,
+    where values near 0 would make a relative error meaningless); 0 for empty tensors."""
+    a, ref = a.double(), ref.double()
+    if not ref.numel():
+        return 0.0
+    scale = ref.abs().max().item()
+    if dtype == torch.float64:
+        scale = max(scale, 1.0)
+    return (a - ref).abs().max().item() / max(scale, 1e-30)

@@ -17,16 +17,9 @@ from longseq.ledger import LEDGER
 from longseq.sharding import split_sizes
 from longseq.zeco import all_scan, recurrent_delta_rule_reference, sp_delta_rule
 from longseq.zeco.all_scan import scan_reference
+from tests.tensor_checks import rel_err
 
 REL = {torch.float64: 1e-9, torch.bfloat16: 2e-2}
-
-
-def _err(a, ref, dtype):
-    a, ref = a.double(), ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    if dtype == torch.float64:
-        scale = max(scale, 1.0)
-    return (a - ref).abs().max().item() / max(scale, 1e-30)
 
 
 def _inputs(B, T, H, K, V, kda, seed):
@@ -82,15 +75,15 @@ def _sp_vs_serial(T, B, H, K, V, chunk, amp, cases):
             if finals_used:
                 l_sp = l_sp + (st.double() * dhts[me].double()).sum()
         l_sp.backward()
-        errs = {"o": _err(o, _piece(o_ref, sizes, me), dtype)}
+        errs = {"o": rel_err(o, _piece(o_ref, sizes, me), dtype)}
         if finals_used:
-            errs["final"] = _err(st, final_me, dtype)
+            errs["final"] = rel_err(st, final_me, dtype)
             assert st.dtype == torch.float64 if not amp else st.dtype == torch.float32
         for i, name in enumerate(("dq", "dk", "dv", "dg", "dbeta")):
-            errs[name] = _err(mine[i].grad, _piece(ref_grads[i], sizes, me), dtype)
+            errs[name] = rel_err(mine[i].grad, _piece(ref_grads[i], sizes, me), dtype)
         dh0 = h0_sp.grad.clone()
         dist.all_reduce(dh0)   # the shares over the ranks sum to the total
-        errs["dh0"] = _err(dh0, ref_grads[5], dtype)
+        errs["dh0"] = rel_err(dh0, ref_grads[5], dtype)
         out[(method, kda)] = errs
     return out
 

@@ -16,17 +16,10 @@ from longseq.ledger import LEDGER
 from longseq.sharding import split_sizes
 from longseq.zeco import all_scan, all_scan_start, gla, num_blocks_for, set_default_half_bytes, sp_gla
 from longseq.zeco.all_scan import DEFAULT_HALF_BYTES, scan_reference
+from tests.tensor_checks import rel_err
 
 W = None  # the world group (set in workers)
 REL = {torch.float64: 1e-10, torch.float32: 2e-5}
-
-
-def _err(a, ref, dtype):
-    a, ref = a.double(), ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    if dtype == torch.float64:
-        scale = max(scale, 1.0)
-    return ((a - ref).abs().max().item() / max(scale, 1e-30)) if ref.numel() else 0.0
 
 
 def _inputs(B, T, H, K, V, scalar, dtype, seed):
@@ -85,17 +78,17 @@ def _sp_vs_serial(T, B, H, K, V, chunk, dtype_name, cases):
         l_sp = (o.double() * _piece(do, sizes, me).double()).sum() + (st.double() * dhts[me].double()).sum()
         l_sp.backward()
         errs = {
-            "o": _err(o, _piece(o_ref, sizes, me), dtype),
-            "final": _err(st, finals[me], dtype),
-            "dq": _err(leaves_t[0].grad.transpose(1, 2), _piece(ref_grads[0], sizes, me), dtype),
-            "dk": _err(leaves_t[1].grad.transpose(1, 2), _piece(ref_grads[1], sizes, me), dtype),
-            "dv": _err(leaves_t[2].grad.transpose(1, 2), _piece(ref_grads[2], sizes, me), dtype),
-            "dg": _err(leaves_t[3].grad.transpose(1, 2), _piece(ref_grads[3], sizes, me), dtype),
+            "o": rel_err(o, _piece(o_ref, sizes, me), dtype),
+            "final": rel_err(st, finals[me], dtype),
+            "dq": rel_err(leaves_t[0].grad.transpose(1, 2), _piece(ref_grads[0], sizes, me), dtype),
+            "dk": rel_err(leaves_t[1].grad.transpose(1, 2), _piece(ref_grads[1], sizes, me), dtype),
+            "dv": rel_err(leaves_t[2].grad.transpose(1, 2), _piece(ref_grads[2], sizes, me), dtype),
+            "dg": rel_err(leaves_t[3].grad.transpose(1, 2), _piece(ref_grads[3], sizes, me), dtype),
         }
         # initial_state: rank 0 holds the whole gradient, the others zero (shares sum to the total)
         dh0 = h0_sp.grad.clone()
         dist.all_reduce(dh0)
-        errs["dh0"] = _err(dh0, ref_grads[4], dtype)
+        errs["dh0"] = rel_err(dh0, ref_grads[4], dtype)
         errs["dh0_zero_off_rank0"] = 0.0 if me == 0 else h0_sp.grad.abs().max().item()
         out[(method, scalar, overlap, nb)] = errs
     return out
@@ -182,7 +175,6 @@ def test_all_scan(dist_pool, P, reverse):
                 last = (r == 0) if reverse else (r == P - 1)
                 assert (ns, es) == ((0, 0) if last else (expect_n, numel))   # one state sent, in N blocks
                 assert (nr, er) == ((0, 0) if first else (expect_n, numel))  # one state received
-
 
 
 def _stream_discipline(reverse, with_init):
