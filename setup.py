@@ -1,15 +1,10 @@
 """longseq: sequence parallelism for long sequences (DSP and ZeCO) on torch.distributed.
 
-Everything installs under the one namespace ``longseq``; the repository keeps the design card's
-top-level folders and ``package_dir`` maps each into the namespace:
-
-    longseq/             -> longseq              (runtime, baselines in longseq.sp, training entry)
-    dsp/                 -> longseq.dsp          (Dynamic Sequence Parallelism)
-    zeco/                -> longseq.zeco         (ZeCO, All-Scan)
-    models/              -> longseq.models       (ST-DiT, GLA)
-    models/adapters/     -> longseq.adapters     (diffusers' Latte, fla's models)
-    benchmarks/          -> longseq.benchmarks   (python -m longseq.benchmarks.<name>)
-    configs/             -> longseq/configs      (Hydra configs, package data)
+Everything installs under the one namespace ``longseq``, and every module lives where its name
+says: ``longseq.dsp`` in ``longseq/dsp/``, ``longseq.zeco`` in ``longseq/zeco/``, the Hydra configs
+in ``longseq/configs/`` (package data). The design card's top-level folders ``dsp/``, ``zeco/``,
+``models/``, ``benchmarks/`` and ``configs/`` are links into ``longseq/`` (docs/architecture.md), so
+an installed wheel, an editable install and a run from the checkout root all import the same tree.
 
 Native kernels in ``csrc/`` are optional: built as ``longseq._kernels_cuda`` only where nvcc and a
 CUDA build of torch are importable at install time (``pip install --no-build-isolation -e .``; pip's
@@ -21,39 +16,8 @@ import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
-
-# Installed name -> folder in the repository.
-MAPPED = {
-    "longseq.dsp": "dsp",
-    "longseq.zeco": "zeco",
-    "longseq.models": "models",
-    "longseq.adapters": "models/adapters",
-    "longseq.benchmarks": "benchmarks",
-}
-
-
-def _packages() -> list[str]:
-    """Every package of the namespace; a folder mapped under two names (models/adapters) only once."""
-    packages = find_packages(include=["longseq", "longseq.*"])
-    for name, folder in MAPPED.items():
-        nested = [f for f in MAPPED.values() if f.startswith(folder + "/")]
-        packages.append(name)
-        packages += [f"{name}.{sub}" for sub in find_packages(folder)
-                     if not any((folder + "/" + sub.replace(".", "/") + "/").startswith(n + "/") for n in nested)]
-    return sorted(packages)
-
-
-class BuildPyWithConfigs(build_py):
-    """Ship the Hydra configs inside the package (``longseq/configs``) in a regular install; an
-    editable install reads ``configs/`` at the repository root."""
-
-    def run(self):
-        super().run()
-        shutil.copytree(HERE / "configs", Path(self.build_lib) / "longseq" / "configs", dirs_exist_ok=True)
-
 
 def _cuda_extension() -> dict:
     """``ext_modules`` / ``cmdclass`` for csrc/ when nvcc and a CUDA torch are present, else nothing."""
@@ -81,12 +45,12 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=_packages(),
-    package_dir=MAPPED,
-    package_data={"longseq.benchmarks": ["results/*.json", "results/*.csv", "*.sh"]},
-    cmdclass={"build_py": BuildPyWithConfigs, **_EXT.get("cmdclass", {})},
+    packages=find_packages(include=["longseq", "longseq.*"]),
+    package_data={"longseq": ["configs/*.yaml", "configs/*/*.yaml", "configs/*/*/*.yaml",
+                              "benchmarks/results/*.json", "benchmarks/results/*.csv", "benchmarks/*.sh"]},
+    cmdclass=_EXT.get("cmdclass", {}),
     ext_modules=_EXT.get("ext_modules", []),
-    install_requires=["torch>=2.4", "einops>=0.7", "hydra-core>=1.3"],
+    install_requires=["torch>=2.4", "einops>=0.7", "hydra-core>=1.3", "numpy"],
     extras_require={
         # GPU machines: fast kernels, each optional (longseq falls back to pure PyTorch without them).
         "gpu": ["triton>=3.0", "flash-attn>=2.6", "xformers>=0.0.27", "flash-linear-attention>=0.6"],

@@ -10,9 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Installed package -> folder (setup.py's package_dir, plus the root package).
-FOLDERS = {"longseq": "longseq", "longseq.dsp": "dsp", "longseq.zeco": "zeco", "longseq.models": "models",
-           "longseq.adapters": "models/adapters", "longseq.benchmarks": "benchmarks"}
 LAYERS = ("runtime", "methods", "models", "top")
 # Package prefixes of each layer above runtime; any other longseq module is runtime.
 PREFIXES = {
@@ -30,19 +27,13 @@ def layer(module: str) -> str:
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the namespace -> its file."""
+    """Every module of the namespace -> its file (every module lives where its name says)."""
     out = {}
-    nested = {f for f in FOLDERS.values()}
-    for pkg, folder in FOLDERS.items():
-        base = ROOT / folder
-        for f in base.rglob("*.py"):
-            rel = f.relative_to(base)
-            if any((Path(folder) / p) in map(Path, nested - {folder}) for p in rel.parents if str(p) != "."):
-                continue                                     # a folder mapped under a name of its own
-            parts = list(rel.with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join([pkg, *parts])] = f
+    for f in (ROOT / "longseq").rglob("*.py"):
+        parts = list(f.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
     return out
 
 

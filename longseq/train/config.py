@@ -7,9 +7,8 @@ everything that can be checked without a process group and raises :class:`Config
 message that names the fix. ``resolve_parallel`` turns ``parallel.sp_size`` (``null`` = the whole
 world) into the SP x DP layout.
 
-Where the configs are found (first that exists): ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR``;
-``longseq/configs`` inside an installed package; the checkout's ``configs/`` (next to the
-``longseq`` package: an editable install or a run from the checkout); ``./configs``.
+Where the configs are found: ``--config-dir`` / ``$LONGSEQ_CONFIG_DIR`` when given, else the
+package's own ``longseq/configs`` (the checkout's ``configs/`` is a link to it).
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ options:
   --nproc_per_node N   launch N local processes (torchrun --standalone) after the config is checked
                        here, so a config error is one message before any worker starts
   --cfg [job]          print the composed config and exit (nothing is started)
-  --config-dir DIR     read configs from DIR (default: the checkout's configs/)
+  --config-dir DIR     read configs from DIR (default: the package's longseq/configs)
   --config-name NAME   top-level config file (default: config)
   -h, --help           this help
 See docs/training.md."""
@@ -118,14 +117,13 @@ def find_config_dir(explicit: str | None = None) -> Path:
     elif os.environ.get("LONGSEQ_CONFIG_DIR"):
         candidates.append(Path(os.environ["LONGSEQ_CONFIG_DIR"]))
     else:
-        pkg = Path(__file__).resolve().parents[1]          # .../longseq
-        candidates += [pkg / "configs", pkg.parent / "configs", Path.cwd() / "configs"]
+        candidates.append(Path(__file__).resolve().parents[1] / "configs")     # longseq/configs
     for c in candidates:
         if (c / "config.yaml").is_file() or (explicit and c.is_dir()):
             return c.resolve()
     raise ConfigError(
         "cannot find the training configs (config.yaml) in " + ", ".join(str(c) for c in candidates)
-        + ": run from the longseq checkout, pass --config-dir DIR, or set LONGSEQ_CONFIG_DIR")
+        + ": reinstall longseq (its configs are package data), pass --config-dir DIR, or set LONGSEQ_CONFIG_DIR")
 
 
 def load_config(overrides: Sequence[str] = (), *, config_dir: str | os.PathLike | None = None,

@@ -1,7 +1,8 @@
 """Where the benchmarks read their inputs and write their results.
 
-From the checkout (or an editable install) both are relative to the repository, as the configs and
-docs name them (``benchmarks/results/...``, ``configs/simulate/...``, ``docs/figures``). From an
+Paths are written as the docs name them, relative to the repository (``benchmarks/results/...``,
+``configs/simulate/...``, ``docs/figures``). From a checkout (or an editable install) they resolve
+against the repository, whose ``benchmarks`` and ``configs`` are links into the package. From an
 installed package, inputs are found under the current directory first, then in the package's data
 (``longseq/configs``, ``longseq/benchmarks/results``); results are written under the current directory.
 """
@@ -12,8 +13,9 @@ from typing import Optional, Union
 
 __all__ = ["ROOT", "CHECKOUT", "data", "output"]
 
-ROOT = Path(__file__).resolve().parents[1]          # the repository, or site-packages/longseq installed
-CHECKOUT = (ROOT / "setup.py").is_file()
+PACKAGE = Path(__file__).resolve().parents[1]        # .../longseq, in a checkout or in site-packages
+CHECKOUT = (PACKAGE.parent / "setup.py").is_file()
+ROOT = PACKAGE.parent if CHECKOUT else PACKAGE      # what relative paths resolve against
 
 
 def data(rel: Optional[Union[str, Path]]) -> Optional[Path]:
