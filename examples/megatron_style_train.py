@@ -46,6 +46,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
+import sys
 import time
 
 import torch
@@ -58,6 +60,8 @@ from longseq import zeco
 from longseq import functional as LF
 
 MODELS = ("stdit", "gla", "latte", "fla-gla", "gdn", "hybrid")
+# --model -> (the module it imports, the longseq extra that installs it)
+OPTIONAL = {"latte": ("diffusers", "diffusers"), "fla-gla": ("fla.models", "fla")}
 LMS = ("gla", "fla-gla", "gdn", "hybrid")                  # the language models (token data)
 
 
@@ -314,6 +318,13 @@ def _lr(args, it: int) -> float:
 
 def pretrain(model_provider_func, forward_step_func, argv=None) -> list[float]:
     args = parse_args(argv)
+    if args.model in OPTIONAL:        # before any process group: one line (from rank 0), nothing hangs
+        module, extra = OPTIONAL[args.model]
+        why = longseq.optional.missing(module, extra=extra, what=f"--model {args.model}")
+        if why:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"megatron_style_train.py: {why}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
     if args.distributed_backend == "nccl":
         raise SystemExit("this example runs its tiny models on CPU processes: use --distributed-backend gloo")
     if not dist.is_initialized():

@@ -5,7 +5,7 @@ Shared runtime: process groups (:mod:`longseq.groups`), the communication ledger
 (:mod:`longseq.ledger`) through which every collective goes (:mod:`longseq.comm`), autograd-aware
 collectives (:mod:`longseq.functional`), launch helpers and gradient synchronisation.
 """
-from . import comm, fsdp, functional, ops
+from . import comm, fsdp, functional, ops, optional
 from .grad_sync import sync_gradients
 from .groups import ParallelGroups, from_existing_groups, from_mesh, init_parallel_groups, sp_dp_layout
 from .launch import init_distributed
@@ -16,7 +16,7 @@ from .sharding import shard_range, split_sizes
 __version__ = "0.1.0"
 
 __all__ = [
-    "comm", "fsdp", "functional", "ops", "sync_gradients", "ParallelGroups", "from_existing_groups", "from_mesh",
+    "comm", "fsdp", "functional", "ops", "optional", "sync_gradients", "ParallelGroups", "from_existing_groups", "from_mesh",
     "init_parallel_groups",
     "sp_dp_layout", "init_distributed", "LEDGER", "CommRecord", "format_table", "recording", "summarize",
     "shard_range", "split_sizes", "positions", "position_range", "position_offset",

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
 import os
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .optional import MissingDependency, require
 
 __all__ = [
     "BACKENDS",
@@ -46,7 +47,6 @@ __all__ = [
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "xformers", "math")
 ENV_VAR = "LONGSEQ_ATTN_BACKEND"
-_PIP_NAME = {"flash_attn": "flash-attn", "xformers": "xformers"}
 _MODULE = {"flash_attn": "flash_attn", "xformers": "xformers.ops"}
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -90,12 +90,9 @@ def attention_backend(name: Optional[str]) -> Iterator[None]:
 def _import(name: str):
     """Import an optional backend lazily; a missing package names what to pip install."""
     try:
-        return importlib.import_module(_MODULE[name])
-    except ImportError as e:
-        raise ImportError(
-            f"attention backend {name!r} needs the package {_PIP_NAME[name]!r}, which is not "
-            f"installed: `pip install {_PIP_NAME[name]}` (or use backend='sdpa')"
-        ) from e
+        return require(_MODULE[name], extra="gpu", what=f"attention backend {name!r}")
+    except MissingDependency as e:
+        raise MissingDependency(f"{e} (or use backend='sdpa')") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 
 Reads ``RUN_DIR/metrics.jsonl`` (one record a step, written by ``python -m longseq.train``) and
 draws two panels, loss and tokens/s against the step, to a PNG (default ``RUN_DIR/curves.png``).
-Needs matplotlib (``pip install matplotlib``, part of longseq's ``[test]`` extras).
+Needs matplotlib (``pip install 'longseq[plot]'``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from longseq.optional import require
 from longseq.train.metrics import read_metrics
 
 __all__ = ["plot_run", "main"]
@@ -23,12 +24,9 @@ def plot_run(run_dir, out: Optional[str] = None) -> Path:
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step" in r]
     if not records:
         raise FileNotFoundError(f"no metrics in {run_dir / 'metrics.jsonl'}: pass the train.out_dir of a run")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("python -m longseq.plot needs matplotlib: pip install matplotlib") from None
+    matplotlib = require("matplotlib", extra="plot", what="python -m longseq.plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     steps = [r["step"] for r in records]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(steps, [r["loss"] for r in records], marker=".")

@@ -141,8 +141,8 @@ def test_unknown_backend_lists_valid_ones():
 
 
 @pytest.mark.parametrize("backend,modules,pip", [
-    ("flash_attn", ["flash_attn"], "pip install flash-attn"),
-    ("xformers", ["xformers", "xformers.ops"], "pip install xformers"),
+    ("flash_attn", ["flash_attn"], r"needs flash-attn, which is not installed: pip install 'longseq\[gpu\]'"),
+    ("xformers", ["xformers", "xformers.ops"], r"needs xformers, which is not installed: pip install 'longseq\[gpu\]'"),
 ])
 def test_missing_backend_says_what_to_install(monkeypatch, backend, modules, pip):
     for m in modules:

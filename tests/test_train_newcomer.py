@@ -95,7 +95,7 @@ def test_plot_draws_the_curves(two_steps, tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert plot_main([str(tmp_path / "nothing")]) == 2
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match="pip install matplotlib"):
+    with pytest.raises(ImportError, match=r"python -m longseq.plot needs matplotlib, which is not installed: pip install 'longseq\[plot\]'"):
         from longseq.plot import plot_run
         plot_run(out)
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from longseq import dsp
 from longseq.dsp import Boundary, Plan, Stage
+from longseq.optional import require
 
 __all__ = ["SVD_PLAN", "TEMPORAL_PLAN", "first_frame_context", "build_svd", "build_temporal"]
 
@@ -55,17 +56,22 @@ TEMPORAL_PLAN = Plan(
             ("transformer_blocks.*", Stage("(B H W) T C", shard="H"))))
 
 
+def _temporal_module():
+    return require("diffusers.models.transformers.transformer_temporal", extra="diffusers",
+                   what="longseq.adapters.diffusers_video (diffusers' video transformers)")
+
+
 def build_svd(**overrides) -> nn.Module:
     """A tiny ``TransformerSpatioTemporalModel`` for CPU tests (2 heads x 16 = 32 channels: its
     GroupNorm has 32 groups and its frame embedding adds in_channels to the inner dim; 1 layer,
     cross-attention dim 12)."""
-    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+    TransformerSpatioTemporalModel = _temporal_module().TransformerSpatioTemporalModel
     cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=1, cross_attention_dim=12)
     return TransformerSpatioTemporalModel(**{**cfg, **overrides})
 
 
 def build_temporal(**overrides) -> nn.Module:
     """A tiny ``TransformerTemporalModel`` for CPU tests (2 heads x 8, 8 channels in 4 groups, 2 layers)."""
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+    TransformerTemporalModel = _temporal_module().TransformerTemporalModel
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=8, norm_num_groups=4, num_layers=2)
     return TransformerTemporalModel(**{**cfg, **overrides})

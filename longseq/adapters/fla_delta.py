@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longseq.functional import gather_halo
+from longseq.optional import require
 from longseq.zeco import delta_rule, sp_delta_rule
 
 from .fla_gla import TorchCrossEntropy, module_standins, short_conv
@@ -37,7 +38,8 @@ __all__ = ["parallelize", "tiny_config", "build"]
 
 def tiny_config(**overrides):
     """A small fla ``GatedDeltaNetConfig`` (CPU tests): hidden 32, 2 layers, 2 heads of dim 8."""
-    from fla.models import GatedDeltaNetConfig
+    GatedDeltaNetConfig = require("fla.models", extra="fla",
+                                  what="longseq.adapters.fla_delta (fla's Gated DeltaNet)").GatedDeltaNetConfig
     kw = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=1.0, vocab_size=64,
               intermediate_size=64, use_cache=False, fuse_cross_entropy=False)
     kw.update(overrides)
@@ -45,8 +47,8 @@ def tiny_config(**overrides):
 
 
 def build(**overrides) -> nn.Module:
-    from fla.models import GatedDeltaNetForCausalLM
-    return GatedDeltaNetForCausalLM(tiny_config(**overrides))
+    fm = require("fla.models", extra="fla", what="longseq.adapters.fla_delta (fla's Gated DeltaNet)")
+    return fm.GatedDeltaNetForCausalLM(tiny_config(**overrides))
 
 
 def _gdn_forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,

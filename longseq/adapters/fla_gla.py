@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longseq import functional as LF
+from longseq.optional import require
 
 __all__ = ["adapt", "parallelize", "FLAGLAHandle", "KERNEL_NAMES", "LAYERS", "ROUTES", "FUNCTIONS", "MODELS",
            "build_model", "module_standins", "gla_decay", "scalar_decay", "retention_decay", "no_decay", "rms_norm_linear",
@@ -92,8 +93,8 @@ def tiny_config(**overrides) -> dict:
 
 def build(**overrides) -> nn.Module:
     """``fla.models.GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))``."""
-    from fla.models import GLAConfig, GLAForCausalLM
-    return GLAForCausalLM(GLAConfig(**tiny_config(**overrides)))
+    fm = require("fla.models", extra="fla", what="longseq.adapters.fla_gla (fla's GLA model)")
+    return fm.GLAForCausalLM(fm.GLAConfig(**tiny_config(**overrides)))
 
 
 #: fla models whose layers the routing table covers, tested on CPU against one process:
@@ -108,7 +109,7 @@ MODELS = {
 
 def build_model(name: str, **overrides) -> nn.Module:
     """A tiny fla causal LM of ``MODELS`` (hidden 32, 2 layers, 2 heads, vocab 64, no cache)."""
-    import fla.models as fm
+    fm = require("fla.models", extra="fla", what=f"longseq.adapters.fla_gla ({name}, an fla model)")
     cfg_cls, model_cls, extra = MODELS[name]
     return getattr(fm, model_cls)(getattr(fm, cfg_cls)(**tiny_config(**{**extra, **overrides})))
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from longseq import dsp
 from longseq.dsp import Boundary, Plan, Stage
+from longseq.optional import require
 
 __all__ = ["LATTE_PLAN", "TemporalPositions", "parallelize", "tiny_config", "build"]
 
@@ -95,8 +96,8 @@ def tiny_config(**overrides) -> dict:
 
 def build(**overrides) -> nn.Module:
     """``diffusers.LatteTransformer3DModel(**tiny_config(**overrides))``."""
-    from diffusers import LatteTransformer3DModel
-    return LatteTransformer3DModel(**tiny_config(**overrides))
+    diffusers = require("diffusers", extra="diffusers", what="longseq.adapters.latte (diffusers' Latte)")
+    return diffusers.LatteTransformer3DModel(**tiny_config(**overrides))
 
 
 def parallelize(model: nn.Module, group: Any, **options) -> dsp.DSPHandle:

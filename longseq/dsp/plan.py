@@ -66,6 +66,7 @@ from torch.distributed.tensor import DTensor
 from longseq import comm
 from longseq import functional as LF
 from longseq.groups import mesh_of
+from longseq.optional import SetupError
 from longseq.positions import position_range
 from longseq.sharding import check_shardable, shard_range, split_sizes
 
@@ -526,7 +527,7 @@ class DSPHandle:
         def wrapped(*args, **kwargs):
             try:
                 return forward(*args, **kwargs)
-            except PlanError:
+            except (PlanError, SetupError):      # the plan's own error, or the environment's (not the plan's)
                 self._active = False
                 raise
             except Exception as e:

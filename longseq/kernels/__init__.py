@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..optional import SetupError
 from . import layout, reference
 
 __all__ = ["ENV_VAR", "BACKENDS", "backend_for", "pack", "unpack", "scan_update", "unavailable_reason"]
@@ -66,8 +67,8 @@ def backend_for(device: torch.device) -> str:
     name = _requested()
     if name != "auto":
         why = unavailable_reason(name, device)
-        if why is not None:
-            raise RuntimeError(f"{ENV_VAR}={name} cannot run on {device}: {why}; or set {ENV_VAR}=torch")
+        if why is not None:    # the environment, not the caller (a DSP plan passes it on as it is)
+            raise SetupError(f"{ENV_VAR}={name} cannot run on {device}: {why}; or set {ENV_VAR}=torch")
         return name
     if device.type == "cuda":
         for cand in ("cuda", "triton"):

@@ -1,11 +1,12 @@
 """Whether the Triton backend can run on a device (without importing the kernels module)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
 import torch
+
+from ..optional import missing
 
 
 def _interpreting() -> bool:
@@ -13,8 +14,9 @@ def _interpreting() -> bool:
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton, or longseq[gpu])"
+    why = missing("triton", extra="gpu", what="the Triton kernels")
+    if why is not None:
+        return why
     if device.type == "cuda":
         return None
     if device.type == "cpu" and _interpreting():
