@@ -38,6 +38,24 @@ def _cuda_extension() -> dict:
 
 _EXT = _cuda_extension()
 
+# What people install, one extra per feature (longseq.optional names the extra in its one-line error
+# when a feature's package is missing). Without any, longseq trains its own models on CPU or GPU.
+_LINUX = "platform_system == 'Linux'"
+_TRITON = f"triton>=3.0; {_LINUX}"          # fla's package imports triton, also on CPU
+EXTRAS = {
+    "diffusers": ["diffusers>=0.30"],                              # longseq.adapters.latte, diffusers_video
+    "fla": ["flash-linear-attention>=0.6", _TRITON],               # longseq.adapters.fla_gla, fla_delta
+    "transformers": ["transformers>=4.40"],                        # what fla's model classes build on
+    # CUDA machines: fast kernels (each optional: longseq falls back to PyTorch without them).
+    # flash-attn builds against the installed CUDA torch (pip install --no-build-isolation).
+    "gpu": [_TRITON, f"flash-attn>=2.6; {_LINUX} and platform_machine == 'x86_64'"],
+    "plot": ["matplotlib"],                                        # python -m longseq.plot
+}
+# The test suite: the adapters' packages (fla for its PyTorch reference functions too), plots, and
+# wheel for the installed-wheel test (pip wheel --no-build-isolation).
+EXTRAS["test"] = (["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "wheel", "tqdm"]
+                  + EXTRAS["diffusers"] + EXTRAS["fla"] + EXTRAS["transformers"] + EXTRAS["plot"])
+
 setup(
     name="longseq",
     version="0.1.0",
@@ -51,13 +69,5 @@ setup(
     cmdclass=_EXT.get("cmdclass", {}),
     ext_modules=_EXT.get("ext_modules", []),
     install_requires=["torch>=2.4", "einops>=0.7", "hydra-core>=1.3", "numpy"],
-    extras_require={
-        # GPU machines: fast kernels, each optional (longseq falls back to pure PyTorch without them).
-        "gpu": ["triton>=3.0", "flash-attn>=2.6", "xformers>=0.0.27", "flash-linear-attention>=0.6"],
-        # Tests: fla for its pure-PyTorch reference functions (its package imports triton, whose
-        # kernels never run on CPU); diffusers for the Latte adapter; matplotlib for plots; wheel for
-        # the installed-wheel test (pip wheel --no-build-isolation).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "wheel", "hypothesis>=6", "numpy", "triton>=3.0",
-                 "flash-linear-attention>=0.6", "matplotlib", "diffusers>=0.30", "tqdm"],
-    },
+    extras_require=EXTRAS,
 )

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "ConfigError", "CliArgs", "find_config_dir", "load_config", "parse_args", "validate", "ParallelLayout",
-    "resolve_parallel", "world_size_from_env", "USAGE",
+    "resolve_parallel", "world_size_from_env", "usage",
 ]
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -35,27 +35,75 @@ FREE_FORM = ("model.overrides", "parallel.options")   # dicts of keyword argumen
 INTEGERS = ("train.steps", "train.global_batch_size", "train.seed", "train.checkpoint_every", "train.keep_checkpoints",
             "train.log_every", "optim.warmup_steps", "data.seed", "data.num_samples")
 
-USAGE = """\
+_USAGE_HEAD = """\
 usage: python -m longseq.train [--nproc_per_node N] [options] [key=value ...]
        torchrun --nproc_per_node N [rendezvous flags] -m longseq.train [options] [key=value ...]
 
 Trains a model with sequence parallelism (SP) x data parallelism (DP). Settings are Hydra overrides
-of configs/config.yaml, e.g.
-  torchrun --nproc_per_node 4 -m longseq.train model=stdit_tiny parallel=dsp parallel.sp_size=2 train.steps=5
+of config.yaml in the configs directory, e.g.
+  python -m longseq.train --nproc_per_node 4 model=stdit_tiny parallel=dsp parallel.sp_size=2 train.steps=5
   python -m longseq.train model=gla_tiny parallel=none train.steps=10
+"""
 
-groups: model=stdit_tiny|stdit_720m|stdit_3b|gla_tiny|gla_1b|gla_3b
-        parallel=dsp|ulysses|ring|megatron_sp|usp|zeco|lasp1|lasp2|none   (parallel.sp_size=P)
-        data=synthetic|latents|tokens (data.path=...)   optim=adamw   train=default
-
+_USAGE_OPTIONS = """\
 options:
   --nproc_per_node N   launch N local processes (torchrun --standalone) after the config is checked
-                       here, so a config error is one message before any worker starts
+                       here: a config error, a clean stop or Ctrl-C is one line, not torchrun's report
   --cfg [job]          print the composed config and exit (nothing is started)
-  --config-dir DIR     read configs from DIR (default: the package's longseq/configs)
+  --config-dir DIR     read configs from DIR (default: {config_dir})
   --config-name NAME   top-level config file (default: config)
   -h, --help           this help
-See docs/training.md."""
+Documentation: docs/training.md in the longseq source tree."""
+
+
+def _group_options(d: Path, group: str) -> list[str]:
+    return sorted(f.stem for f in (d / group).glob("*.yaml"))
+
+
+def usage(config_dir: str | None = None) -> str:
+    """``python -m longseq.train --help``: the config groups as the configs directory holds them, the
+    model families and methods as the registries (``longseq.models``, ``longseq.methods``) hold them."""
+    from longseq import methods as method_registry
+    from longseq.models.registry import MODEL_FAMILIES
+
+    try:
+        d = find_config_dir(config_dir)
+    except ConfigError as e:
+        return _USAGE_HEAD + f"\n{e}\n\n" + _USAGE_OPTIONS.format(config_dir="the package's longseq/configs")
+    by_family: dict[str, list[str]] = {}
+    for name in _group_options(d, "model"):
+        fam = str(OmegaConf.load(d / "model" / f"{name}.yaml").get("family", "?"))
+        by_family.setdefault(fam, []).append(name)
+    models = [f"{'|'.join(names)} ({fam}" + ("" if fam in MODEL_FAMILIES else ", not registered") + ")"
+              for fam, names in sorted(by_family.items())]
+    parallel = []
+    for name in _group_options(d, "parallel"):
+        method = str(OmegaConf.load(d / "parallel" / f"{name}.yaml").get("method", name))
+        fams = method_registry.families_of(method)
+        fams = ["any"] if method_registry.ANY_FAMILY in fams else fams
+        parallel.append(f"{name} ({', '.join(fams) or 'not registered'})")
+    other = [f"{g}={'|'.join(_group_options(d, g))}" for g in ("data", "optim", "train")]
+    width = 98
+
+    def wrap(label: str, items: list[str], tail: str = "") -> str:
+        lines, line = [], f"  {label:<10}"
+        for i, item in enumerate(items):
+            piece = item + (", " if i < len(items) - 1 else tail)
+            if len(line) + len(piece) > width and line.strip() != label.strip():
+                lines.append(line.rstrip())
+                line = " " * 12
+            line += piece
+        return "\n".join(lines + [line.rstrip()])
+
+    body = "\n".join([
+        f"config groups (in {d}; the family or families each parallel method is registered for):",
+        wrap("model=", models),
+        wrap("parallel=", parallel, "   (parallel.sp_size=P)"),
+        "  " + "   ".join(other) + "   (data.path=... for latents and tokens)",
+        f"methods registered (parallel.method=NAME): {', '.join(method_registry.method_names())}",
+        "",
+    ])
+    return _USAGE_HEAD + "\n" + body + "\n" + _USAGE_OPTIONS.format(config_dir=d)
 
 
 class ConfigError(ValueError):

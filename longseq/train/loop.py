@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,7 +42,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import dcp_checkpoint
 from . import methods
-from .config import USAGE, ConfigError, ParallelLayout, load_config, parse_args, validate
+from .config import ConfigError, ParallelLayout, load_config, parse_args, usage, validate
 from .manifest import CheckpointCorrupt
 from .metrics import MetricsWriter, format_eta, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
@@ -61,8 +62,11 @@ class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (full disk, unwritable out_dir); the previous one is intact."""
 
 
-# Errors that stop a run with a one-line message on every rank (no traceback).
-_CLEAN_STOPS = (DataError, NonFiniteError, CheckpointWriteError, CheckpointCorrupt, comm.CollectiveError)
+# Errors that stop a run with a one-line message (no traceback). Every rank raises the same one, so
+# rank 0 prints it; a CollectiveError differs per rank (who stalled, who waited), so every rank does.
+_CLEAN_STOPS = (DataError, NonFiniteError, CheckpointWriteError, CheckpointCorrupt, comm.CollectiveError,
+                longseq.optional.SetupError)
+EXIT_CONFIG, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130     # exit codes of the clean ends (0: trained)
 
 
 def _env_rank() -> int:
@@ -158,6 +162,14 @@ def _autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _precision_label(precision: str, cfg) -> str:
+    """What computes in which dtype: autocast's, or FSDP2's parameter dtype (parallel.fsdp_param_dtype)."""
+    if str(cfg.parallel.fsdp) != "none" and str(cfg.parallel.fsdp_param_dtype) == "bf16":
+        return "bf16 (FSDP2 parameters, fp32 gradient reduction and optimizer)" + \
+            (" + bf16 autocast" if precision == "bf16" else "")
+    return precision
 
 
 def _barrier(tag: str) -> None:
@@ -442,7 +454,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     if lead:
         _say(f"world {world} = SP {groups.sp_size} x DP {groups.dp_size} | {cfg.model.name} "
              f"({methods.human_count(n_params)} parameters) | parallel={cfg.parallel.method} | "
-             f"{device.type} {dist.get_backend()} | precision {precision}"
+             f"{device.type} {dist.get_backend()} | precision {_precision_label(precision, cfg)}"
              + (f" | FSDP2 {fsdp_mode} over {fsdp_plan.mesh.size()} ranks" if fsdp_plan else "")
              + (" | activation checkpointing" if cfg.train.activation_checkpointing else ""))
         _say(f"global batch {G} samples x {trainable.tokens_per_sample} tokens | {steps} steps"
@@ -572,7 +584,10 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         else:
             _say(f"nothing to do: the checkpoint is at step {step} >= train.steps={steps} "
                  "(raise train.steps to train longer, or use a new train.out_dir)")
-        print(text, flush=True)
+        if bool(cfg.train.get("print_ledger", False)):
+            print(text, flush=True)
+        else:
+            _say(f"ledger of this run -> {out_dir / 'ledger.txt'} (train.print_ledger=true prints it here)")
     _barrier("train.end")
     if owns_group:
         longseq.launch.destroy()
@@ -582,14 +597,57 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+class RunInterrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM reached this rank; the run stops with one line saying where to resume."""
+
+
+_STOP_SIGNAL: Optional[int] = None
+
+
+def _on_stop_signal(signum, frame) -> None:
+    global _STOP_SIGNAL
+    first = _STOP_SIGNAL is None
+    _STOP_SIGNAL = signum
+    if first:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+
+def _catch_stop_signals() -> None:
+    """Ctrl-C and SIGTERM (what torchrun sends its workers when it stops) raise RunInterrupted in the
+    main thread. A SIGINT that was ignored when the process started (``nohup``, ``cmd &`` in a script)
+    stays ignored."""
+    global _STOP_SIGNAL
+    _STOP_SIGNAL = None
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+
+
+def _resume_hint(cfg) -> str:
+    """Where an interrupted run stands: the last step logged and the newest checkpoint to resume from."""
+    out_dir = Path(str(cfg.train.out_dir)).expanduser().resolve()
+    from .metrics import read_metrics
+    steps = [r["step"] for r in read_metrics(out_dir / "metrics.jsonl") if "step" in r]
+    done = f"after step {steps[-1]}" if steps else "before the first step"
+    saved = ckpt.list_checkpoints(ckpt.checkpoint_dir(out_dir))
+    if not saved:
+        return f"{done}; no checkpoint was written yet, so a rerun starts from step 0"
+    n, path = saved[-1]
+    again = "rerun the same command" if str(cfg.train.resume) in ("auto", "strict") else "rerun with train.resume=auto"
+    return f"{done}; to resume from step {n} ({path.relative_to(out_dir)}), {again}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The entry of ``python -m longseq.train``; returns the exit code: 0 trained, 2 a config error,
+    3 a clean stop (one line: bad data, a non-finite loss, a failed checkpoint write, a stalled rank,
+    a missing optional package), 130 interrupted (Ctrl-C / SIGTERM; one line saying where to resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     lead = _env_rank() == 0
     try:
         args = parse_args(argv)
         if args.help:
             if lead:
-                print(USAGE)
+                print(usage(args.config_dir))
             return 0
         cfg = load_config(args.overrides, config_dir=args.config_dir, config_name=args.config_name)
         if args.print_cfg:
@@ -607,28 +665,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         if lead:
             print(f"longseq.train: config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_CONFIG
+    if threading.current_thread() is threading.main_thread():
+        _catch_stop_signals()
     try:
         train(cfg, layout)
-    except _CLEAN_STOPS as e:
-        print(f"longseq.train: rank {_env_rank()}: stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
+    except BaseException as e:  # noqa: BLE001 - the clean ends below, everything else as it is
+        if _STOP_SIGNAL is not None:        # whatever the signal interrupted (a collective, a write)
+            if lead:
+                print(f"longseq.train: interrupted ({signal.Signals(_STOP_SIGNAL).name}) {_resume_hint(cfg)}",
+                      file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        if isinstance(e, ConfigError):        # found once the process group is up (e.g. the mesh)
+            if lead:
+                print(f"longseq.train: config error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        if isinstance(e, _CLEAN_STOPS):
+            if lead or isinstance(e, comm.CollectiveError):
+                print(f"longseq.train: rank {_env_rank()}: stopped: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
+            return EXIT_STOPPED
+        raise
     return 0
 
 
 def launch_workers(nproc: int, argv: Sequence[str]) -> int:
     """``torchrun --standalone --nproc_per_node nproc -m longseq.train argv``, in this process, once
-    the config has been checked here; a failed worker is reported in one line (its own output, above,
-    says why) instead of torchrun's ChildFailedError traceback."""
+    the config has been checked here. A worker's clean end (a config error, a clean stop, Ctrl-C) was
+    already said in one line by the worker, so the launcher adds nothing and exits with its code; any
+    other failure gets one line here (the worker's traceback is above) instead of torchrun's
+    ChildFailedError report."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # its per-worker failure report
     try:
         run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc),
                                           "-m", "longseq.train", *argv]))
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
+        clean = [c for c in codes if c in (EXIT_CONFIG, EXIT_STOPPED, EXIT_INTERRUPTED)]
+        if clean and all(c in clean or c < 0 for c in codes):     # others killed after a clean stop
+            return clean[0]
         print(f"longseq.train: {len(e.failures)} of {nproc} workers failed (exit code {', '.join(map(str, codes))});"
               " their messages are above", file=sys.stderr, flush=True)
-        return 2 if codes == [2] else 1
+        return 1
+    except (SignalException, KeyboardInterrupt):    # Ctrl-C: the workers got it too; rank 0 said where to resume
+        return EXIT_INTERRUPTED
     return 0
