@@ -227,7 +227,8 @@ def table(all_rows: list[dict], precision: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8],
+                    help="world sizes P; each starts P gloo processes (default 2 4 8: a minute or two on 2 cores)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16")
     ap.add_argument("--dry", action="store_true", help="formulas only (longseq.sp.block_volume), no processes")
     args = ap.parse_args(argv)
@@ -241,6 +242,8 @@ def main(argv=None) -> int:
             rows = dry_rows(P, args.precision)
             src = "formulas (dry)"
         else:
+            print(f"P={P}: starting {P} gloo processes on 127.0.0.1 ({os.cpu_count()} CPU cores here; "
+                  "--worlds sets the sizes, --dry runs none) ...", flush=True)
             rows = analyse(P, count(P, args.precision))
             src = f"ledger of {P} gloo processes, checked against the formulas ({time.time() - t0:.0f} s)"
         print(f"P={P}: {src}", flush=True)

@@ -247,6 +247,8 @@ def main(argv=None) -> None:
                    step=not args.no_step, tokens=args.tokens, step_repeats=args.step_repeats,
                    step_warmup=args.step_warmup,
                    methods=["alone", "local", "zeco", "zeco-wait", "lasp1", "lasp2"])
+        print(f"P={P}: starting {P} gloo processes on 127.0.0.1 ({os.cpu_count()} CPU cores here; --worlds sets the "
+              "sizes) ...", file=sys.stderr, flush=True)
         results[P] = launch(P, job)
 
     print("\nPart 1: getting S0 (one layer's state), median ms of the slowest rank, "

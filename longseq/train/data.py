@@ -208,7 +208,7 @@ class LatentFolder(_VideoSource):
         name, kind = self.files[idx]
         if kind == "npy":
             lat = np.load(self._p(idx, ".latent.npy"), mmap_mode="r")
-            x0 = torch.from_numpy(np.ascontiguousarray(lat[:, a:b], dtype=np.float32))
+            x0 = torch.from_numpy(np.array(lat[:, a:b], dtype=np.float32))   # the one read: a writable copy
             y = torch.from_numpy(np.ascontiguousarray(np.load(self._p(idx, ".caption.npy")), dtype=np.float32))
             mp = self._p(idx, ".mask.npy")
             mask = torch.from_numpy(np.load(mp).astype(bool)) if mp.exists() else None

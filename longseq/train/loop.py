@@ -701,7 +701,9 @@ def launch_workers(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)   # its per-worker failure report
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):   # its per-worker failure report
+        if name.startswith("torch.distributed.elastic") and isinstance(lg, logging.Logger):
+            lg.setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc),
                                           "-m", "longseq.train", *argv]))

@@ -173,7 +173,7 @@ def check_model(spec: MethodSpec, cfg, layout) -> None:
     if P > 1:
         for what, n in fam.shard_dims(cfg).items():
             if n < P:
-                raise ConfigError(f"the {what} has {n} elements, fewer than parallel.sp_size={P} ranks: use a "
+                raise ConfigError(f"the {what} has {n} element{'' if n == 1 else 's'}, fewer than parallel.sp_size={P} ranks: use a "
                                   f"smaller parallel.sp_size or a larger sample")
 
 
