@@ -82,6 +82,23 @@ def check_fsdp(model: nn.Module, mode: str, groups: Optional[ParallelGroups] = N
                              "(groups wrapped from bare process groups carry no mesh)")
 
 
+def _no_view(t):
+    return t.clone() if isinstance(t, torch.Tensor) and t._is_view() and t.requires_grad else t
+
+
+def _output_not_a_view(module: nn.Module, args, out):
+    """A sharded unit's output that is a view (a DSP plan's switch back returns one: a view of the
+    all-to-all's receive buffer) becomes a copy. FSDP2 hangs its pre-backward hook on the output's
+    autograd node, which an in-place op on a view would replace (the hook lost, the parameters never
+    all-gathered for backward); PyTorch warns about every such output. One copy of the unit's output
+    per forward; outputs that are not views are returned as they are."""
+    if isinstance(out, torch.Tensor):
+        return _no_view(out)
+    if isinstance(out, (tuple, list)) and any(isinstance(t, torch.Tensor) and t._is_view() for t in out):
+        return type(out)(_no_view(t) for t in out)
+    return None
+
+
 def apply_fsdp(model: nn.Module, groups: ParallelGroups, mode: str = "full", *, units: Sequence[nn.Module] = (),
                param_dtype: Optional[torch.dtype] = None, reduce_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True) -> Optional[FSDPPlan]:
@@ -94,11 +111,10 @@ def apply_fsdp(model: nn.Module, groups: ParallelGroups, mode: str = "full", *, 
     mesh = groups.shard_mesh if mode == "full" else groups.dp_mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None)
     modules = []
-    for u in units:
+    for u in [*units, model]:
+        u.register_forward_hook(_output_not_a_view)      # before fully_shard: runs before FSDP's own hook
         fully_shard(u, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         modules.append(u)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    modules.append(model)
     for m in modules:
         if mode == "full":
             m.set_gradient_divide_factor(float(groups.dp_size))

@@ -320,7 +320,9 @@ class FinalLayer(nn.Module):
         x = x.view(b, t, h, w, p, p, c).permute(0, 6, 1, 2, 4, 3, 5)        # [B, C_out, T, h, p, w, p]
         x = x.reshape(b, c, t, h * p, w * p)
         height, width = size if size is not None else (h * p, w * p)
-        return x[..., :height, :width]
+        if (height, width) != (h * p, w * p):        # crop the patch padding: a copy, so the output is no view
+            x = x[..., :height, :width].contiguous()
+        return x
 
 
 # ----------------------------------------------------------------------------------------------
