@@ -402,11 +402,11 @@ def check_data(cfg, layout) -> None:
         if not path.is_dir():
             raise ConfigError(f"data.path={str(cfg.data.path)!r} is not a folder (data=latents needs a folder of "
                               "<name>.latent.npy + <name>.caption.npy, .pt or .safetensors samples): pass "
-                              "data.path=/path/to/latents (docs/training.md, 'Data formats')")
+                              "data.path=/path/to/latents (docs/training.md, 'Data')")
         files = _latent_files(path)
         if not files:
             raise ConfigError(f"data.path={str(path)!r} holds no samples (*.latent.npy, *.pt, *.safetensors): "
-                              "see docs/training.md, 'Data formats'")
+                              "see docs/training.md, 'Data'")
         missing = [n for n, k in files if k == "npy" and not (path / f"{n}.caption.npy").exists()]
         if missing:
             raise ConfigError(f"data.path={str(path)!r}: {len(missing)} latent(s) have no caption file, e.g. "
@@ -414,7 +414,7 @@ def check_data(cfg, layout) -> None:
         return
     if not path.is_file():
         raise ConfigError(f"data.path={str(cfg.data.path)!r} is not a file (data=tokens needs a flat binary file "
-                          "of token ids): pass data.path=/path/to/train.bin (docs/training.md, 'Data formats')")
+                          "of token ids): pass data.path=/path/to/train.bin (docs/training.md, 'Data')")
     dtype = str(cfg.data.dtype)
     if dtype not in TOKEN_DTYPES:
         raise ConfigError(f"data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
