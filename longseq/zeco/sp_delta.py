@@ -5,8 +5,8 @@ Each rank of ``group`` holds a contiguous piece of the sequence, in group-rank o
 non-empty. :func:`sp_delta_rule` returns this rank's piece of the output of the gated delta rule over
 the whole sequence; autograd gives every rank the gradients of its pieces of q, k, v, g, beta.
 
-The maths (docs/zeco.md, "Beyond diagonal decay: the gated delta rule (Gated DeltaNet, KDA)"): a piece is an affine map of its initial state ``S_in``
-(``[K, V]`` per head), :mod:`zeco.delta.chunk`::
+The maths (docs/zeco.md, "Beyond diagonal decay: the gated delta rule (Gated DeltaNet, KDA)"): a
+piece is an affine map of its initial state ``S_in`` (``[K, V]`` per head), :mod:`zeco.delta.chunk`::
 
     o        = o_local + F · S_in          F  [T_i, K]: each token's read-out of the incoming state
     S_end    = S_local + A · S_in          A  [K, K]:   Π_t (I - beta_t k_t k_tᵀ) D_t over the piece
