@@ -128,7 +128,7 @@ def test_strict_resume_refuses_a_damaged_latest_checkpoint(reference, tmp_path):
     p = th.run(BASE + [f"train.out_dir={out}", "train.resume=strict"], 2, timeout=120, check=False)
     assert p.returncode != 0
     assert p.stdout.count("stopped: CheckpointCorrupt: train.resume=strict: ckpt_step00000006.pt: file "
-                          "ckpt_step00000006.pt has 0 bytes") == 2, p.stdout[-3000:]
+                          "ckpt_step00000006.pt has 0 bytes") == 1, p.stdout[-3000:]   # rank 0 says it
 
 
 def test_a_full_disk_stops_cleanly_with_the_previous_checkpoint_intact(reference, tmp_path):
@@ -138,7 +138,7 @@ def test_a_full_disk_stops_cleanly_with_the_previous_checkpoint_intact(reference
                        "train.fault_kind=disk_full"], 2, timeout=120, check=False)
     assert p.returncode != 0
     line = "stopped: CheckpointWriteError: rank 0: writing the checkpoint of step 4"
-    assert p.stdout.count(line) == 2 and "the previous checkpoint ckpt_step00000002.pt is intact" in p.stdout, \
+    assert p.stdout.count(line) == 1 and "the previous checkpoint ckpt_step00000002.pt is intact" in p.stdout, \
         p.stdout[-3000:]
     names = sorted(f.name for f in (out / "checkpoints").iterdir())
     assert names == ["ckpt_step00000002.pt", "ckpt_step00000002.pt.manifest.json", "latest", "run.json"], names
@@ -155,7 +155,7 @@ def test_a_non_finite_loss_on_one_rank_is_agreed_on(reference, tmp_path, mode):
                        "train.fault_rank=1", f"train.on_nonfinite={mode}", "train.steps=4"], 2, timeout=120,
                check=False)
     if mode == "stop":
-        assert p.returncode != 0 and p.stdout.count("stopped: NonFiniteError") == 2, p.stdout[-3000:]
+        assert p.returncode != 0 and p.stdout.count("stopped: NonFiniteError") == 1, p.stdout[-3000:]
         assert "lower optim.lr" in p.stdout and th.latest_step(out) == 2     # nothing written from the NaN state
     else:
         assert p.returncode == 0 and "update skipped" in p.stdout, p.stdout[-3000:]
