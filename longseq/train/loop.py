@@ -598,7 +598,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
 # Entry point
 # ----------------------------------------------------------------------------------------------
 class RunInterrupted(Exception):
-    """SIGINT (Ctrl-C) or SIGTERM reached this rank; the run stops with one line saying where to resume."""
+    """SIGINT (Ctrl-C) reached this rank; the run stops with one line saying where to resume."""
 
 
 _STOP_SIGNAL: Optional[int] = None
@@ -613,14 +613,15 @@ def _on_stop_signal(signum, frame) -> None:
 
 
 def _catch_stop_signals() -> None:
-    """Ctrl-C and SIGTERM (what torchrun sends its workers when it stops) raise RunInterrupted in the
-    main thread. A SIGINT that was ignored when the process started (``nohup``, ``cmd &`` in a script)
-    stays ignored."""
+    """Ctrl-C (SIGINT: from the terminal, and from torchrun's agent, which passes the signal it got on
+    to its workers) raises RunInterrupted in the main thread instead of KeyboardInterrupt. A SIGINT
+    that was ignored when the process started (``cmd &`` in a script) stays ignored. SIGTERM keeps its
+    default (the process ends at once, silently): torchrun sends it to the survivors of a failed rank,
+    which may be blocked in a collective where no Python handler runs."""
     global _STOP_SIGNAL
     _STOP_SIGNAL = None
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _on_stop_signal)
-    signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
 def _resume_hint(cfg) -> str:
@@ -640,7 +641,7 @@ def _resume_hint(cfg) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The entry of ``python -m longseq.train``; returns the exit code: 0 trained, 2 a config error,
     3 a clean stop (one line: bad data, a non-finite loss, a failed checkpoint write, a stalled rank,
-    a missing optional package), 130 interrupted (Ctrl-C / SIGTERM; one line saying where to resume)."""
+    a missing optional package), 130 interrupted (Ctrl-C; one line saying where to resume)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     lead = _env_rank() == 0
     try:
