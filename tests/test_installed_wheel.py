@@ -10,9 +10,11 @@ site-packages through a ``.pth`` file: torch and its own requirements, nothing e
 longseq declares (numpy, einops, hydra-core) is installed into the fresh venv by pip from the
 wheel's metadata, so a missing ``install_requires`` entry fails here.
 
-Wall time (2-core machine, shared): about 2.5 minutes with the torch venv cached (venv + deps
-~30 s, wheel ~10 s, six 2-step trainings ~15 s each idle, 20-50 s loaded), plus ~95 s once for the
-torch venv.
+Wall time: measured once on the 2-core machine while 8 sessions loaded it (load average ~35): 17
+minutes with the torch venv cached (venv + deps 81 s, six 2-step trainings on 2 processes 50-100 s
+each, the editable install's isolated build ~200 s); the torch venv itself took 95 s to make. Not
+measured idle; the trainings take about 10 s each there (the launcher tests' idle times), so about
+2-3 minutes is expected.
 """
 from __future__ import annotations
 
