@@ -13,8 +13,7 @@ wheel's metadata, so a missing ``install_requires`` entry fails here.
 Wall time: measured once on the 2-core machine while 8 sessions loaded it (load average ~35): 17
 minutes with the torch venv cached (venv + deps 81 s, six 2-step trainings on 2 processes 50-100 s
 each, the editable install's isolated build ~200 s); the torch venv itself took 95 s to make. Not
-measured idle; the trainings take about 10 s each there (the launcher tests' idle times), so about
-2-3 minutes is expected.
+yet measured on an idle machine.
 """
 from __future__ import annotations
 
