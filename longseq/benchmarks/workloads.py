@@ -85,7 +85,7 @@ class Workload:
         d = self.dims
         if self.family == "stdit":
             return f"stdit-{self.preset} {self.method} B{d['B']} T{d['T']} S{stdit_tokens_per_frame(self)}"
-        return f"gla-{self.preset} {self.method} B{d['B']} T{d['T']}"
+        return f"{self.family}-{self.preset} {self.method} B{d['B']} T{d['T']}"
 
 
 def stdit_tokens_per_frame(w: Workload) -> int:
