@@ -16,7 +16,8 @@ FILES = [
     ("docs/zeco.md", "overlap_cpu", "benchmarks/results/overlap_cpu.md"),
     ("docs/scaling.md", "overlap_cpu", "benchmarks/results/overlap_cpu.md"),
     ("docs/scaling.md", "scaling_cpu", "benchmarks/results/scaling_cpu_rounds.md"),
-    ("docs/compile.md", "compile_peer_cpu", "benchmarks/results/compile_peer_cpu.md"),
+    ("docs/compile.md", "compile_cpu", "benchmarks/results/compile_cpu.md"),
+    ("docs/compile.md", "peer_cpu", "benchmarks/results/peer_cpu.md"),
 ]
 
 

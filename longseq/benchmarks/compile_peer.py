@@ -23,7 +23,10 @@ PyTorch's, whose causal sharding is load-balanced; ``layout err``: the error if 
 as the contiguous piece), and forward + backward time in interleaved rounds (the ratio is to
 longseq's ring in the same round; PyTorch's time includes its sharding of the buffers, a local copy).
 
-Writes benchmarks/results/compile_peer_cpu.json and .md (the tables).
+Writes ``--out`` (default benchmarks/results/compile_peer_cpu.json) and a markdown table next to it
+(``.md``); ``--update-docs`` pastes it into docs/compile.md's block named after the file
+(``--part compile --out benchmarks/results/compile_cpu.json`` and ``--part peer --out
+benchmarks/results/peer_cpu.json`` are the two blocks there).
 """
 from __future__ import annotations
 
@@ -39,7 +42,6 @@ from pathlib import Path
 
 from longseq.benchmarks.paths import output
 
-DOC_BLOCK = "compile_peer_cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
                                        f"{args.rounds} interleaved rounds, median (min-max), slowest rank.", ""]
     if "compile" in args.part:
         t0 = time.time()
-        with DistributedPool(2, timeout=3600) as pool:
+        with DistributedPool(2, timeout=3600, start_timeout=1200) as pool:
             per_rank = pool.run(compile_worker, args.rounds, timeout=3600)
         blob["compile"] = per_rank
         md += compile_table(per_rank) + [""]
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
         blob["peer"] = {}
         for i, P in enumerate(args.procs):
             t0 = time.time()
-            with DistributedPool(P, timeout=3600) as pool:
+            with DistributedPool(P, timeout=3600, start_timeout=1200) as pool:
                 per_rank = pool.run(peer_worker, B, T, H, D, args.rounds, timeout=3600)
             blob["peer"][str(P)] = per_rank
             md += peer_table(P, per_rank)[(0 if i == 0 else 2):]
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
     print(text)
     if args.update_docs:
         from longseq.benchmarks.docblocks import replace_block
-        replace_block(output("docs/compile.md"), DOC_BLOCK, text)
+        replace_block(output("docs/compile.md"), out.stem, text)     # the block named after the results file
     return 0
 
 

@@ -200,7 +200,7 @@ def run(args) -> dict:
     for P in args.procs:
         jobs = [(f"{fam}|{label}", workload(fam, method, args.tokens, opts)) for fam, label, method, opts in variants]
         t0 = time.time()
-        with DistributedPool(P, timeout=1800) as pool:
+        with DistributedPool(P, timeout=1800, start_timeout=1200) as pool:
             per_rank = pool.run(rank_run, jobs, args.alphas, args.beta, args.rounds, args.warmup, timeout=3000)
         print(f"P={P}: {len(jobs)} methods x {len(args.alphas)} latencies x {args.rounds} rounds in "
               f"{time.time() - t0:.0f} s", flush=True)

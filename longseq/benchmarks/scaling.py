@@ -323,7 +323,7 @@ def run_cpu(args) -> list[dict]:
             continue
         t0 = time.time()
         try:
-            with DistributedPool(P, timeout=3600) as pool:
+            with DistributedPool(P, timeout=3600, start_timeout=1200) as pool:
                 raw = pool.run(bench_rounds, jobs, args.rounds, args.warmup, "cpu", timeout=3600)
         except Exception as e:  # noqa: BLE001 - report which P failed, go on with the others
             print(f"  P={P}: FAILED: {str(e).splitlines()[-1][:300]}")
