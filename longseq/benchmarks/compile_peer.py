@@ -119,14 +119,16 @@ def _cp_call(mesh, q, k, v, causal: bool, backend):
     from torch.nn.attention import sdpa_kernel
 
     bufs = [t.detach().clone() for t in (q, k, v)]
-    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2]):   # shards the buffers in place
-        for t in bufs:                                  # (a leaf that requires grad cannot be resized)
-            t.requires_grad_()
+    # the context shards the buffers in place and restores them on exit, so they cannot require grad
+    # (a leaf that requires grad cannot be resized): the attention runs on grad-requiring copies
+    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2]):
+        xs = [t.detach().clone().requires_grad_() for t in bufs]
         with sdpa_kernel(backend):
-            out = F.scaled_dot_product_attention(*bufs, is_causal=causal)
-    out.sum().backward()
-    whole = context_parallel_unshard(mesh, [out.detach()], [2])[0]
-    return out.detach(), whole
+            out = F.scaled_dot_product_attention(*xs, is_causal=causal)
+            out.sum().backward()
+        out = out.detach().clone()
+    whole = context_parallel_unshard(mesh, [out], [2])[0]
+    return out, whole
 
 
 def peer_worker(B: int, T: int, H: int, D: int, rounds: int, cp_backends: tuple = ("math",)) -> dict:
