@@ -217,6 +217,9 @@ def run(args) -> dict:
             results.append(dict(family=fam, method=label, P=P, steps=steps, median=med, growth=growth,
                                 spread={a: (min(s), max(s)) for a, s in steps.items()}, predicted=pred,
                                 split=splits[fam]))
+        partial = Path(args.out).with_suffix(".partial.json")       # what is done so far survives a kill
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(dict(runs=results), indent=1, default=str))
     return dict(meta=dict(machine=platform.machine(), procs=args.procs, alphas=args.alphas, beta=args.beta,
                           rounds=args.rounds, warmup=args.warmup, tokens=args.tokens, note=args.note),
                 runs=results)

@@ -333,6 +333,9 @@ def run_cpu(args) -> list[dict]:
         for j, w in enumerate(jobs):
             results.append(summarize(w, P, _per_rank(raw, j)))
         print(f"  P={P}: {len(jobs)} runs x {args.rounds} interleaved rounds in {time.time() - t0:.0f} s", flush=True)
+        partial = Path(args.out).with_suffix(".partial.json")       # what is done so far survives a kill
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(dict(runs=results), indent=1))
     add_ratios(results)
     if not args.compute_alone:
         return results
