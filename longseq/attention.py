@@ -23,7 +23,6 @@ differentiable in both outputs; ring attention merges partial results with it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from typing import Iterator, Optional
@@ -95,9 +94,19 @@ def _import(name: str):
         raise MissingDependency(f"{e} (or use backend='sdpa')") from None
 
 
-@functools.lru_cache(maxsize=None)
+_INSTALLED: dict[str, bool] = {}
+
+
 def _installed(name: str) -> bool:
-    """Whether backend ``name`` imports (cached: "auto" asks on every call)."""
+    """Whether backend ``name`` imports (memoised in a dict, not ``functools.lru_cache``, which
+    ``torch.compile`` cannot trace: "auto" asks on every call, inside compiled forwards too)."""
+    ok = _INSTALLED.get(name)
+    if ok is None:
+        ok = _INSTALLED[name] = _imports(name)
+    return ok
+
+
+def _imports(name: str) -> bool:
     if name not in _MODULE:
         return name in BACKENDS
     try:

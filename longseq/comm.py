@@ -17,13 +17,24 @@ Faults: every backend call runs under the process group's timeout (``longseq.lau
 global ranks). A backend failure, a peer that stopped answering or died, comes out as a
 :class:`CollectiveError` whose message names the collective and its tag. A rank that is not a member
 of the group it passes raises ``ValueError`` on that rank before any collective.
+
+Debug: a modelled link (:func:`set_link_model`, off by default). It adds a per-message latency
+``alpha`` and a bandwidth ``beta`` to every collective issued here, on top of the backend's own
+time, so that latency hiding (ZeCO's All-Scan under the local kernel) can be shown on CPU processes
+whose loopback links are too fast to matter. It moves no extra data and never changes the ledger.
+See :func:`set_link_model` for how each kind of call is charged.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+import os
 import pickle
+import queue
+import threading
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -38,6 +49,7 @@ __all__ = [
     "group_size", "group_rank", "all_to_all_single", "all_to_all", "all_gather", "reduce_scatter",
     "all_reduce", "broadcast", "send", "recv", "isend", "irecv", "P2POp", "batch_isend_irecv",
     "all_gather_object", "collective_device", "all_gather_int", "require_member", "CollectiveError", "in_flight",
+    "LinkModel", "set_link_model", "link_model", "modelled_link",
 ]
 
 
@@ -153,18 +165,192 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     return x.to("cpu", copy=True).contiguous()
 
 
+# ----------------------------------------------------------------------------------------------
+# Debug: a modelled link (off by default; never in the ledger)
+# ----------------------------------------------------------------------------------------------
+ENV_LINK_MODEL = "LONGSEQ_LINK_MODEL"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkModel:
+    """Per-message latency ``alpha_s`` (seconds) and bandwidth ``beta_bytes_per_s`` (bytes a second,
+    one link, one direction; ``inf``: no bandwidth term) added to every collective (:func:`set_link_model`)."""
+
+    alpha_s: float
+    beta_bytes_per_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.alpha_s >= 0 or not self.beta_bytes_per_s > 0:
+            raise ValueError(f"LinkModel needs alpha_s >= 0 and beta_bytes_per_s > 0, got {self}")
+
+    def message_s(self, nbytes: float) -> float:
+        """One message of ``nbytes`` over one link: ``alpha + nbytes / beta``."""
+        return self.alpha_s + nbytes / self.beta_bytes_per_s
+
+    def collective_s(self, op: str, P: int, nbytes: float) -> float:
+        """Seconds added to one blocking collective over ``P`` ranks (``nbytes``: see :func:`set_link_model`)."""
+        if P <= 1:
+            return 0.0
+        a, b = self.alpha_s, self.beta_bytes_per_s
+        if op == "all_to_all":
+            return a + nbytes / b
+        if op == "all_reduce":
+            ring = 2 * (P - 1) * (a + nbytes / P / b)
+            tree = 2 * math.ceil(math.log2(P)) * a + 2 * nbytes / b
+            return min(ring, tree)
+        return (P - 1) * (a + nbytes / b)       # ring all-gather / reduce-scatter / broadcast / objects
+
+
+_LINK_MODEL: Optional[LinkModel] = None
+
+
+def _link_model_from_env() -> Optional[LinkModel]:
+    spec = os.environ.get(ENV_LINK_MODEL, "").strip()
+    if not spec:
+        return None
+    try:
+        parts = [float(x) for x in spec.split(",")]
+        return LinkModel(*parts[:2])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ENV_LINK_MODEL}={spec!r}: expected 'alpha_s' or 'alpha_s,beta_bytes_per_s' "
+                         f"(e.g. '0.002,1e9'): {e}") from None
+
+
+def set_link_model(alpha_s: Optional[float] = None, beta_bytes_per_s: float = math.inf) -> Optional[LinkModel]:
+    """Debug option: model a slower link under every collective of this process; returns the old model.
+
+    ``set_link_model(alpha_s=0.002, beta_bytes_per_s=1e9)`` turns it on, ``set_link_model(None)`` off
+    (the default; the environment variable ``LONGSEQ_LINK_MODEL="0.002,1e9"`` turns it on at import).
+    Every rank of a group must use the same model. Nothing extra moves and the ledger records the
+    same bytes; only time is added, on top of the backend's own:
+
+    * point-to-point (``send``/``recv``, ``isend``/``irecv``, ``batch_isend_irecv``): each directed
+      link (global rank a -> b) carries one message at a time, in order; a message occupies it for
+      ``alpha + n/beta`` seconds from when the backend has handed it over (gloo's transfer starts
+      once both ends have posted) or the link frees up, whichever is later. Both ends see the
+      message complete then. For the asynchronous calls a helper thread of the link does the
+      waiting, so the caller computes meanwhile and an overlapped transfer is hidden as on a real
+      link: ``wait()`` blocks only for what is left of it;
+    * blocking collectives, after the backend returns (``P`` ranks; ``n`` bytes): all-to-all
+      ``alpha + n_sent/beta``; all-gather ``(P-1)·(alpha + piece/beta)`` (piece: the largest rank's);
+      reduce-scatter ``(P-1)·(alpha + piece/beta)`` (piece: this rank's output); broadcast and
+      object all-gather ``(P-1)·(alpha + n/beta)``; all-reduce the faster of ring,
+      ``2(P-1)·(alpha + n/(P·beta))``, and tree, ``2·ceil(log2 P)·alpha + 2n/beta`` (the
+      alpha-beta prices of ``benchmarks.costmodel.collectives``).
+    """
+    global _LINK_MODEL
+    old = _LINK_MODEL
+    _LINK_MODEL = None if alpha_s is None else LinkModel(float(alpha_s), float(beta_bytes_per_s))
+    return old
+
+
+def link_model() -> Optional[LinkModel]:
+    """The link model in force (None: off, the default)."""
+    return _LINK_MODEL
+
+
+@contextlib.contextmanager
+def modelled_link(alpha_s: Optional[float], beta_bytes_per_s: float = math.inf):
+    """``with modelled_link(0.002, 1e9): ...``: :func:`set_link_model` for a block, restored after."""
+    global _LINK_MODEL
+    old = set_link_model(alpha_s, beta_bytes_per_s)
+    try:
+        yield _LINK_MODEL
+    finally:
+        _LINK_MODEL = old
+
+
+_LINK_MODEL = _link_model_from_env()
+
+
+def _charge(op: str, P: int, nbytes: float) -> None:
+    """Blocking collectives: sleep the modelled link time (nothing when the model is off)."""
+    m = _LINK_MODEL
+    if m is not None and P > 1:
+        time.sleep(m.collective_s(op, P, nbytes))
+
+
+class _Delivery:
+    """A message on a modelled link: set once it has crossed (``error``: the backend's failure)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: Optional[BaseException] = None
+
+
+class _Lane:
+    """One direction of one modelled link: a helper thread that lets messages cross one at a time."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._free = 0.0
+        threading.Thread(target=self._run, name="longseq-link", daemon=True).start()
+
+    def submit(self, work: Any, seconds: float) -> _Delivery:
+        d = _Delivery()
+        self._q.put((work, seconds, d))
+        return d
+
+    def _run(self) -> None:
+        while True:
+            work, seconds, d = self._q.get()
+            try:
+                work.wait()
+            except BaseException as e:  # noqa: BLE001 - re-raised by the waiter
+                d.error = e
+            else:
+                end = max(time.monotonic(), self._free) + seconds
+                pause = end - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                self._free = end
+            d.event.set()
+
+
+_LANES: dict = {}
+_LANES_LOCK = threading.Lock()
+
+
+def _deliver(work: Any, link: Optional[tuple]) -> Optional[_Delivery]:
+    """Hand a backend p2p work to its modelled link (``link``: (global src, global dst, bytes));
+    None when the model is off."""
+    m = _LINK_MODEL
+    if m is None or link is None:
+        return None
+    src, dst, nbytes = link
+    with _LANES_LOCK:
+        lane = _LANES.get((src, dst))
+        if lane is None:
+            lane = _LANES[(src, dst)] = _Lane()
+    return lane.submit(work, m.message_s(nbytes))
+
+
+def _link(group: Any, src: int, dst: int, x: torch.Tensor) -> tuple:
+    """(global src, global dst, bytes) of a message between group ranks ``src`` and ``dst``."""
+    return _global(group, src), _global(group, dst), x.numel() * x.element_size()
+
+
 class _Work:
     """A backend work handle whose ``wait()`` runs as an in-flight collective (see :func:`in_flight`),
     and, when staged, also copies a received host buffer to its device tensor (``after``) and keeps
-    a staged send buffer alive until then."""
+    a staged send buffer alive until then. ``link``: the message's (src, dst, bytes) for the
+    modelled link (:func:`set_link_model`), which then completes it."""
 
-    def __init__(self, work: Any, op: str, tag: str, group: Any, after: Any = None, keep: Any = None):
+    def __init__(self, work: Any, op: str, tag: str, group: Any, after: Any = None, keep: Any = None,
+                 link: Optional[tuple] = None):
         self._work, self._after, self._keep = work, after, keep
         self._what = (op, tag, group)
+        self._delivery = _deliver(work, link)
 
     def wait(self, *args: Any) -> bool:
         with _running(*self._what):
-            out = self._work.wait(*args)
+            if self._delivery is not None:
+                self._delivery.event.wait()
+                if self._delivery.error is not None:
+                    raise self._delivery.error
+                out = True
+            else:
+                out = self._work.wait(*args)
         if self._after is not None:
             self._after()
             self._after = None
@@ -172,6 +358,8 @@ class _Work:
         return out
 
     def is_completed(self) -> bool:
+        if self._delivery is not None:
+            return self._delivery.event.is_set()
         return self._work.is_completed()
 
 
@@ -197,8 +385,10 @@ def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_
         if _stages(x, group):
             host = torch.empty(out.shape, dtype=out.dtype)
             dist.all_to_all_single(host, _to_host(x), list(output_split_sizes), list(input_split_sizes), group=group)
-            return out.copy_(host)
-        dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
+            out.copy_(host)
+        else:
+            dist.all_to_all_single(out, x, list(output_split_sizes), list(input_split_sizes), group=group)
+        _charge("all_to_all", P, sent * x.element_size())
     return out
 
 
@@ -260,6 +450,7 @@ def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int
         else:
             out = torch.empty((P * m, *front.shape[1:]), dtype=x.dtype, device=x.device)
             _all_gather_flat(out, buf, group=group)
+        _charge("all_gather", P, buf.numel() * buf.element_size())
     parts = [out[i * m: i * m + sizes[i]] for i in range(P)]
     return torch.cat(parts, 0).movedim(0, dim).contiguous()
 
@@ -289,6 +480,7 @@ def reduce_scatter(x: torch.Tensor, group: Any, *, dim: int = 0, op: Any = None,
             out = torch.empty((sizes[me] * P, *front.shape[1:]), dtype=x.dtype, device=front.device)
             dist.all_to_all_single(out, front, [sizes[me]] * P, sizes, group=group)
             out = out.view(P, sizes[me], *front.shape[1:]).sum(0)
+        _charge("reduce_scatter", P, row * sizes[me] * x.element_size())
     return out.to(x.device).movedim(0, dim).contiguous()
 
 
@@ -307,6 +499,7 @@ def all_reduce(x: torch.Tensor, group: Any, *, op: Any = None, tag: str = "untag
                 x.copy_(host)
             else:
                 dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+            _charge("all_reduce", P, x.numel() * x.element_size())
     return x
 
 
@@ -324,6 +517,7 @@ def broadcast(x: torch.Tensor, src: int, group: Any, *, tag: str = "untagged") -
                 x.copy_(host)
             else:
                 dist.broadcast(x, src=_global(group, src), group=group)
+            _charge("broadcast", P, x.numel() * x.element_size())
     return x
 
 
@@ -339,8 +533,13 @@ def send(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged") -> Non
     x = x.contiguous()
     _check_p2p(x, dst, group, "send")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
+    t = _to_host(x) if _stages(x, group) else x
+    if _LINK_MODEL is not None:
+        _Work(dist.isend(t, _global(group, dst), group=group), "send", tag, group,
+              link=_link(group, group_rank(group), dst, x)).wait()
+        return
     with _running("send", tag, group):
-        dist.send(_to_host(x) if _stages(x, group) else x, _global(group, dst), group=group)
+        dist.send(t, _global(group, dst), group=group)
 
 
 def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, device: Any = "cpu",
@@ -348,6 +547,9 @@ def recv(shape: Sequence[int], dtype: torch.dtype, src: int, group: Any, *, devi
     buf = torch.empty(tuple(shape), dtype=dtype, device=device)
     _check_p2p(buf, src, group, "recv")
     LEDGER.record("recv", tag, group_size(group), dtype, 0, buf.numel())
+    if _LINK_MODEL is not None:
+        _post_irecv(buf, src, group, tag).wait()
+        return buf
     with _running("recv", tag, group):
         if _stages(buf, group):
             host = torch.empty(buf.shape, dtype=dtype)
@@ -361,23 +563,29 @@ def isend(x: torch.Tensor, dst: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous send; returns the backend's work handle (call ``.wait()``). Keep ``x`` alive until then."""
     _check_p2p(x, dst, group, "isend")
     LEDGER.record("send", tag, group_size(group), x.dtype, x.numel(), 0)
+    link = _link(group, group_rank(group), dst, x)
     with _running("send", tag, group):
         if _stages(x, group):
             host = _to_host(x)
-            return _Work(dist.isend(host, _global(group, dst), group=group), "send", tag, group, keep=host)
-        return _Work(dist.isend(x, _global(group, dst), group=group), "send", tag, group)
+            return _Work(dist.isend(host, _global(group, dst), group=group), "send", tag, group, keep=host, link=link)
+        return _Work(dist.isend(x, _global(group, dst), group=group), "send", tag, group, link=link)
 
 
 def irecv(buf: torch.Tensor, src: int, group: Any, *, tag: str = "untagged"):
     """Asynchronous receive into ``buf`` (fresh and contiguous); returns the work handle."""
     _check_p2p(buf, src, group, "irecv")
     LEDGER.record("recv", tag, group_size(group), buf.dtype, 0, buf.numel())
+    return _post_irecv(buf, src, group, tag)
+
+
+def _post_irecv(buf: torch.Tensor, src: int, group: Any, tag: str) -> "_Work":
+    link = _link(group, src, group_rank(group), buf)
     with _running("recv", tag, group):
         if _stages(buf, group):
             host = torch.empty(buf.shape, dtype=buf.dtype)
             return _Work(dist.irecv(host, _global(group, src), group=group), "recv", tag, group,
-                         after=lambda: buf.copy_(host))
-        return _Work(dist.irecv(buf, _global(group, src), group=group), "recv", tag, group)
+                         after=lambda: buf.copy_(host), link=link)
+        return _Work(dist.irecv(buf, _global(group, src), group=group), "recv", tag, group, link=link)
 
 
 class P2POp:
@@ -391,8 +599,8 @@ class P2POp:
 
 def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged") -> list:
     """Issue several sends and receives together; returns their work handles."""
-    P = group_size(group)
-    torch_ops, afters, keep = [], [], []
+    P, me = group_size(group), group_rank(group)
+    torch_ops, afters, keep, links = [], [], [], []
     for o in ops:
         _check_p2p(o.tensor, o.peer, group, f"batch_isend_irecv({o.kind})")
         n = o.tensor.numel()
@@ -407,15 +615,17 @@ def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged"
                 after = functools.partial(o.tensor.copy_, t)
             keep.append(t)
         afters.append(after)
+        links.append(_link(group, me, o.peer, o.tensor) if o.kind == "send" else _link(group, o.peer, me, o.tensor))
         torch_ops.append(dist.P2POp(fn, t, _global(group, o.peer), group=group))
     if not torch_ops:
         return []
     with _running("batch_isend_irecv", tag, group):
         works = dist.batch_isend_irecv(torch_ops)
-    if not keep:
+    if len(works) != len(torch_ops):    # NCCL may return one handle for the batch (it never stages)
         return [_Work(w, "batch_isend_irecv", tag, group) for w in works]
-    # gloo returns one handle per op (NCCL, which never stages, may return one for the batch)
-    return [_Work(w, "batch_isend_irecv", tag, group, after=a, keep=keep) for w, a in zip(works, afters)]
+    # gloo returns one handle per op
+    return [_Work(w, "batch_isend_irecv", tag, group, after=a, keep=keep or None, link=lk)
+            for w, a, lk in zip(works, afters, links)]
 
 
 def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
@@ -428,4 +638,5 @@ def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
         return [obj]
     with _running("all_gather_object", tag, group):
         dist.all_gather_object(out, obj, group=group)
+        _charge("all_gather_object", P, n)
     return out

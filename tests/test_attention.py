@@ -18,10 +18,10 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.fl
 def _clean_default(monkeypatch):
     monkeypatch.delenv(A.ENV_VAR, raising=False)
     A.set_default_backend(None)
-    A._installed.cache_clear()
+    A._INSTALLED.clear()
     yield
     A.set_default_backend(None)
-    A._installed.cache_clear()
+    A._INSTALLED.clear()
 
 
 def _qkv(b=2, lq=7, lk=7, h=4, hkv=None, d=8, dtype=torch.float32, device="cpu", seed=0):

@@ -159,6 +159,19 @@ def test_zeco_scan_hides_under_local_kernel():
     assert max(out["end"]) > comp.total + 1e-3                           # 2 MiB at 1 GB/s does not hide
 
 
+def test_zeco_without_overlap_pays_the_chain():
+    """``overlap=False`` (sp_gla(overlap=False)): the scan is waited for before the kernel, so the
+    chain that hides under the kernel with overlap is paid in full."""
+    P, L, s = 4, 2, 64 * 2**10
+    comp = _gla_comp(L=L)
+    d = ("send", 2, s)
+    slow = Topology("slow", 8, Link(1e-4, 1e9), Link(1e-4, 1e9))
+    hidden = max(gla_timeline("zeco", P, L, [comp] * P, slow, fwd=d, bwd=d)["end"])
+    paid = max(gla_timeline("zeco", P, L, [comp] * P, slow, fwd=d, bwd=d, overlap=False)["end"])
+    assert hidden == approx(comp.total, rel=1e-9)                       # a 0.5 ms chain under 1 ms kernels
+    assert paid > comp.total + C.chain_closed_form(P, s, 2, slow.intra) # at least one whole chain exposed
+
+
 def test_lasp1_wavefront_and_layer_barrier():
     """Without barriers the LASP-1 chain is not paid in full per layer: layers pipeline across ranks
     (rank i runs layer l+1 while rank i+1 waits for layer l). Its blocking send still waits for the

@@ -72,3 +72,18 @@ def test_plan_validation_names_the_entry():
                  stages=(("blk", dsp.Stage("(B S) T C", shard="S")),))
     assert p.sharded_dims == ["T", "S"] and p.bound_names == {"B", "T", "S"}
     assert p.pinned().stages[0][1].shard == "T"
+
+
+def test_parse_traces_under_compile_without_cache_warning():
+    """Plans parse layouts inside the forward: Dynamo must trace that without an lru_cache warning."""
+    import warnings
+
+    def f(x):
+        return x * len(L.parse("(B T) S C").names)
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch._dynamo.reset()
+        y = torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3))
+    assert torch.equal(y, torch.full((3,), 4.0))
+    assert not [m for m in w if "lru_cache" in str(m.message)], [str(m.message)[:120] for m in w]

@@ -1,9 +1,10 @@
-"""Real runs of every method: step time, tokens/s, ledger bytes and peak memory vs SP size and length.
+"""Real runs of every method: step time, tokens/s and ledger bytes vs SP size and length, on a noisy machine.
 
-CPU (default; gloo processes on 127.0.0.1, one intra-op thread each; about 2-3 minutes on 2 cores)::
+CPU (default; gloo processes on 127.0.0.1, one intra-op thread each)::
 
-    python -m longseq.benchmarks.scaling                     # P in {1, 2, 4}, two lengths per family
-    python -m longseq.benchmarks.scaling --procs 1 2 --repeats 3 --families gla
+    python -m longseq.benchmarks.scaling                     # P in {1, 2, 4}; stdit, gla, gdn, hybrid
+    python -m longseq.benchmarks.scaling --procs 2 --rounds 3 --families gla gdn
+    python -m longseq.benchmarks.scaling --update-docs       # also paste the table into docs/scaling.md
 
 GPUs (NCCL; one process per GPU)::
 
@@ -11,18 +12,26 @@ GPUs (NCCL; one process per GPU)::
         --out benchmarks/results/scaling_h100.json
     python -m longseq.benchmarks.scaling --device cuda --compute-json benchmarks/results/compute_h100.json
 
-For every family (ST-DiT: dsp and the longseq.sp baselines ulysses, ring, megatron_sp, usp; GLA:
-zeco, lasp1, lasp2; methods whose code has not landed are skipped with a note), SP size P and
-length, it runs warm-up steps then ``--repeats`` timed steps (forward + backward + SP gradient
-sync; each repeat starts after a barrier; the step's time is the slowest rank's) and reports the
-median, tokens per second, bytes each rank sent per step (the ledger, SP collectives and in all),
-and peak memory (CUDA: ``max_memory_allocated``; CPU: the peak resident-set growth during the
-timed steps, sampled every millisecond). P = 1 is the model alone on one process ("none").
+Families and methods: ST-DiT (``stdit``: dsp and the longseq.sp baselines ulysses, ring, megatron_sp,
+usp), GLA (``gla``: zeco, lasp1, lasp2), Gated DeltaNet (``gdn``: zeco, allgather, heads, p2p) and the
+hybrid (``hybrid``: the gdn family's ``hybrid_tiny`` preset, 3 delta-rule layers : 1 softmax
+attention, Ulysses on the attention layer), every registered method of each.
 
-Compute alone: for every run, each distinct rank (first, middle, last) is also timed in this
-process on a fake process group (``benchmarks.costmodel.fakepg``): the same code at the same
+**Interleaved rounds (CPU).** On a shared machine a method timed after another inherits its load
+and the first job carries the warm-up, so sequential runs cannot separate methods. For each P one
+pool of P processes builds every (family, length, method) step, runs ``--warmup`` steps of each
+(excluded), records one step's ledger, then ``--rounds`` rounds; each round runs every step once in
+a fresh random order (the same on every rank), each after a barrier; a step's time is its slowest
+rank's. Reported per run: the median over rounds and the spread (min-max); per round, the ratio of
+the method's step to its family's reference method (dsp for ST-DiT, zeco otherwise) in the same
+round, then the median and min-max of those ratios: the load a round sees hits both alike. P = 1 is
+the model alone on one process ("none"). Peak memory is not measured here (every step's model is
+alive at once); see the memory benchmark.
+
+Compute alone: for ST-DiT and GLA runs, each distinct rank (first, middle, last) is also timed in
+this process on a fake process group (``benchmarks.costmodel.fakepg``): the same code at the same
 shapes with no communication, one thread. The simulator's validation prices the recorded ledger on
-the gloo calibration and adds this compute (see docs/scaling.md).
+the gloo calibration and adds this compute (see docs/scaling.md). ``--no-compute-alone`` skips it.
 
 ``--compute-json F`` (GPU, one process, no torchrun): for each target of configs/simulate (the
 papers' models and shapes at every P there), times one rank's forward and backward at its real
@@ -31,8 +40,9 @@ that the 3B model at 128 GPUs' shapes fits one GPU), and for GLA also the GLA op
 (serial kernel and sp_gla); writes the per-rank compute the simulator reads with
 ``compute_json=F``. ``--families`` picks the targets; entries accumulate in F across runs.
 
-Writes ``--out`` (JSON, default benchmarks/results/scaling_<device>.json), a CSV next to it, a
-table on stdout and figures under ``--figures`` (docs/figures/scaling_<device>_*.png).
+Writes ``--out`` (JSON, default benchmarks/results/scaling_<device>.json), a CSV and a markdown table
+(``.md``, which ``--update-docs`` pastes into docs/scaling.md) next to it, a table on stdout and
+figures under ``--figures`` (docs/figures/scaling_<device>_*.png).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -49,7 +60,11 @@ from pathlib import Path
 from typing import Optional
 
 from longseq.benchmarks.paths import output
-from longseq.benchmarks.workloads import GLA_METHODS, STDIT_METHODS, Workload, build_step, tokens, unavailable_reason
+from longseq.benchmarks.workloads import FAMILY_METHODS, Workload, build_step, tokens, unavailable_reason
+
+FAMILIES = ("stdit", "gla", "gdn", "hybrid")
+REFERENCE = {"stdit": "dsp", "gla": "zeco", "gdn": "zeco", "hybrid": "zeco"}   # the ratios' denominator
+DOC_BLOCK = "scaling_cpu"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +81,16 @@ def cpu_workloads(args) -> list[Workload]:
         ov = dict(hidden_size=args.gla_hidden, num_heads=2, num_layers=2, vocab_size=256, intermediate_size=128)
         for T in args.gla_tokens:
             out.append(Workload.make("gla", "none", args.gla_preset, dict(B=1, T=T), ov, precision=args.precision))
+    for fam, preset in (("gdn", "tiny"), ("hybrid", "hybrid_tiny")):
+        if fam in args.families:
+            for T in args.gdn_tokens:
+                out.append(Workload.make("gdn", "none", preset, dict(B=1, T=T), precision=args.precision))
     return out
+
+
+def family_of(w: Workload) -> str:
+    """The benchmark's family name: the hybrid is the gdn model family's hybrid preset."""
+    return "hybrid" if w.family == "gdn" and w.preset.startswith("hybrid") else w.family
 
 
 def gpu_workloads(args) -> list[Workload]:
@@ -82,7 +106,7 @@ def gpu_workloads(args) -> list[Workload]:
 
 
 def methods_for(family: str, only: Optional[list]) -> list[str]:
-    ms = STDIT_METHODS if family == "stdit" else GLA_METHODS
+    ms = FAMILY_METHODS["gdn" if family == "hybrid" else family]
     return [m for m in ms if not only or m in only]
 
 
@@ -170,6 +194,37 @@ def bench_rank(w: Workload, repeats: int, warmup: int, device: str, group=None) 
     return dict(times=times, mem=mem, rows=rows)
 
 
+def bench_rounds(jobs: list[Workload], rounds: int, warmup: int, device: str = "cpu") -> dict:
+    """Run on every rank of the world (CPU driver): build every job's step, warm each up, record one
+    step's ledger each, then ``rounds`` interleaved rounds (module docstring); this rank's results."""
+    import torch.distributed as dist
+    from longseq.benchmarks.costmodel.ledger import aggregate
+    from longseq.ledger import LEDGER
+
+    P = dist.get_world_size()
+    steps = []
+    for w in jobs:
+        steps.append(build_step(w, dist.group.WORLD if (P > 1 or w.method != "none") else None, device))
+        for _ in range(warmup):
+            steps[-1]()
+    rows = []
+    for step in steps:
+        dist.barrier()
+        with LEDGER.recording() as rec:
+            step()
+        rows.append([r.to_json() for r in aggregate(rec)])
+    times: list = [[] for _ in jobs]
+    for rd in range(rounds):
+        order = list(range(len(jobs)))
+        random.Random(rd).shuffle(order)          # the same order on every rank
+        for j in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            steps[j]()
+            times[j].append(time.perf_counter() - t0)
+    return dict(times=times, rows=rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compute alone (fake process group, this process)
 # ----------------------------------------------------------------------------------------------
@@ -216,18 +271,33 @@ def summarize(w: Workload, P: int, per_rank: list[dict]) -> dict:
     sp = [sum(x["elements_sent"] * x["element_size"] for x in r["rows"] if not x["tag"].startswith("grad_sync"))
           for r in per_rank]
     allb = [sum(x["elements_sent"] * x["element_size"] for x in r["rows"]) for r in per_rank]
-    return dict(family=w.family, method=w.method, P=P, shape=w.dims, label=w.label(), tokens=tokens(w),
+    mem = [r.get("mem") for r in per_rank]
+    return dict(family=family_of(w), method=w.method, P=P, shape=w.dims, label=w.label(), tokens=tokens(w),
                 workload=[w.family, w.method, w.preset, list(map(list, w.shape)), list(map(list, w.overrides)),
                           w.precision, w.grad_sync, list(map(list, w.options))],
-                step_s=med, step_times=step_times, tokens_per_s=tokens(w) / med,
-                sp_bytes_per_rank=max(sp), bytes_per_rank=max(allb), peak_mem_mib=max(r["mem"] for r in per_rank) / 2**20,
+                step_s=med, step_times=step_times, spread_s=[min(step_times), max(step_times)],
+                tokens_per_s=tokens(w) / med, sp_bytes_per_rank=max(sp), bytes_per_rank=max(allb),
+                peak_mem_mib=max(mem) / 2**20 if None not in mem else None,
                 rows={str(i): r["rows"] for i, r in enumerate(per_rank)})
 
 
-def workload_from_json(v) -> Workload:
-    fam, method, preset, shape, ov, prec, gs, opts = v
-    return Workload(fam, method, preset, tuple(map(tuple, shape)), tuple(map(tuple, ov)), prec, gs,
-                    tuple(map(tuple, opts)))
+def add_ratios(results: list[dict]) -> None:
+    """Per-round ratio of each run's step to its family's reference method at the same P and shape
+    (``ratio``: median, ``ratio_spread``: min-max over rounds)."""
+    ref = {}
+    for r in results:
+        if "error" not in r and r["method"] == REFERENCE.get(r["family"]):
+            ref[(r["family"], r["P"], r["tokens"])] = r["step_times"]
+    for r in results:
+        base = ref.get((r.get("family"), r.get("P"), r.get("tokens")))
+        if "error" in r or base is None or r["P"] == 1:
+            continue
+        ratios = [a / b for a, b in zip(r["step_times"], base)]
+        r["ratio"], r["ratio_spread"] = statistics.median(ratios), [min(ratios), max(ratios)]
+
+
+def _per_rank(raw: list[dict], j: int) -> list[dict]:
+    return [dict(times=r["times"][j], rows=r["rows"][j]) for r in raw]
 
 
 def run_cpu(args) -> list[dict]:
@@ -242,39 +312,50 @@ def run_cpu(args) -> list[dict]:
             if P == 1:
                 jobs.append(w)
                 continue
-            for m in methods_for(w.family, args.methods):
-                why = unavailable_reason(m)
-                if why:
-                    print(f"  skip {m}: {why}")
+            for m in methods_for(family_of(w), args.methods):
+                cfg = w.model_config()
+                heads = getattr(cfg, "num_heads", 1)
+                if m in ("ulysses", "heads") and heads % P:
+                    print(f"  skip {family_of(w)} {m} at P={P}: {heads} heads do not divide by {P}")
                     continue
                 jobs.append(w.replace(method=m))
         if not jobs:
             continue
-        with DistributedPool(P, timeout=600) as pool:
-            for w in jobs:
-                t0 = time.time()
-                try:
-                    per_rank = pool.run(bench_rank, w, args.repeats, args.warmup, "cpu")
-                except Exception as e:  # noqa: BLE001 - one method failing must not stop the sweep
-                    print(f"  {w.label()} P={P}: FAILED: {str(e).splitlines()[-1][:200]}")
-                    results.append(dict(family=w.family, method=w.method, P=P, shape=w.dims, label=w.label(),
-                                        error=str(e)[-2000:]))
-                    continue
-                res = summarize(w, P, per_rank)
-                results.append(res)
-                print(f"  P={P} {w.label():<40} step {res['step_s'] * 1e3:8.1f} ms  ({time.time() - t0:.1f} s)",
-                      flush=True)
-    # compute alone, rank by rank, in this process with nothing else running
+        t0 = time.time()
+        try:
+            with DistributedPool(P, timeout=3600, start_timeout=1200) as pool:
+                raw = pool.run(bench_rounds, jobs, args.rounds, args.warmup, "cpu", timeout=3600)
+        except Exception as e:  # noqa: BLE001 - report which P failed, go on with the others
+            print(f"  P={P}: FAILED: {str(e).splitlines()[-1][:300]}")
+            results += [dict(family=family_of(w), method=w.method, P=P, shape=w.dims, label=w.label(),
+                             error=str(e)[-2000:]) for w in jobs]
+            continue
+        for j, w in enumerate(jobs):
+            results.append(summarize(w, P, _per_rank(raw, j)))
+        print(f"  P={P}: {len(jobs)} runs x {args.rounds} interleaved rounds in {time.time() - t0:.0f} s", flush=True)
+        partial = Path(args.out).with_suffix(".partial.json")       # what is done so far survives a kill
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(dict(runs=results), indent=1))
+    add_ratios(results)
+    if not args.compute_alone:
+        return results
+    # compute alone, rank by rank, in this process (simulator validation: ST-DiT and GLA)
     import torch
     torch.set_num_threads(1)
     for res in results:
-        if "error" in res:
+        if "error" in res or res["family"] not in ("stdit", "gla"):
             continue
         w = workload_from_json(res["workload"])
         P = res["P"]
         res["compute_alone_s"] = {str(r): compute_alone(w, P, r, args.repeats, args.warmup)
                                   for r in (roles(w.family, P) if P > 1 else [0])}
     return results
+
+
+def workload_from_json(v) -> Workload:
+    fam, method, preset, shape, ov, prec, gs, opts = v
+    return Workload(fam, method, preset, tuple(map(tuple, shape)), tuple(map(tuple, ov)), prec, gs,
+                    tuple(map(tuple, opts)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,31 +510,44 @@ def _gla_op_times(w: Workload, P: int, rank: int, reps: int, warm: int, dev: str
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-def print_table(results: list[dict]) -> None:
-    head = (f"{'family':<6} {'P':>2} {'method':<12} {'tokens':>7} {'step ms':>9} {'tok/s':>9} {'SP MiB/rank':>11} "
-            f"{'all MiB/rank':>12} {'peak MiB':>9} {'alone ms':>9}")
-    print(head)
-    print("-" * len(head))
-    for r in sorted(results, key=lambda r: (r["family"], r.get("tokens", 0), r["P"], r["method"])):
+def _order(r: dict) -> tuple:
+    fam = r["family"]
+    return (FAMILIES.index(fam) if fam in FAMILIES else 9, r.get("tokens", 0), r["P"],
+            r["method"] != REFERENCE.get(fam), r["method"])
+
+
+def markdown_table(results: list[dict], meta: dict, command: str) -> str:
+    """The runs as a markdown table (what ``--update-docs`` pastes into docs/scaling.md)."""
+    lines = [f"Measured with `{command}` ({meta['note']}; {meta['cpu_count']} cores, torch {meta['torch']}): "
+             f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up steps (excluded); step = forward + "
+             "backward + SP gradient sync, slowest rank, median (min-max); ratio = the method's step / the reference "
+             "method's (dsp for ST-DiT, zeco otherwise) in the same round, median (min-max) over rounds.", "",
+             "| family | tokens | P | method | step ms | ratio to reference | tokens/s | SP MiB/rank |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=_order):
         if "error" in r:
-            print(f"{r['family']:<6} {r['P']:>2} {r['method']:<12} FAILED")
+            lines.append(f"| {r['family']} | | {r['P']} | {r['method']} | FAILED | | | |")
             continue
-        alone = r.get("compute_alone_s", {})
-        a = max(alone.values()) * 1e3 if alone else float("nan")
-        print(f"{r['family']:<6} {r['P']:>2} {r['method']:<12} {r['tokens']:>7} {r['step_s'] * 1e3:9.1f} "
-              f"{r['tokens_per_s']:9.0f} {r['sp_bytes_per_rank'] / 2**20:11.2f} {r['bytes_per_rank'] / 2**20:12.2f} "
-              f"{r['peak_mem_mib']:9.1f} {a:9.1f}")
+        lo, hi = r["spread_s"]
+        ratio = (f"{r['ratio']:.3f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f})"
+                 if "ratio" in r else "")
+        lines.append(f"| {r['family']} | {r['tokens']} | {r['P']} | {r['method']} | {r['step_s'] * 1e3:.1f} "
+                     f"({lo * 1e3:.0f}-{hi * 1e3:.0f}) | {ratio} | {r['tokens_per_s']:.0f} | "
+                     f"{r['sp_bytes_per_rank'] / 2**20:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_csv(results: list[dict], path: Path) -> None:
-    cols = ["family", "method", "P", "label", "tokens", "step_s", "tokens_per_s", "sp_bytes_per_rank",
+    cols = ["family", "method", "P", "label", "tokens", "step_s", "ratio", "tokens_per_s", "sp_bytes_per_rank",
             "bytes_per_rank", "peak_mem_mib"]
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(cols + ["compute_alone_max_s", "error"])
+        wr.writerow(cols + ["step_min_s", "step_max_s", "compute_alone_max_s", "error"])
         for r in results:
             alone = r.get("compute_alone_s", {})
-            wr.writerow([r.get(c, "") for c in cols] + [max(alone.values()) if alone else "", r.get("error", "")[:80]])
+            lo, hi = r.get("spread_s", ["", ""])
+            wr.writerow([r.get(c, "") for c in cols] + [lo, hi, max(alone.values()) if alone else "",
+                                                        r.get("error", "")[:80]])
 
 
 def plot(results: list[dict], outdir: Path, tag: str) -> list[str]:
@@ -463,7 +557,7 @@ def plot(results: list[dict], outdir: Path, tag: str) -> list[str]:
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
-    for fam in ("stdit", "gla"):
+    for fam in FAMILIES:
         rs = [r for r in results if r["family"] == fam and "error" not in r]
         if not rs:
             continue
@@ -497,10 +591,16 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--procs", type=int, nargs="+", default=None, help="SP sizes (default 1 2 4)")
-    ap.add_argument("--families", nargs="+", default=["stdit", "gla"], choices=["stdit", "gla"])
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all that exist)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds (module docstring)")
+    ap.add_argument("--repeats", type=int, default=5, help="GPU runs and compute alone: timed steps")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-compute-alone", dest="compute_alone", action="store_false",
+                    help="CPU: skip timing each rank alone on a fake group (the simulator validation's input)")
+    ap.add_argument("--gdn-tokens", type=int, nargs="+", default=None, help="gdn and hybrid lengths")
+    ap.add_argument("--note", default="CPU, gloo over loopback, a machine shared with other jobs (loaded)")
+    ap.add_argument("--update-docs", action="store_true", help="paste the markdown table into docs/scaling.md")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16-autocast", "bf16"],
                     help="default: fp32 on CPU, bf16 on CUDA")
     ap.add_argument("--stdit-preset", default=None)
@@ -523,6 +623,7 @@ def main(argv=None) -> int:
     args.latent = args.latent or ([64, 64] if cuda else [32, 32])
     args.gla_preset = args.gla_preset or ("1b" if cuda else "tiny")
     args.gla_tokens = args.gla_tokens or ([8192, 32768] if cuda else [4096, 16384])
+    args.gdn_tokens = args.gdn_tokens or [4096]
     tag = "h100" if cuda else "cpu"
     args.out = args.out or str(output(f"benchmarks/results/scaling_{tag}.json"))
 
@@ -542,14 +643,22 @@ def main(argv=None) -> int:
     import platform
     import torch
     meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch=torch.__version__, repeats=args.repeats, warmup=args.warmup,
-                seconds=time.time() - t0)
+                cpu_count=os.cpu_count(), torch=torch.__version__, rounds=args.rounds, repeats=args.repeats,
+                warmup=args.warmup, note=args.note, seconds=time.time() - t0)
     out.write_text(json.dumps(dict(meta=meta, runs=results), indent=1))
     write_csv(results, out.with_suffix(".csv"))
+    command = "python -m longseq.benchmarks.scaling " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                                 if a != "--update-docs")
+    md = markdown_table(results, meta, command.strip())
+    out.with_suffix(".md").write_text(md)
     print()
-    print_table(results)
+    print(md)
     figs = plot(results, Path(args.figures), tag)
-    print(f"\nwrote {out}, {out.with_suffix('.csv')} and {', '.join(figs)} in {time.time() - t0:.0f} s")
+    if args.update_docs:
+        from longseq.benchmarks.docblocks import replace_block
+        replace_block(output("docs/scaling.md"), DOC_BLOCK, md)
+    print(f"\nwrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.md')} and {', '.join(figs)} "
+          f"in {time.time() - t0:.0f} s")
     return 0
 
 

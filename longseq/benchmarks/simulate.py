@@ -4,6 +4,7 @@
     python -m longseq.benchmarks.simulate topology.mfu=0.5 grad_sync=serial stdit.frames_per_gpu=4
     python -m longseq.benchmarks.simulate fsdp.enabled=false fsdp.dp=2     # FSDP2 tables off / dp x sp mesh
     python -m longseq.benchmarks.simulate compute_json=benchmarks/results/compute_h100.json
+    python -m longseq.benchmarks.simulate update_docs=true         # also paste the tables into docs/scaling.md
 
 Configuration: configs/simulate/default.yaml (Hydra; any key can be overridden as ``key=value``),
 topologies in configs/simulate/topology/. For every (method, P) the simulator
@@ -20,7 +21,9 @@ Validation (``validate=true``): the same pricing with the gloo calibration of th
 (``python -m longseq.benchmarks.calibrate``), the ledgers recorded in the real runs and the per-rank
 compute measured alone (``python -m longseq.benchmarks.scaling``), against the step times those runs
 measured: predicted vs measured ratio of every pair of methods run at the same P and shape.
-Writes ``out`` (JSON) and figures under ``figures``.
+Writes ``out`` (JSON) and figures under ``figures``; with ``update_docs=true`` the three printed
+tables also replace the generated blocks ``sim_stdit``, ``sim_gla`` and ``sim_validation`` of
+docs/scaling.md (:func:`doc_text`; tests/test_docs_generated.py checks they match ``out``'s ``tables``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,14 @@ from pathlib import Path
 from typing import Optional
 
 from longseq.benchmarks.paths import data, output
+
+
+DOC_BLOCKS = ("sim_stdit", "sim_gla", "sim_validation")
+
+
+def doc_text(table: str) -> str:
+    """A printed table as the docs show it (a fenced block)."""
+    return "```\n" + table.strip("\n") + "\n```\n"
 
 
 def load_config(overrides: list[str]):
@@ -444,6 +455,11 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(config=OmegaConf.to_container(cfg, resolve=True), stdit=stdit, gla=gla,
                                        validation=val, tables=[txt1, txt2, txt3]), indent=1, default=str))
+    if cfg.get("update_docs", False):
+        from longseq.benchmarks.docblocks import replace_block
+        for name, txt in zip(DOC_BLOCKS, (txt1, txt2, txt3)):
+            if txt:
+                replace_block(output("docs/scaling.md"), name, doc_text(txt))
     print(f"\nwrote {out} and {', '.join(figs)} in {time.time() - t0:.0f} s "
           f"(ledger captures: {cache.misses} new, {cache.hits} cached)")
     return 0

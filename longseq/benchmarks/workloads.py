@@ -5,7 +5,7 @@ Used by ``benchmarks.scaling`` (timed runs on gloo / NCCL), by the cost model's 
 collective in the ledger but moves no data) and by compute-only timing (the same fake group: the
 rank's own work at its own shapes, no communication).
 
-A :class:`Workload` names the family (``stdit`` or ``gla``), the method, the model (preset and
+A :class:`Workload` names the family (``stdit``, ``gla`` or ``gdn``: Gated DeltaNet, and the hybrid by its preset), the method, the model (preset and
 overrides of ``longseq.models.stdit`` / ``longseq.models.gla``), the whole-sample shape and the precision.
 :func:`build_step` builds the model (seeded identically on every rank), applies the method's plan
 over ``group`` and returns a zero-argument callable that runs one step. Models and methods come from
@@ -35,16 +35,18 @@ from longseq.models.registry import get_model_family
 # The registered methods of the two benchmarked families (longseq.methods), "none" aside.
 STDIT_METHODS = tuple(m for m in method_names("stdit") if m != "none")
 GLA_METHODS = tuple(m for m in method_names("gla") if m != "none")
+GDN_METHODS = tuple(m for m in method_names("gdn") if m != "none")  # Gated DeltaNet and the hybrid
+FAMILY_METHODS = {"stdit": STDIT_METHODS, "gla": GLA_METHODS, "gdn": GDN_METHODS}
 METHODS = {**{m: "stdit" for m in STDIT_METHODS}, **{m: "gla" for m in GLA_METHODS}}
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 
 __all__ = ["Workload", "build_step", "unavailable_reason", "available_methods", "STDIT_METHODS", "GLA_METHODS",
-           "METHODS", "tokens", "stdit_tokens_per_frame", "single_device_step", "PRECISIONS"]
+           "METHODS", "GDN_METHODS", "FAMILY_METHODS", "tokens", "stdit_tokens_per_frame", "single_device_step", "PRECISIONS"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    family: str                     # "stdit" | "gla"
+    family: str                     # "stdit" | "gla" | "gdn"
     method: str                     # one of METHODS, or "none" (one device, no plan)
     preset: str                     # models.stdit / models.gla preset
     shape: tuple                    # sorted (name, value) pairs; see the module docstring
@@ -83,7 +85,7 @@ class Workload:
         d = self.dims
         if self.family == "stdit":
             return f"stdit-{self.preset} {self.method} B{d['B']} T{d['T']} S{stdit_tokens_per_frame(self)}"
-        return f"gla-{self.preset} {self.method} B{d['B']} T{d['T']}"
+        return f"{self.family}-{self.preset} {self.method} B{d['B']} T{d['T']}"
 
 
 def stdit_tokens_per_frame(w: Workload) -> int:
@@ -102,9 +104,14 @@ def tokens(w: Workload) -> int:
 # ----------------------------------------------------------------------------------------------
 # Which methods exist
 # ----------------------------------------------------------------------------------------------
-def unavailable_reason(method: str) -> Optional[str]:
-    """Why ``method`` cannot be benchmarked (it is not registered), or None."""
-    if method == "none" or method in METHODS:
+def unavailable_reason(method: str, family: Optional[str] = None) -> Optional[str]:
+    """Why ``method`` cannot be benchmarked (it is not registered, for ``family`` if given), or None."""
+    if method == "none":
+        return None
+    if family is not None:
+        known = FAMILY_METHODS.get(family, ())
+        return None if method in known else f"unknown method {method!r} for {family} (registered: {', '.join(known)})"
+    if method in METHODS:
         return None
     return f"unknown method {method!r} (registered: {', '.join(METHODS)})"
 
@@ -157,7 +164,7 @@ def _build_model(w: Workload, device):
 def build_step(w: Workload, group: Any, device: Any = "cpu") -> Callable[[], None]:
     """Build model and plan on this rank; return ``step()`` that runs one forward + backward (+ SP
     gradient sync). ``group``: the SP process group (any backend, the fake one included)."""
-    why = unavailable_reason(w.method)
+    why = unavailable_reason(w.method, w.family)
     if why:
         raise RuntimeError(f"{w.method}: {why}")
     device = torch.device(device)

@@ -13,7 +13,6 @@ dim, :func:`fold` puts the groups back.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Mapping
 
@@ -60,9 +59,22 @@ class Layout:
         return out
 
 
-@functools.lru_cache(maxsize=None)
+_PARSED: dict[str, Layout] = {}
+
+
 def parse(text: str) -> Layout:
-    """``"(B T) S C"`` -> Layout; raises LayoutError for a malformed layout or a repeated name."""
+    """``"(B T) S C"`` -> Layout; raises LayoutError for a malformed layout or a repeated name.
+
+    Memoised in a plain dict rather than ``functools.lru_cache``: plans parse their layouts inside
+    the forward, which ``torch.compile`` traces, and Dynamo cannot trace a cache wrapper (it warns and
+    traces the wrapped function on every compile); a dict lookup it traces and guards like any other."""
+    lay = _PARSED.get(text)
+    if lay is None:
+        lay = _PARSED[text] = _parse(text)
+    return lay
+
+
+def _parse(text: str) -> Layout:
     groups, cur = [], None
     for tok in text.replace("(", " ( ").replace(")", " ) ").split():
         if tok == "(":

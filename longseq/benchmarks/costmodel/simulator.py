@@ -110,7 +110,7 @@ def _per_layer(rows: Sequence[Row], suffix: str, L: int) -> tuple[Optional[str],
     tag ends in ``suffix`` (".fwd" / ".bwd"), summed over send-type ops; (None, 0, 0, 0) if none."""
     op, calls, nbytes, g = None, 0, 0, 0
     for r in rows:
-        if is_grad_sync(r.tag) or not r.tag.endswith(suffix):
+        if not _is_exchange(r) or not r.tag.endswith(suffix):
             continue
         if r.op == "recv":
             op = op or "send"
@@ -122,6 +122,13 @@ def _per_layer(rows: Sequence[Row], suffix: str, L: int) -> tuple[Optional[str],
     if op is None:
         return None, 0, 0.0, 0
     return op, calls // L if calls else 0, nbytes / L, g
+
+
+def _is_exchange(r: Row) -> bool:
+    """A per-layer state exchange (a chain's messages or LASP-2's all-gather, tags ``*.fwd`` /
+    ``*.bwd``); anything else (all-to-alls, halos, the loss) is a synchronisation point of the step."""
+    return (not is_grad_sync(r.tag) and r.tag.endswith((".fwd", ".bwd"))
+            and r.op in ("send", "recv", "all_gather"))
 
 
 def _exchange(rows_by_rank: dict, suffix: str, L: int, P: int) -> tuple[Optional[str], int, float]:
@@ -139,7 +146,7 @@ def _exchange(rows_by_rank: dict, suffix: str, L: int, P: int) -> tuple[Optional
 
 def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo: Topology, *,
                  fwd: tuple, bwd: tuple, step_rows: Sequence[Row] = (), update_s: float = 0.0,
-                 layer_barrier: bool = False, fsdp: Optional[dict] = None) -> dict:
+                 layer_barrier: bool = False, fsdp: Optional[dict] = None, overlap: bool = True) -> dict:
     """Simulate one step rank by rank. ``comps[i]``: rank i's compute (seconds); ``fwd`` / ``bwd``:
     (op, blocks per layer, state bytes per layer) of the per-layer exchange. Returns per-rank end
     times of forward and backward and the waiting each rank did.
@@ -147,7 +154,9 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
     ``layer_barrier``: all ranks synchronise after every layer (no pipelining of layers across
     ranks): the accounting of the ZeCO paper, in which a chain's full latency is paid per layer.
     ``fsdp``: the seconds of FSDP2's collectives (:meth:`.fsdp.FsdpCosts.times`), scheduled as
-    :mod:`.fsdp` describes (prefetch one layer ahead; each waits for every rank to issue it)."""
+    :mod:`.fsdp` describes (prefetch one layer ahead; each waits for every rank to issue it).
+    ``overlap=False``: ZeCO without overlap (each rank waits for the pipelined scan, then runs its
+    kernel), as ``sp_gla(overlap=False)``."""
     fit = topo.fit("p2p", P)          # a measured point-to-point line for this group size, if any
     links = [fit or topo.link(i, i + 1) for i in range(P - 1)]
     rlinks = [fit or topo.link(i + 1, i) for i in range(P - 1)][::-1]
@@ -174,7 +183,7 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
         arrive = {order[k]: arr[k] for k in range(P)}
         sent = {order[k]: arr[k + 1] for k in range(P - 1)}          # its last block reached the next rank
         for k, i in enumerate(order):
-            if method == "zeco":
+            if method == "zeco" and overlap:
                 # scan on a helper thread while the local kernel runs; wait for both
                 local_end = ready[i] + gla[i]
                 done = max(local_end, arrive[i], sent.get(i, -1.0))
@@ -187,7 +196,7 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
                 waited[i] += done - ready[i]
                 t[i] = done + gla[i] + after[i]
 
-    zeco = method == "zeco"
+    zeco = method == "zeco" and overlap
     lane = FsdpLane(fsdp) if fsdp else None
 
     def gate(until: float) -> None:
@@ -238,17 +247,18 @@ def gla_timeline(method: str, P: int, L: int, comps: Sequence[GlaCompute], topo:
 
 
 def gla_estimate(method: str, P: int, rows_by_rank: dict, comp_of_rank, L: int, topo: Topology,
-                 grad_sync: str = "overlap", layer_barrier: bool = False, fsdp: Optional[FsdpCosts] = None) -> Estimate:
+                 grad_sync: str = "overlap", layer_barrier: bool = False, fsdp: Optional[FsdpCosts] = None,
+                 overlap: bool = True) -> Estimate:
     """``rows_by_rank``: rows of the role ranks (0, 1, P-1); ``comp_of_rank(i)`` -> GlaCompute (s).
     ``fsdp``: parameters sharded by FSDP2 (its collectives replace the gradient all-reduce)."""
     comps = [comp_of_rank(i) for i in range(P)]
     fwd = _exchange(rows_by_rank, ".fwd", L, P)
     bwd = _exchange(rows_by_rank, ".bwd", L, P)
     rows0 = rows_by_rank[0]
-    step_rows = [r for r in rows0 if not is_grad_sync(r.tag) and not r.tag.endswith((".fwd", ".bwd"))
+    step_rows = [r for r in rows0 if not is_grad_sync(r.tag) and not _is_exchange(r)
                  and r.op not in ("send", "recv")]
     sim = gla_timeline(method, P, L, comps, topo, fwd=fwd, bwd=bwd, step_rows=step_rows, layer_barrier=layer_barrier,
-                       fsdp=fsdp.times(topo) if fsdp else None)
+                       fsdp=fsdp.times(topo) if fsdp else None, overlap=overlap)
     end = max(sim["end"])
     gs_rows = [] if fsdp else [r for r in rows0 if is_grad_sync(r.tag)]
     gs = sum(_row_time(topo, r, P) for r in gs_rows)
