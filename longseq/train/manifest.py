@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["write_manifest", "verify", "read_meta", "manifest_path", "CheckpointCorrupt", "write_atomic",
-           "fsync_dir", "TMP_MARK"]
+           "fsync_dir", "TMP_MARK", "open_exclusive", "MANIFEST_SUFFIX"]
 
 FORMAT = 1
 TMP_MARK = ".tmp."          # every temporary file of this module and of checkpoint.py has it in its name
@@ -31,9 +32,12 @@ class CheckpointCorrupt(RuntimeError):
     """A checkpoint that does not match its manifest (or has none)."""
 
 
+MANIFEST_SUFFIX = ".manifest.json"
+
+
 def manifest_path(path) -> Path:
     path = Path(path)
-    return path.with_name(path.name + ".manifest.json")
+    return path.with_name(path.name + MANIFEST_SUFFIX)
 
 
 def fsync_dir(d: Path) -> None:
@@ -49,21 +53,34 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def open_exclusive(path, mode: str = "wb"):
+    """Create ``path`` for writing, exclusively: ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a file or symlink planted under the name (a shared directory) makes it fail
+    (``FileExistsError``) instead of writing through it. Permissions as ``open()`` gives (0666 less
+    the umask)."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, mode)
+
+
 def write_atomic(path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory,
-    flush, fsync, ``os.replace``, fsync the directory. On any error the temporary is removed and
-    ``path`` (if it existed) is left as it was."""
+    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory
+    (a fresh random name, created exclusively, never through a symlink: :func:`open_exclusive`),
+    flush, fsync, ``os.replace`` (which replaces a symlink at ``path`` itself, never its target),
+    fsync the directory. On any error the temporary is removed and ``path`` (if it existed) is left
+    as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
+    created = False
     try:
-        with open(tmp, "wb") as f:
+        with open_exclusive(tmp) as f:
+            created = True
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        created = False
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if created:
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
