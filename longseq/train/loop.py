@@ -202,7 +202,7 @@ def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
     fk = str(cfg.train.get("fault_kind", "exit"))
     if fk not in FAULT_KINDS:
         raise ConfigError(f"train.fault_kind={fk!r}: choose one of {', '.join(FAULT_KINDS)}")
-    who = 0 if fk in ("disk_full", "kill_in_write") else int(cfg.train.fault_rank)
+    who = 0 if fk in ("disk_full", "disk_full_zip", "kill_in_write") else int(cfg.train.fault_rank)
     if at is None or fk != kind or int(at) != step or rank != who:
         return False
     marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
@@ -501,11 +501,14 @@ def _write_checkpoint(cfg, step, position, rngs, model, optimizer, scheduler, fs
             p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep, lineage=lineage)
         elif lead:
             state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+            full_after = None
             if _fault_fires(cfg, "disk_full", step, rank, out_dir):
                 state["fault"] = _DiskFull()
+            elif _fault_fires(cfg, "disk_full_zip", step, rank, out_dir):
+                full_after = 4096                   # the disk fills under torch's zip writer
             elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
                 state["fault"] = _KillMidWrite()
-            p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage)
+            p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage, full_after=full_after)
         if lead and (step % log_every == 0 or step == steps):
             _say(f"checkpoint {p.relative_to(out_dir)}")
     except comm.CollectiveError:

@@ -13,12 +13,14 @@ returns the ``meta`` a writer stored (e.g. the run lineage). Missing manifest = 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = ["write_manifest", "verify", "read_meta", "manifest_path", "CheckpointCorrupt", "write_atomic",
            "fsync_dir", "TMP_MARK", "open_exclusive", "MANIFEST_SUFFIX"]
@@ -61,19 +63,37 @@ def open_exclusive(path, mode: str = "wb"):
     return os.fdopen(fd, mode)
 
 
-def write_atomic(path, write: Callable[[Any], None]) -> None:
+class _FullDisk(io.RawIOBase):
+    """A file that accepts ``limit`` bytes, then fails like a full disk (``ENOSPC``); what torch's
+    zip writer turns into ``RuntimeError: ... unexpected pos`` (fault injection, tests)."""
+
+    def __init__(self, f, limit: int):
+        super().__init__()
+        self.f, self.limit, self.n = f, int(limit), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if self.n + len(b) > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device (fault injection: a full disk)")
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def write_atomic(path, write: Callable[[Any], None], *, full_after: Optional[int] = None) -> None:
     """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory
     (a fresh random name, created exclusively, never through a symlink: :func:`open_exclusive`),
     flush, fsync, ``os.replace`` (which replaces a symlink at ``path`` itself, never its target),
     fsync the directory. On any error the temporary is removed and ``path`` (if it existed) is left
-    as it was."""
+    as it was. ``full_after``: fault injection, the file takes that many bytes, then ``ENOSPC``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
     created = False
     try:
         with open_exclusive(tmp) as f:
             created = True
-            write(f)
+            write(f if full_after is None else _FullDisk(f, full_after))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
