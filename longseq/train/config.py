@@ -491,9 +491,10 @@ def check_model_runs(cfg: DictConfig) -> None:
     from . import methods
     fam = methods.family_of(cfg)
     mc = fam.model_config(cfg.model)
-    for k, v in dataclasses.asdict(mc).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 and k not in MAY_BE_ZERO:
-            raise ConfigError(f"model={cfg.model.name}: {k}={v!r} must be positive (model.overrides.{k}=...)")
+    for k, v in (dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and _SIZE.search(k))):
+            raise ConfigError(f"model={cfg.model.name}: {k}={v!r} must be {'positive' if _SIZE.search(k) else '>= 0'} "
+                              f"(model.overrides.{k}=...)")
     try:
         with torch.device("meta"):
             model = fam.build(cfg.model)
@@ -507,7 +508,7 @@ def check_model_runs(cfg: DictConfig) -> None:
                           f"{(lines[0] if lines else '')[:200]}; fix model.overrides") from None
 
 
-MAY_BE_ZERO = ("initializer_range", "norm_eps", "freq_dim")
+_SIZE = re.compile(r"(size|dim|depth|heads|layers|channels|ratio|^num_\w+)$")   # fields that are sizes: > 0
 
 
 def resume_mismatch(old, cfg: DictConfig, name: str) -> str | None:

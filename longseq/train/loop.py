@@ -718,6 +718,19 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         scheduler.step()
         step += 1
         position += G
+        ckpt_due = save and ((every and step % every == 0) or step == steps)
+        if ckpt_due:          # the RNG states and this update's finiteness, agreed before anything is logged or written
+            gathered = comm.all_gather_object((ckpt.rng_state(), bool(post_local)), dist.group.WORLD,
+                                              tag="train.checkpoint.rng")
+            if any(bad for _, bad in gathered):
+                if on_nonfinite == "stop":
+                    raise NonFiniteError(_post_msg(step, "Its checkpoint was not written"))
+                _restore(snapshot, params, optimizer)
+                skipped = True
+                if lead:
+                    _say(f"step {step}: its update made some weight non-finite: rolled back, the checkpoint holds the "
+                         "weights before it (train.on_nonfinite=skip)")
+            post_local = None
 
         loss_value = float(row[:, 3].sum() / world)      # SP ranks hold their group's loss: the DP mean
         if device.type == "cuda":
@@ -727,24 +740,15 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         mfu = trainable.flops_per_token * tps / (world * peak * 1e12) if peak else None
         last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
                 "tokens_per_s": tps, "samples_per_s": G / dt, "peak_mem_gib": peak_memory_gib(device),
-                "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {})}
+                "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {}),
+                **({"rolled_back": step - 1} if rolled_back else {})}
         losses.append(loss_value)
         metrics.log(last)
         if lead and progress and (step % log_every == 0 or step == steps):
             eta = (time.perf_counter() - wall0) / (step - first_step) * (steps - step)
             _say(progress_line(last, steps, device.type == "cpu") + f" | ETA {format_eta(eta)}")
 
-        if save and ((every and step % every == 0) or step == steps):
-            gathered = comm.all_gather_object((ckpt.rng_state(), bool(post_local)), dist.group.WORLD,
-                                              tag="train.checkpoint.rng")
-            if any(bad for _, bad in gathered):        # agreed before anything is written
-                if on_nonfinite == "stop":
-                    raise NonFiniteError(_post_msg(step, "Its checkpoint was not written"))
-                _restore(snapshot, params, optimizer)
-                if lead:
-                    _say(f"step {step}: its update made some weight non-finite: rolled back, the checkpoint holds the "
-                         "weights before it (train.on_nonfinite=skip)")
-            post_local = None
+        if ckpt_due:
             _write_checkpoint(cfg, step, position, [r for r, _ in gathered], model, optimizer, scheduler, fsdp_plan,
                               groups, ckpt_dir, out_dir, lineage, keep, log_every, steps)
         if sleep_s > 0:
