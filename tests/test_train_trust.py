@@ -43,6 +43,7 @@ BAD = [
     ("stdit", {"optim.lr": -1.0}, "optim.lr=-1.0 must be a number > 0"),
     ("stdit", {"optim.lr": float("nan")}, "optim.lr=nan"),
     ("stdit", {"optim.lr": "abc"}, "optim.lr='abc'"),
+    ("stdit", {"optim.lr": 1e39}, "optim.lr=1e+39"),                  # AdamW's float32 step size overflows
     ("stdit", {"optim.betas": [0.9]}, "optim.betas"),
     ("stdit", {"optim.betas": [0.9, 1.5]}, "optim.betas"),
     ("stdit", {"optim.betas": "abc"}, "optim.betas"),
@@ -178,3 +179,11 @@ def test_a_full_disk_in_the_zip_writer_stops_every_rank_cleanly(tmp_path):
         ["ckpt_step00000001.pt"]
     assert not [x for x in (out / "checkpoints").iterdir() if ".tmp." in x.name]
     assert math.isfinite(th.metrics(out)[0]["loss"])
+
+
+def test_a_backend_failure_inside_fsdp_is_recognised():
+    from longseq.train.loop import is_backend_failure
+    assert is_backend_failure(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed "
+                                           "by peer [127.0.0.1]:1234"))
+    assert is_backend_failure(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))
+    assert not is_backend_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

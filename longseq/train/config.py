@@ -401,7 +401,7 @@ def check_fields(cfg: DictConfig, world: int) -> None:
     o = "optim."
     if str(OmegaConf.select(cfg, o + "name")).lower() != "adamw":
         raise ConfigError(f"optim.name={OmegaConf.select(cfg, o + 'name')!r}: only adamw is provided (optim=adamw)")
-    _num(cfg, o + "lr", lo=0, lo_open=True, hint="optim.lr=1e-3")
+    _num(cfg, o + "lr", lo=0, hi=1e6, lo_open=True, hint="optim.lr=1e-3")    # AdamW's float32 step overflows far above
     betas = OmegaConf.select(cfg, o + "betas")
     ok = OmegaConf.is_list(betas) and len(betas) == 2 and all(
         isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas)

@@ -11,11 +11,16 @@ plan: FSDP's reduce-scatter replaces ``sync_gradients`` (same SP-sum, DP-mean se
 is of the whole sharded gradients, and checkpoints are sharded DCP directories
 (:mod:`.dcp_checkpoint`), which also load at another SP x DP layout.
 
-Faults (docs/training.md, "Faults"): a data error on one rank becomes the same ``DataError`` on
-every rank (one 8-byte all-gather a step, tag ``train.data.ok``); a non-finite loss or gradient norm
-on any rank is agreed on (tag ``train.nonfinite``) and skips the update or stops the run
-(``train.on_nonfinite``), never checkpointed; a failed checkpoint write stops every rank cleanly,
-the previous checkpoint intact; the checkpoint resumed from is verified on every rank.
+Faults (docs/training.md, "Faults"): one control collective a step (tag ``train.control``: every
+rank's row [next batch failed, loss or gradient norm not finite, weights after the previous update
+not finite, loss]; the next batch is loaded before it); a data error on one rank becomes the same
+``DataError`` on every rank; a non-finite loss or gradient norm, or weights made non-finite by an
+update (checked on every rank after ``optimizer.step()``, agreed in the next control collective or
+in the checkpoint's gather, before any checkpoint of them), stops the run or is skipped / rolled
+back (``train.on_nonfinite``), never checkpointed; any failure of a checkpoint write stops every
+rank cleanly, the previous checkpoint intact; the checkpoint resumed from is verified on every rank,
+loaded as tensors and plain data only (:mod:`.safe_load`) and refused in one line if it does not
+fit the run (another model, global batch or data seed).
 """
 from __future__ import annotations
 
