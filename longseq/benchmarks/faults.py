@@ -38,7 +38,7 @@ MODELS = {
 COMMON = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.global_batch_size=4",
           "train.keep_checkpoints=0", "optim.warmup_steps=2", "train.log_every=1", "train.tensorboard=false"]
 CASES = ("sigkill_worker", "sigkill_job", "kill_in_write", "sigstop", "corrupt_latest", "truncated_latest",
-         "disk_full", "resume_path_restart", "rollback_crash", "nan_weights", "zip_full_disk", "crafted_checkpoint")
+         "disk_full", "resume_path_restart", "rollback_crash", "nan_weights", "zip_full_disk", "crafted_checkpoint", "slow_write")
 # Cases that must end refused with one line (no final losses to compare): what the line must say.
 REFUSED = {"nan_weights": "NonFiniteError", "crafted_checkpoint": "UnsafeCheckpoint"}
 
@@ -220,6 +220,15 @@ def case(name: str, model: str, ref_dir: Path, ref: list, tmp: Path) -> dict:
         row["outcome"] = "refused on every rank, payload not run" if refused else \
             f"exit {rc}, payload {'RAN' if marker.exists() else 'not run'}"
         row["reason"] = _stop_line(text)
+    elif name == "slow_write":              # issue 22 item 8: rank 0's write outlasts the collective timeout
+        rc, text, _ = _run(base + [od, "train.resume=none", "train.fault_at_step=4", "train.fault_kind=slow_write",
+                                   "train.collective_timeout_s=5"])
+        named = rc != 0 and "rank 0's write" in text and not _raw(text)
+        row["reason"] = _stop_line(text)
+        rc2, text2, _ = _run(base + [od, "train.resume=auto"])
+        row["outcome"] = ("stopped, the message names rank 0's write; rerun resumed" if named and rc2 == 0
+                          else f"exit {rc}/{rc2}")
+        text += text2
     row["wall_s"] = round(time.monotonic() - t0, 1)
     got = _losses(out)
     want = ref if name != "sigstop" else _losses(ref_dir)

@@ -27,7 +27,7 @@ __all__ = [
     "check_model_runs", "resume_mismatch", "FAULT_KINDS",
 ]
 
-FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "disk_full_zip", "kill_in_write")
+FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "disk_full_zip", "kill_in_write", "slow_write")
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")

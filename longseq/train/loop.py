@@ -207,7 +207,7 @@ def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
     fk = str(cfg.train.get("fault_kind", "exit"))
     if fk not in FAULT_KINDS:
         raise ConfigError(f"train.fault_kind={fk!r}: choose one of {', '.join(FAULT_KINDS)}")
-    who = 0 if fk in ("disk_full", "disk_full_zip", "kill_in_write") else int(cfg.train.fault_rank)
+    who = 0 if fk in ("disk_full", "disk_full_zip", "kill_in_write", "slow_write") else int(cfg.train.fault_rank)
     if at is None or fk != kind or int(at) != step or rank != who:
         return False
     marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
@@ -367,8 +367,8 @@ def _load(path: str, model, optimizer, fsdp_plan, cfg) -> dict:
                 cls = CheckpointMismatch
                 err = (f"{Path(path).name} does not fit this model ({_first_line(e)}): resume it with the model "
                        "settings it was written with, or start afresh: train.resume=none or a new train.out_dir")
-    except CheckpointCorrupt as e:
-        err = str(e)
+    except CheckpointCorrupt as e:          # UnsafeCheckpoint included: the class tells which
+        cls, err = type(e), str(e)
     err = _agree_error(err, "train.resume.load")
     if err:
         raise cls(err)          # every rank read the same file: the same kind of failure
@@ -513,6 +513,8 @@ def _write_checkpoint(cfg, step, position, rngs, model, optimizer, scheduler, fs
                 full_after = 4096                   # the disk fills under torch's zip writer
             elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
                 state["fault"] = _KillMidWrite()
+            elif _fault_fires(cfg, "slow_write", step, rank, out_dir):
+                time.sleep(2 * _collective_timeout(cfg))     # a write slower than the collective timeout
             p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage, full_after=full_after)
         if lead and (step % log_every == 0 or step == steps):
             _say(f"checkpoint {p.relative_to(out_dir)}")
