@@ -104,7 +104,9 @@ def start_lineage(ckpt_dir, resume: str, *, run_id: str = "", restart: int = 0) 
     """Decide this start's lineage and what to resume from; returns ``(lineage, resume)`` where
     ``resume`` is "none", "auto", "strict" or a path. A torchrun restart (``restart > 0``) of the job
     recorded in ``run.json`` (same ``run_id``) continues its lineage: "auto" (or "strict"), with the
-    first start's ``resume=PATH`` as the fall-back when the lineage has no checkpoint yet."""
+    first start's ``resume=PATH`` as the fall-back when the lineage has no checkpoint yet. "auto" in
+    a directory with checkpoints but no ``run.json`` (copied there) continues the lineage of the
+    one ``latest`` names."""
     ckpt_dir = Path(ckpt_dir)
     rec_path = ckpt_dir / "run.json"
     try:
@@ -115,6 +117,8 @@ def start_lineage(ckpt_dir, resume: str, *, run_id: str = "", restart: int = 0) 
         return rec["lineage"], ("strict" if resume == "strict" else "auto")
     if resume in ("auto", "strict") and rec.get("lineage"):
         lineage = rec["lineage"]
+    elif resume in ("auto", "strict") and not rec_path.exists() and _newest_lineage(ckpt_dir):
+        lineage = _newest_lineage(ckpt_dir)     # checkpoints copied into a fresh directory: continue theirs
     else:
         lineage = uuid.uuid4().hex[:12]
     seed = resume if resume not in ("none", "auto", "strict") else rec.get("seed") if resume != "none" else None
@@ -122,6 +126,13 @@ def start_lineage(ckpt_dir, resume: str, *, run_id: str = "", restart: int = 0) 
     doc = {"lineage": lineage, "run_id": run_id, "seed": seed}
     write_atomic(rec_path, lambda f: f.write(json.dumps(doc).encode()))
     return lineage, resume
+
+
+def _newest_lineage(ckpt_dir: Path) -> str:
+    """The lineage of the checkpoint ``latest`` names (else of the newest one), "" if none: what a
+    directory holding checkpoints but no ``run.json`` (copied there) continues."""
+    cands = _candidates(ckpt_dir)
+    return str(read_meta(cands[0]).get("lineage") or "") if cands else ""
 
 
 def _seed(ckpt_dir: Path) -> Optional[Path]:
