@@ -5,7 +5,6 @@ write is refused; a rollback (``resume=PATH``) is never lost to the abandoned li
 checkpoints. All in one process, no process group (fast)."""
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -205,4 +204,4 @@ def test_unsafe_and_corrupt_are_one_line(tmp_path):
     with pytest.raises(Exception) as e:
         ck.load_checkpoint(p)
     assert "\n" not in str(e.value)
-    assert errno.ENOSPC and issubclass(safe_load.UnsafeCheckpoint, CheckpointCorrupt)
+    assert issubclass(safe_load.UnsafeCheckpoint, CheckpointCorrupt)       # a clean stop in the loop

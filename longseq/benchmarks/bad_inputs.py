@@ -122,8 +122,10 @@ CONFIG = [
     ("timeout_zero", ["train.collective_timeout_s=0"]), ("timeout_negative", ["train.collective_timeout_s=-1"]),
     ("timeout_nan", ["train.collective_timeout_s=nan"]), ("timeout_abc", ["train.collective_timeout_s=abc"]),
     ("old_timeout_zero", ["train.timeout_s=0"]),
-    ("lr_negative", ["optim.lr=-1"]), ("lr_nan", ["optim.lr=nan"]), ("lr_abc", ["optim.lr=abc"]), ("lr_1e39", ["optim.lr=1e39"]),
-    ("betas_one", ["optim.betas=[0.9]"]), ("betas_above_one", ["optim.betas=[0.9,1.5]"]), ("betas_abc", ["optim.betas=abc"]),
+    ("lr_negative", ["optim.lr=-1"]), ("lr_nan", ["optim.lr=nan"]), ("lr_abc", ["optim.lr=abc"]),
+    ("lr_1e39", ["optim.lr=1e39"]), ("betas_one", ["optim.betas=[0.9]"]),
+    ("betas_above_one", ["optim.betas=[0.9,1.5]"]),
+    ("betas_abc", ["optim.betas=abc"]),
     ("eps_negative", ["optim.eps=-1"]), ("eps_abc", ["optim.eps=abc"]), ("optim_name", ["optim.name=sgd"]),
     ("min_lr_ratio_negative", ["optim.min_lr_ratio=-1"]), ("grad_clip_negative", ["optim.grad_clip=-1"]),
     ("weight_decay_negative", ["optim.weight_decay=-1"]), ("warmup_negative", ["optim.warmup_steps=-1"]),
@@ -362,7 +364,8 @@ def run_case(case: Case, nproc: int = 2, deadline_s: float = 150) -> dict:
         per = [classify_rank(case.kind, rc, text) for rc, text in ranks]
         texts = [text for _, text in ranks]
         if case.kind == "api":
-            lines = [next((ln for ln in t.splitlines() if ln.startswith(("OK", "ERROR", "TIMEOUT"))), "") for t in texts]
+            lines = [next((ln for ln in t.splitlines() if ln.startswith(("OK", "ERROR", "TIMEOUT"))), "")
+                     for t in texts]
             if case.name in JUDGES and all(p == "ok" for p in per):
                 outcome = JUDGES[case.name]([ln[3:] for ln in lines])
             elif all(p == "clear" for p in per):

@@ -38,7 +38,8 @@ MODELS = {
 COMMON = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.global_batch_size=4",
           "train.keep_checkpoints=0", "optim.warmup_steps=2", "train.log_every=1", "train.tensorboard=false"]
 CASES = ("sigkill_worker", "sigkill_job", "kill_in_write", "sigstop", "corrupt_latest", "truncated_latest",
-         "disk_full", "resume_path_restart", "rollback_crash", "nan_weights", "zip_full_disk", "crafted_checkpoint", "slow_write")
+         "disk_full", "resume_path_restart", "rollback_crash", "nan_weights", "zip_full_disk", "crafted_checkpoint",
+         "slow_write")
 # Cases that must end refused with one line (no final losses to compare): what the line must say.
 REFUSED = {"nan_weights": "NonFiniteError", "crafted_checkpoint": "UnsafeCheckpoint"}
 

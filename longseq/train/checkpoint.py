@@ -43,7 +43,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .manifest import (MANIFEST_SUFFIX, TMP_MARK, CheckpointCorrupt, fsync_dir, manifest_path, read_meta, verify, write_atomic,
+from .manifest import (MANIFEST_SUFFIX, TMP_MARK, CheckpointCorrupt, fsync_dir, manifest_path, read_meta, verify,
+                       write_atomic,
                        write_manifest)
 from .safe_load import load_pt
 

@@ -391,7 +391,8 @@ def check_fields(cfg: DictConfig, world: int) -> None:
     if str(cfg.train.backend) == "nccl":
         dev = str(cfg.train.device)
         if dev == "cpu" or not torch.cuda.is_available():
-            raise ConfigError(f"train.backend=nccl needs CUDA GPUs, but {'train.device=cpu' if dev == 'cpu' else 'none is visible'}:"
+            why = "train.device=cpu" if dev == "cpu" else "none is visible"
+            raise ConfigError(f"train.backend=nccl needs CUDA GPUs, but {why}:"
                               " use train.backend=auto (gloo on the CPU) or train.backend=gloo")
     out = OmegaConf.select(cfg, t + "out_dir")
     if not isinstance(out, str) or not out.strip():
@@ -475,7 +476,8 @@ def check_options(spec, cfg: DictConfig) -> None:
         default = named[key].default
         if isinstance(default, bool) and not isinstance(val, bool):
             raise ConfigError(f"parallel.options.{key}={val!r} must be true or false")
-        if key in POSITIVE_OPTIONS and val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+        if key in POSITIVE_OPTIONS and val is not None and (isinstance(val, bool) or not isinstance(val, int)
+                                                            or val < 1):
             raise ConfigError(f"parallel.options.{key}={val!r} must be a positive integer (or null for the default)")
         if isinstance(default, str) and not isinstance(val, str):
             raise ConfigError(f"parallel.options.{key}={val!r} must be a string (default {default!r})")
@@ -536,8 +538,8 @@ def resume_mismatch(old, cfg: DictConfig, name: str) -> str | None:
         if key == "model.overrides":
             a, b = a or {}, b or {}
         if a is not None and a != b:
-            return (f"{name} was written by another model ({key}={a!r}, this run has {b!r}, model={get(new, 'model.name')}):"
-                    f" its weights do not fit; {fix}")
+            return (f"{name} was written by another model ({key}={a!r}, this run has {b!r}, "
+                    f"model={get(new, 'model.name')}): its weights do not fit; {fix}")
     for key, what in (("train.global_batch_size", "the global batch"), ("data.seed", "the data seed"),
                       ("data.kind", "the data source")):
         a, b = get(old, key), get(new, key)

@@ -422,7 +422,8 @@ def check_data(cfg, layout) -> None:
     check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))
     size, item = path.stat().st_size, np.dtype(TOKEN_DTYPES[dtype]).itemsize
     if size % item:
-        raise ConfigError(f"data.path={str(path)!r} has {size} bytes, not a multiple of the {item}-byte data.dtype={dtype}: "
+        raise ConfigError(f"data.path={str(path)!r} has {size} bytes, not a multiple of the {item}-byte "
+                          f"data.dtype={dtype}: "
                           "the file is truncated or holds another dtype (data.dtype=uint16 | uint32 | int32)")
     if not token_meta_path(path).exists():
         _check_not_wider(path, dtype)

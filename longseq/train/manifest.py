@@ -56,7 +56,8 @@ def fsync_dir(d: Path) -> None:
 
 
 def open_exclusive(path, mode: str = "wb"):
-    """Create ``path`` for writing, exclusively: ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a file or symlink planted under the name (a shared directory) makes it fail
+    """Create ``path`` for writing, exclusively: ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a file or
+    symlink planted under the name (a shared directory) makes it fail
     (``FileExistsError``) instead of writing through it. Permissions as ``open()`` gives (0666 less
     the umask)."""
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
