@@ -232,8 +232,8 @@ def _api(name: str) -> str:
     if name == "sp_gla_mixed_check":
         return summary(gla(q, k, v, lg, check=r == 0))
     if name == "sp_gla_meta_one_rank":
-        ts = [t.to("meta") for t in (q, k, v, lg)] if r == 1 else (q, k, v, lg)
-        return summary(gla(*ts)) if r != 1 else "meta returned"
+        o = gla(*([t.to("meta") for t in (q, k, v, lg)] if r == 1 else (q, k, v, lg)))
+        return "meta returned" if o.is_meta else summary(o)
     if name == "sp_gla_rank_does_not_call":
         if r == 1:
             time.sleep(TIMEOUT_S * 3)
