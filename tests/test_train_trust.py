@@ -186,3 +186,31 @@ def test_a_backend_failure_inside_fsdp_is_recognised():
                                            "by peer [127.0.0.1]:1234"))
     assert is_backend_failure(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))
     assert not is_backend_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_skip_restores_the_parameters_and_the_optimizer_state_bit_for_bit():
+    from longseq.train.loop import _all_finite, _restore, _snapshot
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    params = list(m.parameters())
+    for first in (True, False):                    # before the first step (no AdamW state yet) and after one
+        m(torch.randn(2, 4)).sum().backward()
+        before = [p.detach().clone() for p in params]
+        state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state}
+        snap = _snapshot(params, opt)
+        for g in opt.param_groups:
+            g["eps"] = 0.0
+        params[1].grad.zero_()                     # 0/0 in AdamW: a finite gradient, a NaN weight
+        opt.step()
+        assert not _all_finite(params)
+        _restore(snap, params, opt)
+        assert all(torch.equal(a, b) for a, b in zip(params, before)) and _all_finite(params)
+        assert len(opt.state) == len(state) == (0 if first else 2)
+        for i, p in enumerate(params):
+            for k, v in state.get(i, {}).items():
+                assert torch.equal(opt.state[p][k], v), k
+        for g in opt.param_groups:
+            g["eps"] = 1e-8
+        opt.step()                                 # a real step, so the second round has AdamW state
+        opt.zero_grad()
