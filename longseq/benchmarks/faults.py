@@ -8,7 +8,8 @@ process) in a fresh directory, injects its fault (``train.fault_kind``, signals 
 damage to the files), lets torchrun restart or reruns with ``train.resume=auto`` as a user would,
 and compares the logged losses with an uninterrupted run of the same seed, bit for bit. A row:
 the case, what happened (restarted / stopped cleanly + the one-line reason), whether the final
-losses are identical, whether a checkpoint that fails its manifest was ever loaded, wall time.
+losses are identical (or "refused": the case must end in one line on every rank, e.g. NaN weights,
+a crafted checkpoint), whether a checkpoint that fails its manifest was ever loaded, wall time.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +38,10 @@ MODELS = {
 COMMON = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.global_batch_size=4",
           "train.keep_checkpoints=0", "optim.warmup_steps=2", "train.log_every=1", "train.tensorboard=false"]
 CASES = ("sigkill_worker", "sigkill_job", "kill_in_write", "sigstop", "corrupt_latest", "truncated_latest",
-         "disk_full", "resume_path_restart")
+         "disk_full", "resume_path_restart", "rollback_crash", "nan_weights", "zip_full_disk", "crafted_checkpoint",
+         "slow_write")
+# Cases that must end refused with one line (no final losses to compare): what the line must say.
+REFUSED = {"nan_weights": "NonFiniteError", "crafted_checkpoint": "UnsafeCheckpoint"}
 
 
 def _env() -> dict:
@@ -85,6 +90,25 @@ def _copy_upto(src: Path, dst: Path, upto: int) -> None:
         if f.name.startswith("ckpt_step") and int(f.name[9:17]) > upto:
             f.unlink()
     (dst / "checkpoints" / "latest").write_text(f"ckpt_step{upto:08d}.pt\n")
+
+
+_CRAFT = """
+import sys, torch
+from pathlib import Path
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(sys.argv[2]),))
+torch.save({"format": 1, "step": 6, "data_position": 24, "model": {}, "x": Payload()}, sys.argv[1])
+"""
+
+
+def _raw(text: str) -> bool:
+    """A worker's raw traceback (a frame in longseq), as opposed to torchrun's own failure report."""
+    return bool(re.search(r'^(\[rank\d+\]:)?\s*File ".*longseq/', text, re.M))
+
+
+def _lineage(out: Path) -> str:
+    return json.loads((out / "checkpoints" / "run.json").read_text())["lineage"]
 
 
 def case(name: str, model: str, ref_dir: Path, ref: list, tmp: Path) -> dict:
@@ -155,9 +179,66 @@ def case(name: str, model: str, ref_dir: Path, ref: list, tmp: Path) -> dict:
                                    "train.keep_checkpoints=1"], restarts=1)
         ok = rc == 0 and "resumed from ckpt_step00000006.pt (step 6)" in text and seed.exists()
         row["outcome"] = "restarted from its own step 6, seed kept" if ok else f"exit {rc}"
+    elif name == "rollback_crash":          # issue 22 item 2: resume=<A's step 4> (a new LR), crash at step 5
+        _copy_upto(ref_dir, out, 8)                              # run A, to be abandoned: latest -> its step 8
+        seed = out / "checkpoints" / "ckpt_step00000004.pt"
+        fixed = ["optim.lr=0.002", f"train.resume={seed}"]
+        clean = tmp / f"{model}-rollback-clean"                   # the same rollback, never interrupted
+        _copy_upto(ref_dir, clean, 4)
+        _run(base + [f"train.out_dir={clean}"] + fixed[:1] + [f"train.resume={clean / 'checkpoints' / seed.name}"])
+        rc, text, _ = _run(base + [od] + fixed + ["train.fault_at_step=5", "train.fault_kind=sigkill"], restarts=1)
+        rc2, text2, _ = _run(base + [od, "train.resume=auto", "optim.lr=0.002"])    # a manual rerun afterwards
+        ok = rc == 0 and rc2 == 0 and "resuming lineage" in text and "nothing to do" in text2
+        row["outcome"] = ("restart resumed the new lineage's seed (step 4), rerun: nothing to do" if ok
+                          else f"exit {rc}/{rc2}")
+        want_override = _losses(clean)
+        text += text2
+    elif name == "nan_weights":             # issue 22 item 3: a finite step, non-finite weights (as optim.eps=0 does)
+        huge = ["optim.eps=0", "optim.warmup_steps=0"]           # 0/0 where a gradient is exactly zero (ST-DiT)
+        rc, text, _ = _run(base + [od, "train.resume=none"] + huge)
+        rc2, text2, _ = _run(base + [od, "train.resume=auto"] + huge)
+        stopped = rc != 0 and rc2 != 0 and _latest(out) == 0 and not _raw(text + text2)
+        row["outcome"] = ("stopped before any checkpoint, rerun too (no NaN checkpoint)" if stopped
+                          else f"exit {rc}/{rc2}, latest {_latest(out)}")
+        row["reason"] = _stop_line(text)
+    elif name == "zip_full_disk":           # issue 22 item 5: ENOSPC under torch's zip writer (a RuntimeError)
+        rc, text, _ = _run(base + [od, "train.resume=none", "train.fault_at_step=4", "train.fault_kind=disk_full_zip"])
+        stopped = rc != 0 and text.count("stopped: CheckpointWriteError") == 2 and _latest(out) == 2
+        row["reason"] = _stop_line(text)
+        rc2, text2, _ = _run(base + [od, "train.resume=auto"])
+        row["outcome"] = ("both ranks stopped cleanly, step 2 intact; rerun resumed" if stopped and rc2 == 0
+                          else f"exit {rc}/{rc2}")
+        text += text2
+    elif name == "crafted_checkpoint":      # issue 22 item 1: a pickle payload in the checkpoint latest names
+        _copy_upto(ref_dir, out, 6)
+        marker = out / "payload_ran"
+        p6 = out / "checkpoints" / "ckpt_step00000006.pt"
+        subprocess.run([sys.executable, "-c", _CRAFT, str(p6), str(marker)], check=True, env=_env())
+        from longseq.train.manifest import write_manifest       # the attacker rewrites the manifest too
+        write_manifest(p6, lineage=_lineage(out), step=6)
+        rc, text, _ = _run(base + [od, "train.resume=auto"])
+        refused = rc != 0 and text.count("stopped: UnsafeCheckpoint") == 2 and not marker.exists()
+        row["outcome"] = "refused on every rank, payload not run" if refused else \
+            f"exit {rc}, payload {'RAN' if marker.exists() else 'not run'}"
+        row["reason"] = _stop_line(text)
+    elif name == "slow_write":              # issue 22 item 8: rank 0's write outlasts the collective timeout
+        rc, text, _ = _run(base + [od, "train.resume=none", "train.fault_at_step=4", "train.fault_kind=slow_write",
+                                   "train.collective_timeout_s=5"])
+        named = rc != 0 and "rank 0's write" in text and not _raw(text)
+        row["reason"] = _stop_line(text)
+        rc2, text2, _ = _run(base + [od, "train.resume=auto"])
+        row["outcome"] = ("stopped, the message names rank 0's write; rerun resumed" if named and rc2 == 0
+                          else f"exit {rc}/{rc2}")
+        text += text2
     row["wall_s"] = round(time.monotonic() - t0, 1)
     got = _losses(out)
     want = ref if name != "sigstop" else _losses(ref_dir)
+    if name == "rollback_crash":
+        want = want_override
+    if name in REFUSED:
+        row["identical"] = "refused" if REFUSED[name] in text and not _raw(text) else "NO"
+        row["bad_loaded"] = False
+        return row
     row["identical"] = bool(got) and got == want
     row["bad_loaded"] = "resumed from ckpt_step00000006.pt" in text and name in ("corrupt_latest", "truncated_latest")
     return row
@@ -194,11 +275,12 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         reason = f" ({r['reason']})" if r.get("reason") else ""
-        print(f"| {r['model']} | {r['case']} | {r['outcome']}{reason} | {'yes' if r['identical'] else 'NO'} | "
+        same = r["identical"] if isinstance(r["identical"], str) else ("yes" if r["identical"] else "NO")
+        print(f"| {r['model']} | {r['case']} | {r['outcome']}{reason} | {same} | "
               f"{'YES' if r['bad_loaded'] else 'no'} | {r['wall_s']} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return 0 if all(r["identical"] and not r["bad_loaded"] for r in rows) else 1
+    return 0 if all(r["identical"] in (True, "refused") and not r["bad_loaded"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ package's own ``longseq/configs`` (the checkout's ``configs/`` is a link to it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -22,8 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "ConfigError", "CliArgs", "find_config_dir", "load_config", "parse_args", "validate", "ParallelLayout",
-    "resolve_parallel", "world_size_from_env", "usage",
+    "resolve_parallel", "world_size_from_env", "usage", "check_fields", "check_out_dir", "check_options",
+    "check_model_runs", "resume_mismatch", "FAULT_KINDS",
 ]
+
+FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "disk_full_zip", "kill_in_write", "slow_write")
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -367,10 +371,227 @@ def validate(cfg: DictConfig, world: int | None = None) -> ParallelLayout:
             raise ConfigError(f"train.resume={resume!r} is neither auto/strict/none nor an existing checkpoint file: pass "
                               "train.resume=auto (the latest checkpoint in train.out_dir), train.resume=none, or a path")
 
+    check_fields(cfg, world)                                     # every field's type and range
+
     # The method: registered for the model family, fits the model's sizes.
     spec = methods.get_method(cfg)                               # unknown, or e.g. zeco for an ST-DiT model
     layout = resolve_parallel(cfg, world)
+    check_options(spec, cfg)                                     # parallel.options keys and types
+    check_model_runs(cfg)                                        # the model's own constraints (meta device)
     methods.check_model(spec, cfg, layout)                       # e.g. heads divisible for Ulysses
     check_fsdp_settings(cfg)
     data_mod.check_data(cfg, layout)                             # missing paths, wrong data for the family
     return layout
+
+
+# ----------------------------------------------------------------------------------------------
+# Every field: types and ranges (before any process group exists)
+# ----------------------------------------------------------------------------------------------
+def _num(cfg: DictConfig, key: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         hi_open: bool = False, integer: bool = False, optional: bool = False, hint: str = "") -> float | None:
+    """The number at ``key``, finite, in the range; ConfigError naming the key, the range and an example."""
+    v = OmegaConf.select(cfg, key)
+    if v is None and optional:
+        return None
+    rng = ("" if lo is None else f"{'>' if lo_open else '>='} {lo:g}") + \
+          ("" if lo is None or hi is None else " and ") + ("" if hi is None else f"{'<' if hi_open else '<='} {hi:g}")
+    want = ("an integer" if integer else "a number") + (f" {rng}" if rng else "")
+    example = hint or (f"{key}={lo:g}" if lo is not None and not lo_open else f"{key}=1")
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int))
+    if not bad and isinstance(v, float) and not math.isfinite(v):
+        bad = True
+    if not bad and ((lo is not None and (v <= lo if lo_open else v < lo)) or
+                    (hi is not None and (v >= hi if hi_open else v > hi))):
+        bad = True
+    if bad:
+        raise ConfigError(f"{key}={v!r} must be {want}: pass e.g. {example}")
+    return v
+
+
+def _flag(cfg: DictConfig, key: str) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is not None and not isinstance(v, bool):
+        raise ConfigError(f"{key}={v!r} must be true or false")
+
+
+def check_fields(cfg: DictConfig, world: int) -> None:
+    """Types and ranges of the train / optim / model.sample / model.objective / data fields
+    (docs/training.md, "Bad input"): every value that would crash a worker or train silently wrong."""
+    import torch
+    t = "train."
+    _num(cfg, t + "seed", lo=0, hi=2 ** 63 - 1, integer=True, hint="train.seed=0")
+    _num(cfg, t + "keep_checkpoints", lo=0, integer=True, hint="train.keep_checkpoints=2 (0 keeps all)")
+    _num(cfg, t + "log_every", lo=1, integer=True)
+    _num(cfg, t + "collective_timeout_s", lo=0, lo_open=True, hint="train.collective_timeout_s=600")
+    _num(cfg, t + "timeout_s", lo=0, lo_open=True, optional=True, hint="train.timeout_s=600 (or null)")
+    _num(cfg, t + "debug_sleep_s", lo=0, optional=True, hint="train.debug_sleep_s=0")
+    _num(cfg, t + "peak_tflops", lo=0, lo_open=True, optional=True, hint="train.peak_tflops=989 (or null)")
+    for key in ("activation_checkpointing", "save_checkpoints", "progress", "allow_shared_out_dir"):
+        _flag(cfg, t + key)
+    tb = OmegaConf.select(cfg, t + "tensorboard")
+    if not isinstance(tb, bool) and str(tb).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"train.tensorboard={tb!r} is not one of auto, true, false")
+    _choice(cfg, t + "on_nonfinite", ("stop", "skip"))
+    _choice(cfg, t + "fault_kind", FAULT_KINDS)
+    if OmegaConf.select(cfg, t + "fault_at_step") is not None:
+        _num(cfg, t + "fault_at_step", lo=1, integer=True)
+        _num(cfg, t + "fault_rank", lo=0, hi=world - 1, integer=True, hint=f"train.fault_rank={world - 1}")
+    if str(cfg.train.backend) == "nccl":
+        dev = str(cfg.train.device)
+        if dev == "cpu" or not torch.cuda.is_available():
+            why = "train.device=cpu" if dev == "cpu" else "none is visible"
+            raise ConfigError(f"train.backend=nccl needs CUDA GPUs, but {why}:"
+                              " use train.backend=auto (gloo on the CPU) or train.backend=gloo")
+    out = OmegaConf.select(cfg, t + "out_dir")
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f"train.out_dir={out!r} must be a directory path: pass e.g. train.out_dir=outputs/run1")
+    check_out_dir(Path(out).expanduser())
+
+    o = "optim."
+    if str(OmegaConf.select(cfg, o + "name")).lower() != "adamw":
+        raise ConfigError(f"optim.name={OmegaConf.select(cfg, o + 'name')!r}: only adamw is provided (optim=adamw)")
+    _num(cfg, o + "lr", lo=0, hi=1e6, lo_open=True, hint="optim.lr=1e-3")    # AdamW's float32 step overflows far above
+    betas = OmegaConf.select(cfg, o + "betas")
+    ok = OmegaConf.is_list(betas) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1): pass e.g. optim.betas=[0.9,0.999]")
+    _num(cfg, o + "eps", lo=0, hint="optim.eps=1e-8")
+    _num(cfg, o + "weight_decay", lo=0, hint="optim.weight_decay=0.0")
+    _num(cfg, o + "warmup_steps", lo=0, integer=True)
+    _num(cfg, o + "min_lr_ratio", lo=0, hi=1, hint="optim.min_lr_ratio=0.1")
+    _num(cfg, o + "grad_clip", lo=0, optional=True, hint="optim.grad_clip=1.0 (0: no clipping)")
+
+    for key in ("frames", "height", "width", "caption_tokens", "seq_len"):
+        if OmegaConf.select(cfg, "model.sample." + key) is not None:
+            _num(cfg, "model.sample." + key, lo=1, integer=True)
+    if OmegaConf.select(cfg, "model.objective") is not None:
+        _num(cfg, "model.objective.num_timesteps", lo=1, integer=True)
+        b0 = _num(cfg, "model.objective.beta_start", lo=0, hi=1, lo_open=True, hi_open=True,
+                  hint="model.objective.beta_start=1e-4")
+        b1 = _num(cfg, "model.objective.beta_end", lo=0, hi=1, lo_open=True, hi_open=True,
+                  hint="model.objective.beta_end=0.02")
+        if b1 < b0:
+            raise ConfigError(f"model.objective.beta_end={b1:g} is below beta_start={b0:g}: the noise schedule rises")
+    _num(cfg, "data.seed", lo=0, hi=2 ** 63 - 1, integer=True, hint="data.seed=1234")
+    if OmegaConf.select(cfg, "data.markov_branching") is not None:
+        _num(cfg, "data.markov_branching", lo=0, integer=True)
+    _flag(cfg, "data.shuffle")
+    sp = OmegaConf.select(cfg, "parallel.sp_size")
+    if sp is not None and not isinstance(sp, str) and (isinstance(sp, bool) or not isinstance(sp, int)):
+        raise ConfigError(f"parallel.sp_size={sp!r} is not an integer: pass e.g. parallel.sp_size=2 "
+                          "(or parallel.sp_size=null for the whole world)")
+
+
+def check_out_dir(out: Path) -> None:
+    """The run directory can be created and written: not a file, its nearest existing folder writable."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir={out} is a file, not a directory: choose another train.out_dir")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir={out}: {probe} is not writable by this user: choose a directory you can "
+                          "write (train.out_dir=...)")
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"train.out_dir={out}: {probe} is a file: choose another train.out_dir")
+
+
+def check_options(spec, cfg: DictConfig) -> None:
+    """``parallel.options``: every key a keyword of the method's ``parallelize`` (unless it takes
+    ``**options``), of the type of its default; positive integers where one is a count."""
+    import inspect
+    opts = OmegaConf.to_container(cfg.parallel.options, resolve=True) if cfg.parallel.get("options") else {}
+    if not opts:
+        return
+    if not isinstance(opts, dict):
+        raise ConfigError(f"parallel.options={opts!r} must be a mapping of keyword arguments")
+    try:
+        sig = inspect.signature(spec.parallelize)
+    except (TypeError, ValueError):
+        return
+    params = {n: p for n, p in list(sig.parameters.items())[2:] if p.kind != p.VAR_POSITIONAL}
+    free = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    named = {n: p for n, p in params.items() if p.kind != p.VAR_KEYWORD}
+    for key, val in opts.items():
+        if key not in named:
+            if free:
+                continue
+            raise ConfigError(f"parallel.options.{key} is not an option of parallel={spec.name}: its options are "
+                              f"{', '.join(sorted(named)) or 'none'}")
+        default = named[key].default
+        if isinstance(default, bool) and not isinstance(val, bool):
+            raise ConfigError(f"parallel.options.{key}={val!r} must be true or false")
+        if key in POSITIVE_OPTIONS and val is not None and (isinstance(val, bool) or not isinstance(val, int)
+                                                            or val < 1):
+            raise ConfigError(f"parallel.options.{key}={val!r} must be a positive integer (or null for the default)")
+        if isinstance(default, str) and not isinstance(val, str):
+            raise ConfigError(f"parallel.options.{key}={val!r} must be a string (default {default!r})")
+
+
+POSITIVE_OPTIONS = ("num_blocks", "chunk_size", "block_size")
+
+
+def check_model_runs(cfg: DictConfig) -> None:
+    """The model builds and runs one sample, on the meta device (no memory, no compute): catches
+    overrides that break it (``num_heads`` not dividing ``hidden_size``, a zero width or depth)."""
+    import torch
+    from . import methods
+    fam = methods.family_of(cfg)
+    mc = fam.model_config(cfg.model)
+    for k, v in (dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v == 0 and _SIZE.search(k))):
+            raise ConfigError(f"model={cfg.model.name}: {k}={v!r} must be {'positive' if _SIZE.search(k) else '>= 0'} "
+                              f"(model.overrides.{k}=...)")
+    try:
+        with torch.device("meta"):
+            model = fam.build(cfg.model)
+            try:
+                fam.dry_run(model, cfg)
+            except RuntimeError as e:       # an op without a meta kernel says nothing about the sizes
+                if not _SHAPE_ERROR.search(str(e)):
+                    return
+                raise
+    except ConfigError:
+        raise
+    except Exception as e:          # noqa: BLE001 - whatever the model raises for sizes that do not fit
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ConfigError(f"model={cfg.model.name} does not run with these settings "
+                          f"({dict(OmegaConf.to_container(cfg.model.overrides) or {})}): {type(e).__name__}: "
+                          f"{(lines[0] if lines else '')[:200]}; fix model.overrides") from None
+
+
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|divisible|must match|mat1|expected", re.I)
+_SIZE = re.compile(r"(size|dim|depth|heads|layers|channels|ratio|^num_\w+)$")   # fields that are sizes: > 0
+
+
+def resume_mismatch(old, cfg: DictConfig, name: str) -> str | None:
+    """Why a checkpoint written under config ``old`` (a plain dict, or None for an unknown one) cannot
+    resume this run, or None: another model (family, preset, overrides: the weights would not fit),
+    another global batch or data seed (the data stream would not continue where it stopped)."""
+    if not isinstance(old, dict):
+        return None
+    fix = "start afresh with train.resume=none, or use a new train.out_dir for this run"
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    new = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("model.family", "model.preset", "model.overrides"):
+        a, b = get(old, key), get(new, key)
+        if key == "model.overrides":
+            a, b = a or {}, b or {}
+        if a is not None and a != b:
+            return (f"{name} was written by another model ({key}={a!r}, this run has {b!r}, "
+                    f"model={get(new, 'model.name')}): its weights do not fit; {fix}")
+    for key, what in (("train.global_batch_size", "the global batch"), ("data.seed", "the data seed"),
+                      ("data.kind", "the data source")):
+        a, b = get(old, key), get(new, key)
+        if a is not None and a != b:
+            return (f"{name} was written with {key}={a!r} but this run has {b!r}: a resume must keep {what} "
+                    f"(the data stream continues where it stopped); pass {key}={a!r}, or {fix}")
+    return None

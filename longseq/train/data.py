@@ -411,6 +411,7 @@ def check_data(cfg, layout) -> None:
         if missing:
             raise ConfigError(f"data.path={str(path)!r}: {len(missing)} latent(s) have no caption file, e.g. "
                               f"{missing[0]}.caption.npy: write one [N, C_text] array per latent")
+        _check_latent_frames(path, files, layout.sp_size)
         return
     if not path.is_file():
         raise ConfigError(f"data.path={str(cfg.data.path)!r} is not a file (data=tokens needs a flat binary file "
@@ -419,11 +420,45 @@ def check_data(cfg, layout) -> None:
     if dtype not in TOKEN_DTYPES:
         raise ConfigError(f"data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
     check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))
-    n = path.stat().st_size // np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    size, item = path.stat().st_size, np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    if size % item:
+        raise ConfigError(f"data.path={str(path)!r} has {size} bytes, not a multiple of the {item}-byte "
+                          f"data.dtype={dtype}: "
+                          "the file is truncated or holds another dtype (data.dtype=uint16 | uint32 | int32)")
+    if not token_meta_path(path).exists():
+        _check_not_wider(path, dtype)
+    n = size // item
     L = int(cfg.model.sample.seq_len)
     if n < L + 1:
         raise ConfigError(f"data.path={str(path)!r} holds {n} tokens, fewer than one window of "
                           f"model.sample.seq_len + 1 = {L + 1}: use a larger file or a smaller model.sample.seq_len")
+
+
+def _check_not_wider(path: Path, dtype: str, probe: int = 1 << 16) -> None:
+    """Without a sidecar, a file of 32-bit ids read as ``uint16`` looks like ids with a zero after
+    each (little-endian high halves): refuse it when the first ``probe`` values show that pattern."""
+    if dtype != "uint16":
+        return
+    head = np.fromfile(str(path), dtype=np.uint16, count=probe)
+    if head.size >= 16 and head.size % 2 == 0 and not head[1::2].any() and head[0::2].any():
+        raise ConfigError(f"data.path={str(path)!r} read as data.dtype=uint16 has a zero after every id: it looks like "
+                          "a file of 32-bit ids; pass data.dtype=uint32 (or int32), or write the file with "
+                          "longseq.train.data.write_token_file, whose sidecar records the dtype")
+
+
+def _check_latent_frames(path: Path, files: list, sp_size: int) -> None:
+    """Under SP the latent's T dimension is split over the ranks: the first sample must have at least
+    ``sp_size`` frames (read from its ``.npy`` header, nothing loaded)."""
+    if sp_size <= 1:
+        return
+    for name, kind in files[:1]:
+        if kind != "npy":
+            return
+        shape = np.load(str(path / f"{name}.latent.npy"), mmap_mode="r").shape
+        if len(shape) == 4 and shape[1] < sp_size:
+            raise ConfigError(f"{path / (name + '.latent.npy')}: {shape[1]} latent frame(s) (T of [C, T, H, W] = "
+                              f"{list(shape)}) cannot be split over parallel.sp_size={sp_size} ranks: use latents with "
+                              f"at least {sp_size} frames or a smaller parallel.sp_size")
 
 
 # ----------------------------------------------------------------------------------------------

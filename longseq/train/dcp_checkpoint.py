@@ -18,6 +18,9 @@ SP 1 x DP 4, another FSDP mode, another world size, or without FSDP (whole tenso
 The state dicts come from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (keys are
 parameter names, also for the optimizer), are filled in place by ``dcp.load`` and applied with
 ``set_state_dict``.
+
+Loading runs no code from the files: ``.metadata`` is unpickled with an allow-list of DCP's own
+metadata classes, byte items and ``trainer.pt`` with ``weights_only=True`` (:mod:`.safe_load`).
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from longseq import comm
 
 from . import checkpoint as ckpt
-from .manifest import read_meta, write_manifest
+from . import safe_load
+from .manifest import write_manifest
 
-__all__ = ["save", "load", "is_dcp", "SUFFIX", "TRAINER_FILE"]
+__all__ = ["save", "load", "read_trainer", "is_dcp", "SUFFIX", "TRAINER_FILE"]
 
 SUFFIX = ".dcp"
 TRAINER_FILE = "trainer.pt"
@@ -51,7 +55,7 @@ def _barrier(tag: str) -> None:
 
 
 def save(ckpt_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict,
-         *, keep: int = 0, lineage: str = "") -> Path:
+         *, keep: int = 0, lineage: str = "", **meta) -> Path:
     """Write the checkpoint of ``step`` (model and optimizer sharded through DCP, ``trainer`` by
     rank 0), then ``latest``; keep the newest ``keep`` checkpoints (0: all). Every rank calls it."""
     ckpt_dir = Path(ckpt_dir)
@@ -70,13 +74,9 @@ def save(ckpt_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         shutil.rmtree(final, ignore_errors=True)         # a re-run of the same step
         os.replace(tmp, final)
         ckpt.fsync_dir(ckpt_dir)
-        write_manifest(final, lineage=lineage, step=int(step))     # verified on resume (longseq.train.manifest)
+        write_manifest(final, lineage=lineage, step=int(step), **meta)   # verified on resume (.manifest)
         ckpt.write_atomic(ckpt_dir / "latest", lambda f: f.write((final.name + "\n").encode()))
-        if keep and keep > 0:
-            mine = [p for _, p in ckpt.list_checkpoints(ckpt_dir) if read_meta(p).get("lineage") == lineage]
-            for old in mine[:-keep]:
-                if old != final:
-                    ckpt.remove_checkpoint(old)
+        ckpt.prune(ckpt_dir, lineage, keep, final)
     _barrier("train.dcp.done")
     return final
 
@@ -89,6 +89,18 @@ def load(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
         raise ValueError(f"{path} is not a DCP checkpoint directory (no .metadata)")
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    trainer = read_trainer(path)                      # refused before any shard is read
+    dcp.load(state, storage_reader=safe_load.safe_reader(path), planner=safe_load.safe_planner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    return trainer
+
+
+def read_trainer(path) -> dict:
+    """The trainer state of a DCP checkpoint (``trainer.pt``), after checking that its ``.metadata``
+    unpickles within the allow-list; no collective (each rank reads the files)."""
+    path = Path(path)
+    safe_load.read_dcp_metadata(path)
+    state = safe_load.load_pt(path / TRAINER_FILE, mmap=False)
+    if not isinstance(state, dict) or "step" not in state:
+        raise ckpt.CheckpointCorrupt(f"{path.name}: {TRAINER_FILE} is not a longseq trainer state")
+    return state

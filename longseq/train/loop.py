@@ -11,11 +11,16 @@ plan: FSDP's reduce-scatter replaces ``sync_gradients`` (same SP-sum, DP-mean se
 is of the whole sharded gradients, and checkpoints are sharded DCP directories
 (:mod:`.dcp_checkpoint`), which also load at another SP x DP layout.
 
-Faults (docs/training.md, "Faults"): a data error on one rank becomes the same ``DataError`` on
-every rank (one 8-byte all-gather a step, tag ``train.data.ok``); a non-finite loss or gradient norm
-on any rank is agreed on (tag ``train.nonfinite``) and skips the update or stops the run
-(``train.on_nonfinite``), never checkpointed; a failed checkpoint write stops every rank cleanly,
-the previous checkpoint intact; the checkpoint resumed from is verified on every rank.
+Faults (docs/training.md, "Faults"): one control collective a step (tag ``train.control``: every
+rank's row [next batch failed, loss or gradient norm not finite, weights after the previous update
+not finite, loss]; the next batch is loaded before it); a data error on one rank becomes the same
+``DataError`` on every rank; a non-finite loss or gradient norm, or weights made non-finite by an
+update (checked on every rank after ``optimizer.step()``, agreed in the next control collective or
+in the checkpoint's gather, before any checkpoint of them), stops the run or is skipped / rolled
+back (``train.on_nonfinite``), never checkpointed; any failure of a checkpoint write stops every
+rank cleanly, the previous checkpoint intact; the checkpoint resumed from is verified on every rank,
+loaded as tensors and plain data only (:mod:`.safe_load`) and refused in one line if it does not
+fit the run (another model, global batch or data seed).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,12 +48,12 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import dcp_checkpoint
 from . import methods
-from .config import ConfigError, ParallelLayout, load_config, parse_args, usage, validate
+from .config import FAULT_KINDS, ConfigError, ParallelLayout, load_config, parse_args, resume_mismatch, usage, validate
 from .manifest import CheckpointCorrupt
 from .metrics import MetricsWriter, format_eta, peak_memory_gib, peak_tflops, progress_line, truncate_metrics
 
 __all__ = ["main", "train", "make_optimizer", "make_scheduler", "lr_factor", "apply_optim_settings",
-           "backward_and_sync", "DataError", "NonFiniteError", "CheckpointWriteError"]
+           "backward_and_sync", "DataError", "NonFiniteError", "CheckpointWriteError", "CheckpointMismatch"]
 
 
 class DataError(RuntimeError):
@@ -58,14 +64,18 @@ class NonFiniteError(FloatingPointError):
     """The loss or gradient norm is not finite and ``train.on_nonfinite=stop``."""
 
 
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint to resume does not fit this run (another model, global batch or data seed)."""
+
+
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed (full disk, unwritable out_dir); the previous one is intact."""
 
 
 # Errors that stop a run with a one-line message (no traceback). Every rank raises the same one, so
 # rank 0 prints it; a CollectiveError differs per rank (who stalled, who waited), so every rank does.
-_CLEAN_STOPS = (DataError, NonFiniteError, CheckpointWriteError, CheckpointCorrupt, comm.CollectiveError,
-                longseq.optional.SetupError)
+_CLEAN_STOPS = (DataError, NonFiniteError, CheckpointWriteError, CheckpointCorrupt, CheckpointMismatch,
+                comm.CollectiveError, longseq.optional.SetupError)
 EXIT_CONFIG, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130     # exit codes of the clean ends (0: trained)
 
 
@@ -198,7 +208,6 @@ def _summed_ledger(before: dict) -> dict:
     return total
 
 
-FAULT_KINDS = ("exit", "sigkill", "sigstop", "nan", "data", "disk_full", "kill_in_write")
 
 
 def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
@@ -209,7 +218,7 @@ def _fault_fires(cfg, kind: str, step: int, rank: int, out_dir: Path) -> bool:
     fk = str(cfg.train.get("fault_kind", "exit"))
     if fk not in FAULT_KINDS:
         raise ConfigError(f"train.fault_kind={fk!r}: choose one of {', '.join(FAULT_KINDS)}")
-    who = 0 if fk in ("disk_full", "kill_in_write") else int(cfg.train.fault_rank)
+    who = 0 if fk in ("disk_full", "disk_full_zip", "kill_in_write", "slow_write") else int(cfg.train.fault_rank)
     if at is None or fk != kind or int(at) != step or rank != who:
         return False
     marker = out_dir / f".fault_fired_step{int(at)}_rank{rank}"
@@ -281,6 +290,35 @@ def _fresh_start_cleanup(out_dir: Path, ckpt_dir: Path) -> None:
             m.unlink(missing_ok=True)
 
 
+def _setup_run_dir(cfg, out_dir: Path, ckpt_dir: Path, resume: str) -> tuple[str, str]:
+    """Rank 0: create the run directory (refusing one shared with other users unless
+    ``train.allow_shared_out_dir``), remove an interrupted write's temporaries, start or continue
+    the lineage, write ``config.yaml``; returns ``(lineage, resume)``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file, not a directory: choose another train.out_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not bool(cfg.train.get("allow_shared_out_dir", False)):
+        for path, what in ((out_dir, "train.out_dir"), (ckpt_dir, "its checkpoints folder")):
+            bad = ckpt.shared_write_problem(path, what)
+            if bad:
+                raise ConfigError(f"{bad}: whoever can write there can replace the checkpoints this run resumes from; "
+                                  f"use a directory of your own (chmod o-w {path}), or train.allow_shared_out_dir=true")
+    metrics_file = out_dir / "metrics.jsonl"
+    if metrics_file.is_symlink():
+        raise ConfigError(f"{metrics_file} is a symlink: longseq writes its metrics there and will not write through "
+                          "a link; remove it or choose another train.out_dir")
+    gone = ckpt.clean_temporaries(ckpt_dir)
+    if gone:
+        _say(f"removed {len(gone)} temporary file(s) of an interrupted checkpoint write: {', '.join(gone)}")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") if restart or "TORCHELASTIC_RUN_ID" in os.environ else ""
+    if resume == "none" and not restart:
+        _fresh_start_cleanup(out_dir, ckpt_dir)
+    setup = ckpt.start_lineage(ckpt_dir, resume, run_id=run_id, restart=restart)
+    ckpt.write_atomic(out_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True).encode()))
+    return setup
+
+
 def _ensure_grads(params: list) -> None:
     """Every parameter gets a gradient (zeros if unused), so every rank syncs the same set."""
     for p in params:
@@ -317,17 +355,46 @@ def _groups(cfg, layout: ParallelLayout, mesh):
     return groups
 
 
-def _load(path: str, model, optimizer, fsdp_plan) -> dict:
-    """A checkpoint's state, the model and optimizer loaded from it (DCP directory or .pt file)."""
-    if dcp_checkpoint.is_dcp(path):
-        return dcp_checkpoint.load(path, model, optimizer)
-    if fsdp_plan is not None:
+def _load(path: str, model, optimizer, fsdp_plan, cfg) -> dict:
+    """A checkpoint's state, the model and optimizer loaded from it (DCP directory or .pt file).
+    Each rank reads the file (tensors and plain data only: :mod:`.safe_load`), checks that it fits
+    this run (:func:`.config.resume_mismatch`) and loads it; the ranks agree on the outcome before
+    DCP's own collectives, so a checkpoint refused anywhere stops every rank with the same line."""
+    dcp = dcp_checkpoint.is_dcp(path)
+    if not dcp and fsdp_plan is not None:
         raise ConfigError(f"{path} is a one-file checkpoint of a run without FSDP: resume it with parallel.fsdp=none "
                           "(a DCP checkpoint of an FSDP run loads either way), or start afresh (train.resume=none)")
-    state = ckpt.load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    state, err, cls = None, None, CheckpointCorrupt
+    try:
+        state = dcp_checkpoint.read_trainer(path) if dcp else ckpt.load_checkpoint(path)
+        bad = resume_mismatch(state.get("config"), cfg, Path(path).name)
+        if bad:
+            cls, err = CheckpointMismatch, bad
+        elif not dcp:
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                cls = CheckpointMismatch
+                err = (f"{Path(path).name} does not fit this model ({_first_line(e)}): resume it with the model "
+                       "settings it was written with, or start afresh: train.resume=none or a new train.out_dir")
+    except CheckpointCorrupt as e:          # UnsafeCheckpoint included: the class tells which
+        cls, err = type(e), str(e)
+    err = _agree_error(err, "train.resume.load")
+    if err:
+        raise cls(err)          # every rank read the same file: the same kind of failure
+    if dcp:
+        try:
+            dcp_checkpoint.load(path, model, optimizer)
+        except Exception as e:              # noqa: BLE001 - DCP raises on every rank alike (CheckpointException)
+            raise CheckpointMismatch(f"{Path(path).name} does not load into this model ({_first_line(e)}): "
+                                     "start afresh: train.resume=none or a new train.out_dir") from None
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:240]}"
 
 
 def _verify_error(path) -> Optional[str]:
@@ -338,7 +405,8 @@ def _verify_error(path) -> Optional[str]:
     return None
 
 
-def _choose_resume(resume: str, ckpt_dir: Path, lineage: str) -> tuple[Optional[str], Optional[str]]:
+def _choose_resume(resume: str, ckpt_dir: Path, lineage: str,
+                   allow_shared: bool = False) -> tuple[Optional[str], Optional[str]]:
     """(the checkpoint to resume from or None, an error that stops every rank or None); rank 0.
     auto/strict: the newest of this lineage that verifies (each newer one that fails: one line);
     a path: that checkpoint, which must verify."""
@@ -353,7 +421,136 @@ def _choose_resume(resume: str, ckpt_dir: Path, lineage: str) -> tuple[Optional[
             _say(f"resuming from {path.name if path else 'nothing (no checkpoint verifies): a fresh start'}")
         return (str(path) if path else None), None
     err = _verify_error(resume)
+    if not err and not allow_shared:
+        err = (ckpt.shared_write_problem(resume, "the checkpoint")
+               or ckpt.shared_write_problem(Path(resume).resolve().parent, "the checkpoint's folder"))
+        if err:
+            err += " (whoever can write it can make it run code or swap its weights): train.allow_shared_out_dir=true"
     return (None, f"train.resume={resume}: {err}") if err else (resume, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step's control values, finiteness, rollback
+# ----------------------------------------------------------------------------------------------
+def _load_batch(cfg, loader, position: int, step: int, rank: int, out_dir: Path):
+    """(the batch of ``step`` at data ``position``, None) or (None, this rank's one-line error)."""
+    try:
+        if _fault_fires(cfg, "data", step, rank, out_dir):
+            raise ValueError("the batch failed to load (train.fault_kind=data)")
+        return loader.batch(position), None
+    except (ValueError, OSError, EOFError, RuntimeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _control(data_bad: bool, pre_bad: bool, post_bad: bool, loss: float, world: int) -> torch.Tensor:
+    """The step's one control collective (tag ``train.control``): every rank's row ``[next batch
+    failed, loss or gradient norm not finite, weights after the previous update not finite, loss]``,
+    float64, gathered as a ``[world, 4]`` tensor (on the CPU)."""
+    mine = torch.tensor([[float(data_bad), float(pre_bad), float(post_bad), loss]], dtype=torch.float64,
+                        device=_comm_device())
+    return comm.all_gather(mine, dist.group.WORLD, dim=0, tag="train.control").cpu()
+
+
+def _data_error(err: Optional[str], row: torch.Tensor, step: int, position: int) -> Optional[str]:
+    """The message of the first rank whose batch failed (the same on every rank), or None; only on a
+    failure a second collective gathers the messages."""
+    if not row[:, 0].any():
+        return None
+    msgs = comm.all_gather_object(err, dist.group.WORLD, tag="train.control.detail")
+    r = int(row[:, 0].nonzero()[0, 0])
+    return f"loading the batch of step {step} (data position {position}) failed on rank {r}: {msgs[r]}"
+
+
+def _post_msg(step: int, what: str) -> str:
+    return (f"the update of step {step} made some weight non-finite on some rank (the loss and gradient norm were "
+            "finite: e.g. optim.eps=0, or an LR too large for the weights); lower optim.lr, raise optim.eps, or use "
+            f"train.on_nonfinite=skip (rolls the update back). {what}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether this rank's parameters (its shards, under FSDP) are all finite."""
+    with torch.no_grad():
+        flags = [torch.isfinite(_local(p)).all() for p in params]
+        return bool(torch.stack(flags).all()) if flags else True
+
+
+def _snapshot(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer):
+    """A copy of the parameters and the optimizer state (``on_nonfinite=skip`` rolls back to it)."""
+    with torch.no_grad():
+        return ([p.detach().clone() for p in params],
+                {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                 for p in params if p in optimizer.state})
+
+
+def _restore(snap, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Put back the state :func:`_snapshot` copied (the parameters in place, the optimizer state)."""
+    saved, state = snap
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    for p in params:
+        if p in state:
+            optimizer.state[p] = state[p]
+        else:
+            optimizer.state.pop(p, None)
+
+
+def _write_checkpoint(cfg, step, position, rngs, model, optimizer, scheduler, fsdp_plan, groups, ckpt_dir, out_dir,
+                      lineage, keep, log_every, steps) -> None:
+    """Write the checkpoint of ``step`` (rank 0, or every rank under FSDP) and agree on the outcome:
+    any exception of the write is a :class:`CheckpointWriteError` on every rank, the previous
+    checkpoint intact. A peer that times out while rank 0 writes says so (rank 0's write, not a peer)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lead = rank == 0
+    state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
+             "scheduler": scheduler.state_dict(), "rng": rngs,
+             "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size,
+                        "fsdp": str(cfg.parallel.fsdp)},
+             "config": OmegaConf.to_container(cfg, resolve=True)}
+    err, p, t0 = None, None, time.perf_counter()
+    try:
+        if fsdp_plan is not None:                   # sharded: every rank writes its shards
+            p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep, lineage=lineage)
+        elif lead:
+            state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+            full_after = None
+            if _fault_fires(cfg, "disk_full", step, rank, out_dir):
+                state["fault"] = _DiskFull()
+            elif _fault_fires(cfg, "disk_full_zip", step, rank, out_dir):
+                full_after = 4096                   # the disk fills under torch's zip writer
+            elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
+                state["fault"] = _KillMidWrite()
+            elif _fault_fires(cfg, "slow_write", step, rank, out_dir):
+                time.sleep(2 * _collective_timeout(cfg))     # a write slower than the collective timeout
+            p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage, full_after=full_after)
+        if lead and (step % log_every == 0 or step == steps):
+            _say(f"checkpoint {p.relative_to(out_dir)}")
+    except comm.CollectiveError:
+        raise
+    except Exception as e:          # noqa: BLE001 - any failure of the write (OSError, zip writer RuntimeError, ...)
+        prev = ckpt.find_latest(ckpt_dir) if lead else None
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        err = (f"writing the checkpoint of step {step} in {ckpt_dir} failed ({type(e).__name__}: {first}); "
+               f"{'the previous checkpoint ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}"
+               ": free space (or choose another train.out_dir) and rerun with train.resume=auto")
+    del state
+    took = time.perf_counter() - t0
+    try:
+        err = _agree_error(err, "train.checkpoint")
+    except comm.CollectiveError as e:
+        timeout = _collective_timeout(cfg)
+        what = (f"rank 0's write took {took:.1f} s" if lead else
+                f"this rank waited {time.perf_counter() - t0:.1f} s for rank 0's write")
+        raise comm.CollectiveError(
+            f"after the checkpoint of step {step} ({what}; train.collective_timeout_s={timeout:g}): "
+            "rank 0's write may be slower than the collective timeout (raise train.collective_timeout_s above the "
+            f"write time), or a rank died. {e}") from None
+    if err:
+        raise CheckpointWriteError(err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,20 +577,19 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     if on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.on_nonfinite={on_nonfinite!r}: choose stop or skip")
 
-    # Run directory, config, an earlier run's leftovers, this run's lineage (checkpoint module docstring).
-    setup = None
+    # Run directory, config, an earlier run's leftovers, this run's lineage (checkpoint module docstring);
+    # rank 0's failure here (unwritable, a file, shared with other users) stops every rank with its message.
+    setup = (None, None, None)
     if lead:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        gone = ckpt.clean_temporaries(ckpt_dir)
-        if gone:
-            _say(f"removed {len(gone)} temporary file(s) of an interrupted checkpoint write: {', '.join(gone)}")
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") if restart or "TORCHELASTIC_RUN_ID" in os.environ else ""
-        if resume == "none" and not restart:
-            _fresh_start_cleanup(out_dir, ckpt_dir)
-        setup = ckpt.start_lineage(ckpt_dir, resume, run_id=run_id, restart=restart)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    lineage, resume = comm.all_gather_object(setup, dist.group.WORLD, tag="train.setup")[0]
+        try:
+            setup = (*_setup_run_dir(cfg, out_dir, ckpt_dir, resume), None)
+        except (ConfigError, OSError) as e:
+            msg = str(e) if isinstance(e, ConfigError) else f"{e.strerror or e}: {getattr(e, 'filename', '') or ''}"
+            setup = (None, None, msg if isinstance(e, ConfigError) else
+                     f"train.out_dir={out_dir} cannot be used ({msg}): choose a directory you can write")
+    lineage, resume, err = comm.all_gather_object(setup, dist.group.WORLD, tag="train.setup")[0]
+    if err:
+        raise ConfigError(err)
 
     precision = str(cfg.train.precision)
     if precision == "auto":
@@ -418,7 +614,8 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     # Resume.
     step, position, resumed_from = 0, 0, None
     if resume != "none":
-        path = _choose_resume(resume, ckpt_dir, lineage) if lead else None
+        allow_shared = bool(cfg.train.get("allow_shared_out_dir", False))
+        path = _choose_resume(resume, ckpt_dir, lineage, allow_shared) if lead else None
         path, err = comm.all_gather_object(path, dist.group.WORLD, tag="train.resume")[0]
         if err:
             raise CheckpointCorrupt(err)
@@ -426,7 +623,7 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
             err = _agree_error(_verify_error(path) if not lead else None, "train.resume.verify")
             if err:
                 raise CheckpointCorrupt(f"the checkpoint {path} does not verify on {err}")
-            state = _load(path, model, optimizer, fsdp_plan)
+            state = _load(path, model, optimizer, fsdp_plan, cfg)
             scheduler.load_state_dict(state["scheduler"])
             apply_optim_settings(optimizer, scheduler, cfg.optim)   # this run's settings, from the next step
             changed = _changed_settings(state.get("config"), cfg)
@@ -438,6 +635,8 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
                 ckpt.set_rng_state(rng[rank] if len(rng) == world else rng[0])
             resumed_from = path
             del state
+            if lead:
+                _say(f"resuming lineage {lineage} from step {step}: {path}")
     if lead:
         truncate_metrics(out_dir / "metrics.jsonl", step)        # drop steps a killed attempt logged after it
 
@@ -478,51 +677,80 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    # One control collective a step (tag train.control, module docstring "Control"): after the
+    # backward of step N, every rank's [next batch failed, loss or gnorm not finite, weights after
+    # update N-1 not finite, loss] in one all-gather; the first batch's flag has one of its own.
+    batch, data_err = None, None
+    if step < steps:
+        batch, err = _load_batch(cfg, loader, position, step + 1, rank, out_dir)
+        row = _control(err is not None, False, False, 0.0, world)
+        data_err = _data_error(err, row, step + 1, position)
+    post_local: Optional[bool] = None          # weights after the last update not finite here (not yet agreed)
+    snapshot = None                            # on_nonfinite=skip: the state before the last update
     while step < steps:
+        if data_err:
+            raise DataError(data_err)
         _maybe_fault(cfg, step + 1, rank, out_dir)
         t0 = time.perf_counter()
-        batch, err = None, None
-        try:
-            if _fault_fires(cfg, "data", step + 1, rank, out_dir):
-                raise ValueError("the batch failed to load (train.fault_kind=data)")
-            batch = loader.batch(position)
-        except (ValueError, OSError, EOFError, RuntimeError) as e:
-            err = f"{type(e).__name__}: {e}"
-        err = _agree_error(err, "train.data.ok")
-        if err:
-            raise DataError(f"loading the batch of step {step + 1} (data position {position}) failed on {err}")
         optimizer.zero_grad(set_to_none=True)
         with _autocast(precision, device):
             loss = trainable.loss(batch)
             if _fault_fires(cfg, "nan", step + 1, rank, out_dir):
                 loss = loss * float("nan")
         gnorm = backward_and_sync(loss, params, groups, fsdp_plan, clip)
+        batch = None
         lr = optimizer.param_groups[0]["lr"]
-        bad = torch.tensor([0.0 if (math.isfinite(float(loss.detach())) and math.isfinite(float(gnorm))) else 1.0],
-                           device=_comm_device())
-        skipped = bool(comm.all_reduce(bad, dist.group.WORLD, tag="train.nonfinite").item() > 0)
-        if skipped and on_nonfinite == "stop":
+        err = None
+        if step + 1 < steps:                   # the next step's batch, its load agreed on in this step's control
+            batch, err = _load_batch(cfg, loader, position + G, step + 2, rank, out_dir)
+        loss_f = float(loss.detach())
+        pre_bad = not (math.isfinite(loss_f) and math.isfinite(float(gnorm)))
+        row = _control(err is not None, pre_bad, bool(post_local), loss_f, world)
+        data_err = _data_error(err, row, step + 2, position + G)
+        rolled_back = False
+        if row[:, 2].any():                    # the previous update made some weight non-finite
+            if on_nonfinite == "stop":
+                raise NonFiniteError(_post_msg(step, "No checkpoint holds these weights"))
+            _restore(snapshot, params, optimizer)
+            rolled_back = True
+            if lead:
+                _say(f"step {step}: its update made some weight non-finite: rolled back to the weights before it; "
+                     f"step {step + 1}'s update (computed from them) skipped too (train.on_nonfinite=skip)")
+        post_local = None
+        skipped = rolled_back or bool(row[:, 1].any())
+        if row[:, 1].any() and on_nonfinite == "stop":
             raise NonFiniteError(
-                f"the loss ({float(loss.detach()):g} on rank {rank}) or gradient norm ({float(gnorm):g}) is not finite "
+                f"the loss ({loss_f:g} on rank {rank}) or gradient norm ({float(gnorm):g}) is not finite "
                 f"at step {step + 1} on some rank; the data of the step loaded and was checked finite, so: lower "
                 "optim.lr, use train.precision=fp32 to see whether bf16 is the cause, or train.on_nonfinite=skip. "
                 "No checkpoint was written from this state")
         if skipped:
             optimizer.zero_grad(set_to_none=True)
-            if lead:
+            if lead and not rolled_back:
                 _say(f"step {step + 1}: non-finite loss or gradient norm on some rank; update skipped "
                      "(train.on_nonfinite=skip)")
         else:
+            snapshot = _snapshot(params, optimizer) if on_nonfinite == "skip" else None
             optimizer.step()
+            post_local = not _all_finite(params)
         scheduler.step()
         step += 1
         position += G
+        ckpt_due = save and ((every and step % every == 0) or step == steps)
+        if ckpt_due:          # the RNG states and this update's finiteness, agreed before anything is logged or written
+            gathered = comm.all_gather_object((ckpt.rng_state(), bool(post_local)), dist.group.WORLD,
+                                              tag="train.checkpoint.rng")
+            if any(bad for _, bad in gathered):
+                if on_nonfinite == "stop":
+                    raise NonFiniteError(_post_msg(step, "Its checkpoint was not written"))
+                _restore(snapshot, params, optimizer)
+                skipped = True
+                if lead:
+                    _say(f"step {step}: its update made some weight non-finite: rolled back, the checkpoint holds the "
+                         "weights before it (train.on_nonfinite=skip)")
+            post_local = None
 
-        value = loss.detach().float().reshape(1).clone()
-        if groups.dp_size > 1:
-            comm.all_reduce(value, groups.dp_group, tag="train.loss.dp")
-            value /= groups.dp_size
-        loss_value = float(value.item())
+        loss_value = float(row[:, 3].sum() / world)      # SP ranks hold their group's loss: the DP mean
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -530,45 +758,29 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
         mfu = trainable.flops_per_token * tps / (world * peak * 1e12) if peak else None
         last = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
                 "tokens_per_s": tps, "samples_per_s": G / dt, "peak_mem_gib": peak_memory_gib(device),
-                "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {})}
+                "mfu": mfu, "data_position": position, **({"skipped": True} if skipped else {}),
+                **({"rolled_back": step - 1} if rolled_back else {})}
         losses.append(loss_value)
         metrics.log(last)
         if lead and progress and (step % log_every == 0 or step == steps):
             eta = (time.perf_counter() - wall0) / (step - first_step) * (steps - step)
             _say(progress_line(last, steps, device.type == "cpu") + f" | ETA {format_eta(eta)}")
 
-        if save and ((every and step % every == 0) or step == steps):
-            rngs = comm.all_gather_object(ckpt.rng_state(), dist.group.WORLD, tag="train.checkpoint.rng")
-            err = None
-            state = {"format": ckpt.FORMAT, "step": step, "data_position": position,
-                     "scheduler": scheduler.state_dict(), "rng": rngs,
-                     "layout": {"world": world, "sp_size": groups.sp_size, "dp_size": groups.dp_size,
-                                "fsdp": fsdp_mode},
-                     "config": OmegaConf.to_container(cfg, resolve=True)}
-            p = None
-            try:
-                if fsdp_plan is not None:                   # sharded: every rank writes its shards
-                    p = dcp_checkpoint.save(ckpt_dir, step, model, optimizer, state, keep=keep, lineage=lineage)
-                elif lead:
-                    state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-                    if _fault_fires(cfg, "disk_full", step, rank, out_dir):
-                        state["fault"] = _DiskFull()
-                    elif _fault_fires(cfg, "kill_in_write", step, rank, out_dir):
-                        state["fault"] = _KillMidWrite()
-                    p = ckpt.save_checkpoint(ckpt_dir, step, state, keep=keep, lineage=lineage)
-                if lead and (step % log_every == 0 or step == steps):
-                    _say(f"checkpoint {p.relative_to(out_dir)}")
-            except OSError as e:
-                prev = ckpt.find_latest(ckpt_dir) if lead else None
-                err = (f"writing the checkpoint of step {step} in {ckpt_dir} failed ({e}); "
-                       f"{'the previous checkpoint ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}"
-                       ": free space (or choose another train.out_dir) and rerun with train.resume=auto")
-            del state
-            err = _agree_error(err, "train.checkpoint")
-            if err:
-                raise CheckpointWriteError(err)
+        if ckpt_due:
+            _write_checkpoint(cfg, step, position, [r for r, _ in gathered], model, optimizer, scheduler, fsdp_plan,
+                              groups, ckpt_dir, out_dir, lineage, keep, log_every, steps)
         if sleep_s > 0:
             time.sleep(sleep_s)
+
+    if post_local is not None:              # the last update, not checkpointed: agreed on here
+        row = _control(False, False, post_local, 0.0, world)
+        if row[:, 2].any():
+            if on_nonfinite == "stop":
+                raise NonFiniteError(_post_msg(step, "No checkpoint holds these weights"))
+            _restore(snapshot, params, optimizer)
+            if lead:
+                _say(f"step {step}: its update made some weight non-finite: rolled back (train.on_nonfinite=skip)")
+    snapshot = None
 
     wall = time.perf_counter() - wall0
     metrics.close()
@@ -576,9 +788,9 @@ def train(cfg: DictConfig, layout: ParallelLayout, *, mesh=None) -> dict:
     if lead:
         import json
         text = longseq.format_table(table, title="ledger of this run, summed over all ranks")
-        (out_dir / "ledger.txt").write_text(text + "\n")
-        (out_dir / "ledger.json").write_text(json.dumps(
-            [{"op": op, "tag": tag, **v} for (op, tag), v in sorted(table.items())], indent=1) + "\n")
+        ckpt.write_atomic(out_dir / "ledger.txt", lambda f: f.write((text + "\n").encode()))
+        doc = json.dumps([{"op": op, "tag": tag, **v} for (op, tag), v in sorted(table.items())], indent=1) + "\n"
+        ckpt.write_atomic(out_dir / "ledger.json", lambda f: f.write(doc.encode()))
         if losses:
             _say(f"done: {len(losses)} steps in {wall:.1f} s | loss {losses[0]:.5f} -> {losses[-1]:.5f}")
         else:
@@ -686,8 +898,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"longseq.train: rank {_env_rank()}: stopped: {type(e).__name__}: {e}", file=sys.stderr,
                       flush=True)
             return EXIT_STOPPED
+        if isinstance(e, RuntimeError) and is_backend_failure(e):     # FSDP2 / DCP collectives, per rank
+            print(f"longseq.train: rank {_env_rank()}: stopped: CollectiveError: a collective outside longseq's "
+                  f"ledger (FSDP2 / DCP) failed on this rank: a peer stopped answering (train.collective_timeout_s), "
+                  f"died or raised before it -- see the first error of the other ranks. Backend: {_first_line(e)}",
+                  file=sys.stderr, flush=True)
+            return EXIT_STOPPED
         raise
     return 0
+
+
+def is_backend_failure(e: BaseException) -> bool:
+    """Whether ``e`` is the process group's own failure (a gloo / NCCL timeout or a closed
+    connection, raised inside FSDP2 or DCP, whose collectives bypass :mod:`longseq.comm`)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return bool(re.search(r"gloo|nccl|connection closed|connection reset|timed out|broken pipe", str(e), re.I))
 
 
 def launch_workers(nproc: int, argv: Sequence[str]) -> int:

@@ -13,14 +13,17 @@ returns the ``meta`` a writer stored (e.g. the run lineage). Missing manifest = 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = ["write_manifest", "verify", "read_meta", "manifest_path", "CheckpointCorrupt", "write_atomic",
-           "fsync_dir", "TMP_MARK"]
+           "fsync_dir", "TMP_MARK", "open_exclusive", "MANIFEST_SUFFIX"]
 
 FORMAT = 1
 TMP_MARK = ".tmp."          # every temporary file of this module and of checkpoint.py has it in its name
@@ -31,9 +34,12 @@ class CheckpointCorrupt(RuntimeError):
     """A checkpoint that does not match its manifest (or has none)."""
 
 
+MANIFEST_SUFFIX = ".manifest.json"
+
+
 def manifest_path(path) -> Path:
     path = Path(path)
-    return path.with_name(path.name + ".manifest.json")
+    return path.with_name(path.name + MANIFEST_SUFFIX)
 
 
 def fsync_dir(d: Path) -> None:
@@ -49,21 +55,53 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory,
-    flush, fsync, ``os.replace``, fsync the directory. On any error the temporary is removed and
-    ``path`` (if it existed) is left as it was."""
+def open_exclusive(path, mode: str = "wb"):
+    """Create ``path`` for writing, exclusively: ``O_CREAT | O_EXCL | O_NOFOLLOW``, so a file or
+    symlink planted under the name (a shared directory) makes it fail
+    (``FileExistsError``) instead of writing through it. Permissions as ``open()`` gives (0666 less
+    the umask)."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, mode)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that accepts ``limit`` bytes, then fails like a full disk (``ENOSPC``); what torch's
+    zip writer turns into ``RuntimeError: ... unexpected pos`` (fault injection, tests)."""
+
+    def __init__(self, f, limit: int):
+        super().__init__()
+        self.f, self.limit, self.n = f, int(limit), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if self.n + len(b) > self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device (fault injection: a full disk)")
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def write_atomic(path, write: Callable[[Any], None], *, full_after: Optional[int] = None) -> None:
+    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same directory
+    (a fresh random name, created exclusively, never through a symlink: :func:`open_exclusive`),
+    flush, fsync, ``os.replace`` (which replaces a symlink at ``path`` itself, never its target),
+    fsync the directory. On any error the temporary is removed and ``path`` (if it existed) is left
+    as it was. ``full_after``: fault injection, the file takes that many bytes, then ``ENOSPC``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
+    created = False
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with open_exclusive(tmp) as f:
+            created = True
+            write(f if full_after is None else _FullDisk(f, full_after))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        created = False
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if created:
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

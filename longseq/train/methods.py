@@ -121,6 +121,18 @@ class Family:
         """6N for the weights plus the family's token mixing."""
         return 6.0 * param_count(model) + self.spec.mixing_flops(self.model_config(cfg.model), self.dims(cfg))
 
+    def dry_run(self, model: nn.Module, cfg) -> None:
+        """One forward of a batch of one sample of the configured size (call it on the meta device:
+        shapes only), as the loop calls the model; raises what the model raises for sizes that do
+        not fit together."""
+        s = cfg.model.sample
+        if self.task == "causal_lm":
+            model(torch.zeros(1, int(s.seq_len), dtype=torch.long))
+            return
+        c = model.config
+        x = torch.zeros(1, c.in_channels, int(s.frames), int(s.height), int(s.width))
+        model(x, torch.zeros(1), torch.zeros(1, int(s.caption_tokens), c.caption_channels), None)
+
     def shard_dims(self, cfg) -> dict:
         """The sizes of the dims a method may shard, for shardability checks."""
         d = self.dims(cfg)

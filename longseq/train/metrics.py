@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .manifest import write_atomic
+
 __all__ = ["MetricsWriter", "progress_line", "format_eta", "peak_memory_gib", "peak_tflops", "truncate_metrics", "read_metrics"]
 
 # Dense bf16 peak TFLOP/s by device-name fragment (first match wins).
@@ -94,13 +96,18 @@ def truncate_metrics(path, last_step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in keep:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
+
+
+def _open_append(path: Path):
+    """Append to ``path``, created if missing, never through a symlink (``O_NOFOLLOW``: a link
+    planted in a shared run directory raises instead of redirecting the writes)."""
+    try:
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open {path} for appending ({e.strerror}; a symlink there is refused): "
+                               "remove it or choose another train.out_dir") from None
+    return os.fdopen(fd, "a")
 
 
 class MetricsWriter:
@@ -109,7 +116,7 @@ class MetricsWriter:
     def __init__(self, out_dir, *, enabled: bool, tensorboard: str | bool = "auto"):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._f = open(self.path, "a") if enabled else None
+        self._f = _open_append(self.path) if enabled else None
         self.tb = None
         if enabled and str(tensorboard).lower() not in ("false", "0", "no", "off"):
             try:
