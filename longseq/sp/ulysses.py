@@ -3,9 +3,11 @@ whole sequence with a slice of the heads, all-to-all the output back.
 
 ``ulysses_attention(q, k, v, group, ...)``: q ``[B, L_r, H, D]``, k and v ``[B, L_r, Hkv, D]`` (this
 rank's ``tensor_split`` piece of the sequence; uneven pieces allowed with ``seq_len``) ->
-``[B, L_r, H, D]``. Each of the four all-to-alls (``longseq.functional.all_to_all``, whose backward
-is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·(P-1)/P`` elements per
-rank forward for q, k, v and out as large as the local activation m, the same backward.
+``[B, L_r, H, D]``. Two all-to-alls (``longseq.functional``; each one's backward is the all-to-all
+the other way): q, k and v packed into ONE (:func:`longseq.functional.all_to_all_packed`: rank j's
+message holds head block j of all three), then the output back. Each sends ``(P-1)/P`` of what it
+carries: ``(m_q + m_k + m_v + m_o)·(P-1)/P`` elements per rank forward (``4·m·(P-1)/P`` when k, v
+are as large as q), the same backward.
 
 The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
 before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
@@ -68,7 +70,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
     attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
     ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring).
-    Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
+    Tags: ``<tag>.qkv`` and ``<tag>.out`` (backward: ``+ .bwd``)."""
     P, r = comm.group_size(group), comm.group_rank(group)
     L = int(seq_len) if seq_len is not None else q.shape[1] * P
 
@@ -85,9 +87,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     fn = attention if attn_fn is None else attn_fn
     if P == 1:
         return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
-    qh = LF.all_to_all(q, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.q")
-    kh = LF.all_to_all(k, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.k")
-    vh = LF.all_to_all(v, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.v")
+    qh, kh, vh = LF.all_to_all_packed((q, k, v), group, gather_size=L, tag=f"{tag}.qkv")
     out = fn(qh, kh, vh, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
     return LF.all_to_all(out, group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2], tag=f"{tag}.out")
 

@@ -42,8 +42,9 @@ allgather  one all_gather of S+M: sends and receives (P-1)·(S+M);     one all_g
            tag ``zeco.delta.ag.fwd``                                  ``zeco.delta.ag.bwd``
 p2p        S in 1 message (rank P-1 sends 0, rank 0 receives 0);      likewise reversed;
            ``zeco.delta.p2p.fwd``                                     ``zeco.delta.p2p.bwd``
-heads      all_to_all of q, k, v, g, beta there and o back            the transposed all_to_alls
-           (``zeco.delta.heads``); each moves (P-1)/P of its piece    (``zeco.delta.heads*.bwd``)
+heads      ONE all_to_all of q, k, v, g, beta packed (per dtype) and   the transposed all_to_alls
+           one of o back (``zeco.delta.heads``, ``.heads.out``);      (``zeco.delta.heads*.bwd``)
+           each moves (P-1)/P of what it carries
 =========  =========================================================  ===============================
 
 plus, unless ``check=False``, one ``all_gather_object`` (tag ``zeco.check``) per call: every rank's
@@ -254,9 +255,7 @@ def _heads(cfg, xs, h0, sizes):
     """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back."""
     T = sum(sizes)
     B, H, K, V = cfg.shape
-    a2a = lambda x: LF.all_to_all(x, cfg.group, scatter_dim=2, gather_dim=1, gather_size=T,  # noqa: E731
-                                  tag="zeco.delta.heads")
-    q, k, v, g, beta = (a2a(x) for x in xs)
+    q, k, v, g, beta = LF.all_to_all_packed(xs, cfg.group, gather_size=T, tag="zeco.delta.heads")
     h0_mine = None
     if h0 is not None:
         lo, hi = shard_range(H, cfg.P, cfg.rank)
