@@ -11,7 +11,8 @@ are as large as q), the same backward.
 
 The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
 before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
-``dsp.unchecked()``, default on): one 8-byte all-gather (tag ``<tag>.check``) before the all-to-alls,
+``dsp.unchecked()``, default on): one 24-byte header all-gather (:func:`longseq.agree.exchange`, tag
+``<tag>.check``, control bytes) before the all-to-alls, on every call,
 so ranks that disagree on the dtype, B, heads, head dim, ``seq_len`` or ``causal``, or that got a bad
 argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing
 special: after the all-to-all each rank sees the whole sequence in order (contiguous layout).
@@ -25,7 +26,8 @@ import torch
 from longseq import comm
 from longseq import functional as LF
 from longseq.attention import attention
-from longseq.dsp.primitives import check_agree, checks_enabled
+from longseq.agree import exchange, local_error
+from longseq.dsp.primitives import checks_enabled
 from longseq.sharding import split_sizes
 
 __all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
@@ -33,21 +35,18 @@ __all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
 
 def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Optional[bool], *, tag: str,
           **asked) -> Any:
-    """Run ``validate()`` (which raises ``ValueError`` for bad arguments) and, when the cross-rank
-    check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of ``group`` raise
-    the same ``ValueError`` unless all agree on the tensors' dtypes and shapes but dim 1 (the
-    sharded sequence), on ``asked`` and on having no error (skipped under torch.compile).
-    Returns ``validate()``'s result."""
-    try:
-        result, error = validate(), None
-    except ValueError as e:
-        result, error = None, str(e)
-    if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: no object collective in graphs
-        sig = tuple((str(t.dtype).replace("torch.", ""), tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape)))
-                    for t in tensors) + tuple(sorted(asked.items()))
-        check_agree(group, what, sig, error, tag=tag)
-    elif error:
-        raise ValueError(error)
+    """Run ``validate()`` (which raises ``ValueError`` / ``TypeError`` for bad arguments) and, when the
+    cross-rank check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of
+    ``group`` raise the same exception unless all agree on the tensors' dtypes, device types and
+    shapes but dim 1 (the sharded sequence), on ``asked`` and on having no error: one
+    :func:`longseq.agree.exchange` (skipped under torch.compile). Returns ``validate()``'s result."""
+    result, error = local_error(validate)
+    if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: compiled graphs carry no check
+        sig = tuple((str(t.dtype).replace("torch.", ""), t.device.type,
+                     tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape))) for t in tensors)
+        exchange(group, what, sig + tuple(sorted(asked.items())), error, tag=tag)
+    elif error is not None:
+        raise error
     return result
 
 
