@@ -54,7 +54,7 @@ def all_to_all_packed(xs, group: Any, *, gather_size: int | None = None, tag: st
         by_dtype.setdefault(x.dtype, []).append(i)
     for idx in by_dtype.values():
         B, Lr = xs[idx[0]].shape[:2]
-        flat = [xs[i].reshape(B, Lr, P, -1) for i in idx]
+        flat = [xs[i].reshape(B, Lr, P, _width(xs[i], P)) for i in idx]
         widths = [f.shape[-1] for f in flat]
         packed = flat[0].contiguous() if len(flat) == 1 else torch.cat(flat, dim=-1)
         got = all_to_all(packed, group, scatter_dim=2, gather_dim=1, gather_size=gather_size, tag=tag)
@@ -62,6 +62,14 @@ def all_to_all_packed(xs, group: Any, *, gather_size: int | None = None, tag: st
             x = xs[i]
             out[i] = piece.reshape(B, piece.shape[1], x.shape[2] // P, *x.shape[3:])
     return out
+
+
+def _width(x: torch.Tensor, P: int) -> int:
+    """Elements of head block j of one token of ``x [B, L, H, ...]`` (H/P heads)."""
+    n = x.shape[2] // P
+    for d in x.shape[3:]:
+        n *= d
+    return n
 
 
 def _sizes(x: torch.Tensor, dim: int, full: int | None, P: int) -> list[int]:
