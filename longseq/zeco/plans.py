@@ -38,10 +38,12 @@ _ORIGINAL = "_zeco_serial_gla_fn"
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
-                overlap: bool = True, check: Any = True, sp_dim: Optional[str] = None) -> torch.nn.Module:
+                overlap: bool = True, check: Any = "first", sp_dim: Optional[str] = None) -> torch.nn.Module:
     """Swap the ``gla_fn`` of every submodule that has one for :func:`zeco.sp_gla` over ``group`` (a
     process group, a :class:`longseq.ParallelGroups`, whose SP group is used, or a ``DeviceMesh``,
-    whose ``sp_dim`` is), in place; returns the model. Raises ``ValueError`` when the model has no
+    whose ``sp_dim`` is), in place; returns the model. ``check`` goes to every layer's ``sp_gla``
+    (default ``"first"``: each layer checks its signature once, so a training step carries no check
+    collective; ``True`` checks every call). Raises ``ValueError`` when the model has no
     such layer or the mesh no such dim."""
     group = sp_group_of(group, sp_dim)
     if method not in METHODS:

@@ -52,8 +52,9 @@ plus, unless ``check=False``, one 24-byte header all-gather (tag ``zeco.check``,
 rank's argument errors (shapes, dtypes, a positive log decay, ``initial_state``, ``num_blocks``) and
 a mismatch of B, H, K, V, gate kind, dtypes, device, method, N or scale, an empty piece (T < P) or a
 bad ``heads`` split raise the same exception on every rank before any collective of the method runs.
-``check=False`` skips it and the value check on g (then bad input may hang; every rank must pass the
-same ``check``).
+``check="first"``: only the first time this process sees a (group, signature) (what the plans use:
+a later disagreement can then hang); ``check=False`` skips it and the value check on g (then bad
+input may hang; every rank must pass the same ``check``).
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, m
 __all__ = ["sp_delta_rule", "DELTA_METHODS", "SPDeltaFunction"]
 
 DELTA_METHODS = ("zeco", "allgather", "heads", "p2p")
+
+_CHECKED: set = set()     # (group ranks, signature) seen with check="first"
 
 
 class _Cfg:
@@ -318,7 +321,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
             the whole sequence's final state); differentiable. Not with ``heads``.
         num_blocks: All-Scan's N (zeco); default :func:`zeco.all_scan.num_blocks_for`.
         backend, chunk_size: of the local op :func:`zeco.delta.delta_rule`.
-        check: True / "always" (one 24-byte header exchange per call, see the module docstring) or False.
+        check: True / "always" (one 24-byte header exchange per call, see the module docstring),
+            "first" (once per signature) or False.
 
     Returns:
         ``(o [B, T_i, H, V] in v's dtype, final_state [B, H, K, V] float32/64 or None)``.
@@ -328,8 +332,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     P = comm.group_size(group) if dist.is_initialized() else 1
 
     def _validate():
-        if check not in (True, False, "always"):
-            raise ValueError(f"sp_delta_rule: check must be True, 'always' or False, got {check!r}")
+        if check not in (True, False, "always", "first"):
+            raise ValueError(f"sp_delta_rule: check must be True, 'always', 'first' or False, got {check!r}")
         if method not in DELTA_METHODS:
             raise ValueError(f"sp_delta_rule: method must be one of {DELTA_METHODS}, got {method!r}")
         validate(q, k, v, g, beta, initial_state, what="sp_delta_rule")
@@ -351,10 +355,13 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     r = comm.group_rank(group)
     N, err = local_error(_validate)
     sizes = None
-    if P > 1 and check is not False:
-        sig = None if err is not None else _signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm)
+    sig = None if err is not None else _signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm)
+    key = (tuple(comm.group_ranks(group)), repr(sig))
+    if P > 1 and check is not False and not (check == "first" and err is None and key in _CHECKED):
         sizes = exchange(group, "sp_delta_rule", sig, err, tag="zeco.check", value=q.shape[1] if err is None else 0)
         _check_sizes(sizes, P, method, q.shape[2])
+        if check == "first":
+            _CHECKED.add(key)
     elif err is not None:
         raise err
     elif q.shape[1] == 0:
