@@ -68,7 +68,7 @@ from longseq import functional as LF
 from longseq.agree import exchange, local_error
 from longseq.sharding import shard_range, split_sizes
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
-from longseq.zeco.sp_gla import no_meta
+from longseq.zeco.sp_gla import no_meta, refuse_positive_decay
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
 
 __all__ = ["sp_delta_rule", "DELTA_METHODS", "SPDeltaFunction"]
@@ -341,11 +341,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         if method == "heads" and output_final_state:
             raise ValueError("sp_delta_rule(method='heads'): a head shard has no per-piece final state; "
                              "use method='zeco' (or 'allgather' / 'p2p') for output_final_state=True")
-        if check is not False and g.numel() and bool((g > 0).any()):
-            raise ValueError(
-                f"sp_delta_rule: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a "
-                "positive one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or "
-                "check=False to skip this value check)")
+        if check is not False:
+            refuse_positive_decay("sp_delta_rule", g)
         B, _, H, K = q.shape
         return num_blocks_for((B, H, K, v.shape[-1]), state_dtype(q, k, v, g, beta), num_blocks, world_size=P)
 

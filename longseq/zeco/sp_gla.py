@@ -77,7 +77,7 @@ from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
 
-__all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan", "no_meta"]
+__all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan", "no_meta", "refuse_positive_decay"]
 
 METHODS = ("zeco", "lasp1", "lasp2")
 
@@ -207,6 +207,15 @@ def no_meta(what: str, *ts) -> None:
     if any(t is not None and t.device.type == "meta" for t in ts):
         raise ValueError(f"{what}: got a tensor on the meta device, which holds no data; materialize the inputs "
                          "(e.g. model.to_empty(device=...) and initialise) before calling it")
+
+
+def refuse_positive_decay(what: str, g: torch.Tensor) -> None:
+    """A ``ValueError`` when the log decay ``g`` has a positive entry (a local reduction; NaN passes)."""
+    if g.numel() and bool((g > 0).any()):
+        raise ValueError(
+            f"{what}: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
+            "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
+            "to skip this value check)")
 
 
 def _check_mode(check) -> None:
@@ -564,11 +573,8 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         _check_mode(check)
         _validate_local(q, k, v, g, initial_state, method)
         no_meta("sp_gla", q, k, v, g, initial_state)
-        if check is not False and g.numel() and bool((g > 0).any()):
-            raise ValueError(
-                f"sp_gla: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
-                "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
-                "to skip this value check)")
+        if check is not False:
+            refuse_positive_decay("sp_gla", g)
         B, _, H, K = q.shape
         return num_blocks_for((B, H, K, v.shape[-1]), _state_dtype(q, k, v, g), num_blocks, world_size=P)
 
