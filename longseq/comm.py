@@ -425,9 +425,10 @@ def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int
 
 
 def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int] | None = None,
-               tag: str = "untagged") -> torch.Tensor:
+               tag: str = "untagged", control: bool = False) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order. ``sizes[i]``: rank i's size of
-    ``dim`` (default: all equal). Uneven pieces are padded for transport; padding is not counted."""
+    ``dim`` (default: all equal). Uneven pieces are padded for transport; padding is not counted.
+    ``control``: ``x`` is an agreement header, recorded as control bytes (:mod:`longseq.ledger`)."""
     P, me = group_size(group), group_rank(group)
     dim = dim % x.dim()
     if sizes is None:
@@ -435,7 +436,7 @@ def all_gather(x: torch.Tensor, group: Any, *, dim: int = 0, sizes: Sequence[int
     if len(sizes) != P or sizes[me] != x.shape[dim]:
         raise ValueError(f"all_gather: this rank ({me}) holds {x.shape[dim]} along dim {dim} but sizes says {list(sizes)}")
     row = _numel([s for i, s in enumerate(x.shape) if i != dim])
-    LEDGER.record("all_gather", tag, P, x.dtype, x.numel() * (P - 1), row * (sum(sizes) - sizes[me]))
+    LEDGER.record("all_gather", tag, P, x.dtype, x.numel() * (P - 1), row * (sum(sizes) - sizes[me]), control=control)
     if P == 1:
         return x.clone()
     front = x.movedim(dim, 0)
@@ -628,11 +629,12 @@ def batch_isend_irecv(ops: Sequence[P2POp], group: Any, *, tag: str = "untagged"
             for w, a, lk in zip(works, afters, links)]
 
 
-def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged") -> list:
-    """Gather a picklable object from every rank (bookkeeping: shapes, ledgers, configs)."""
+def all_gather_object(obj: Any, group: Any, *, tag: str = "untagged", control: bool = False) -> list:
+    """Gather a picklable object from every rank (bookkeeping: shapes, ledgers, configs; never on a
+    hot path: it pickles, and on GPU syncs the device). ``control``: recorded as control bytes."""
     P = group_size(group)
     n = len(pickle.dumps(obj))
-    LEDGER.record("all_gather_object", tag, P, torch.uint8, n * (P - 1), 0)
+    LEDGER.record("all_gather_object", tag, P, torch.uint8, n * (P - 1), 0, control=control)
     out: list = [None] * P
     if P == 1:
         return [obj]

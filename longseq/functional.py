@@ -22,7 +22,7 @@ from . import comm
 from .ops import group_name
 from .sharding import split_sizes
 
-__all__ = ["all_to_all", "all_gather", "reduce_scatter", "gather_whole", "shard_whole", "all_reduce_sum", "gather_halo"]
+__all__ = ["all_to_all", "all_to_all_packed", "all_gather", "reduce_scatter", "gather_whole", "shard_whole", "all_reduce_sum", "gather_halo"]
 
 _ops = torch.ops.longseq
 
@@ -37,6 +37,39 @@ def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int
     scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
     full = gather_size if gather_size is not None else x.shape[gather_dim] * P
     return _ops.all_to_all(x, group_name(group), scatter_dim, gather_dim, split_sizes(full, P), tag)
+
+
+def all_to_all_packed(xs, group: Any, *, gather_size: int | None = None, tag: str = "all_to_all") -> list:
+    """Several tensors from sequence- to head-sharding in ONE all-to-all per dtype (one in all when
+    they share a dtype): each ``x`` is ``[B, L_r, H_x, ...]`` (the same ``B`` and ``L_r``, this
+    rank's piece of a sequence of whole length ``gather_size``, default ``P · L_r``) with ``P | H_x``;
+    returns ``[B, L, H_x/P, ...]`` for each, in order. Rank j's send piece holds head block j of every
+    tensor, side by side (``x.reshape(B, L_r, P, -1)`` concatenated along the last dim), so the
+    exchange moves exactly the elements of the separate all-to-alls in one message per peer.
+    Differentiable (backward: one all-to-all the other way per dtype)."""
+    P = comm.group_size(group)
+    out: list = [None] * len(xs)
+    by_dtype: dict = {}
+    for i, x in enumerate(xs):
+        by_dtype.setdefault(x.dtype, []).append(i)
+    for idx in by_dtype.values():
+        B, Lr = xs[idx[0]].shape[:2]
+        flat = [xs[i].reshape(B, Lr, P, _width(xs[i], P)) for i in idx]
+        widths = [f.shape[-1] for f in flat]
+        packed = flat[0].contiguous() if len(flat) == 1 else torch.cat(flat, dim=-1)
+        got = all_to_all(packed, group, scatter_dim=2, gather_dim=1, gather_size=gather_size, tag=tag)
+        for i, piece in zip(idx, got.split(widths, dim=-1)):
+            x = xs[i]
+            out[i] = piece.reshape(B, piece.shape[1], x.shape[2] // P, *x.shape[3:])
+    return out
+
+
+def _width(x: torch.Tensor, P: int) -> int:
+    """Elements of head block j of one token of ``x [B, L, H, ...]`` (H/P heads)."""
+    n = x.shape[2] // P
+    for d in x.shape[3:]:
+        n *= d
+    return n
 
 
 def _sizes(x: torch.Tensor, dim: int, full: int | None, P: int) -> list[int]:

@@ -2,7 +2,11 @@
 
 Under longseq's gradient convention each rank's parameter gradient is its share of the gradient of
 the loss over its SP group's sample (shares summed over the SP group) and DP groups see different
-samples (averaged). ``sync_gradients`` does both with bucketed all-reduces through the ledger.
+samples (averaged). ``sync_gradients`` does both at once: a sum over the SP x DP product group
+(every rank of the shard mesh) scaled by ``1/dp_size``, one bucketed all-reduce (tag ``grad_sync``)
+through the ledger instead of an SP all-reduce followed by a DP one. Groups given without their
+grid (:func:`longseq.groups.from_existing_groups`) have no product group: there the two all-reduces
+run one after the other (tags ``grad_sync.sp``, ``grad_sync.dp``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import comm
 from .groups import ParallelGroups
 
-__all__ = ["sync_gradients"]
+__all__ = ["sync_gradients", "product_group"]
 
 
 def _all_reduce_bucketed(grads: list[torch.Tensor], group, scale: float, tag: str, bucket_bytes: int) -> None:
@@ -41,15 +45,30 @@ def _all_reduce_bucketed(grads: list[torch.Tensor], group, scale: float, tag: st
     flush()
 
 
+def product_group(groups: ParallelGroups):
+    """The process group of every rank of SP x DP (the shard mesh's), or None when it is not known."""
+    mesh = groups.shard_mesh
+    if mesh is None or mesh.size() != groups.sp_size * groups.dp_size:
+        return None
+    return mesh.get_group()
+
+
 def sync_gradients(params: Iterable[torch.nn.Parameter], groups: ParallelGroups, *,
                    bucket_mb: float = 25.0) -> None:
-    """Sum gradients over the SP group, then average them over the DP group (in place).
+    """Sum gradients over the SP group and average them over the DP group (in place): one all-reduce
+    per bucket over the SP x DP product group (module docstring).
 
     Parameters without a gradient are skipped on every rank alike only if they are skipped alike:
     all ranks must have the same set of parameters with gradients.
     """
     grads = [p.grad for p in params if p.grad is not None]
     nbytes = int(bucket_mb * 2**20)
+    if groups.sp_size * groups.dp_size == 1:
+        return
+    both = product_group(groups) if groups.sp_size > 1 and groups.dp_size > 1 else None
+    if both is not None:
+        _all_reduce_bucketed(grads, both, 1.0 / groups.dp_size, "grad_sync", nbytes)
+        return
     if groups.sp_size > 1:
         _all_reduce_bucketed(grads, groups.sp_group, 1.0, "grad_sync.sp", nbytes)
     if groups.dp_size > 1:

@@ -12,6 +12,12 @@ Volume conventions (per rank, P = group size, n = elements of this rank's input)
   reduce_scatter  sent = n - own chunk; recv = own chunk·(P-1)
   all_reduce      sent = recv = 2·n·(P-1)/P (bandwidth-optimal ring), rounded down
   send / recv     the message; broadcast: the source sends n·(P-1), the others receive n
+
+Control bytes: what a collective moves to keep the ranks in agreement rather than as the method's
+data (the cross-rank check headers of :mod:`longseq.agree`, the detail exchange of a failed check)
+is recorded with ``control=True``: its bytes go to ``control_sent`` / ``control_recv`` and its
+payload elements are 0, so payload totals (``bytes_sent``, the formulas in DESIGN.md) never include
+them. ``Recording.control()`` / ``.payload()`` select the two kinds.
 """
 from __future__ import annotations
 
@@ -36,6 +42,12 @@ class CommRecord:
     elements_sent: int
     elements_recv: int
     element_size: int
+    control_sent: int = 0      # bytes of agreement headers (not payload), see the module docstring
+    control_recv: int = 0
+
+    @property
+    def control(self) -> bool:
+        return bool(self.control_sent or self.control_recv)
 
     @property
     def bytes_sent(self) -> int:
@@ -57,6 +69,22 @@ class Recording(list):
             and (tag is None or r.tag == tag)
             and (tag_prefix is None or r.tag.startswith(tag_prefix))
         )
+
+    def control(self) -> "Recording":
+        """The records of agreement headers only (``control=True``)."""
+        return Recording(r for r in self if r.control)
+
+    def payload(self) -> "Recording":
+        """The records that move the methods' data (every record but the control ones)."""
+        return Recording(r for r in self if not r.control)
+
+    @property
+    def control_bytes_sent(self) -> int:
+        return sum(r.control_sent for r in self)
+
+    @property
+    def control_bytes_recv(self) -> int:
+        return sum(r.control_recv for r in self)
 
     def count(self, op: str | None = None, **kw) -> int:  # type: ignore[override]
         return len(self.filter(op=op, **kw))
@@ -86,11 +114,18 @@ class Ledger:
         self.totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])  # calls, B sent, B recv
         self.enabled = True
 
-    def record(self, op: str, tag: str, group_size: int, dtype: torch.dtype, sent: int, recv: int) -> None:
+    def record(self, op: str, tag: str, group_size: int, dtype: torch.dtype, sent: int, recv: int, *,
+               control: bool = False) -> None:
+        """``sent`` / ``recv``: elements of ``dtype``; ``control``: they are agreement headers, recorded
+        as control bytes with no payload (module docstring)."""
         if not self.enabled:
             return
         elem = torch.empty((), dtype=dtype).element_size() if not isinstance(dtype, int) else dtype
-        rec = CommRecord(op, tag, int(group_size), str(dtype).replace("torch.", ""), int(sent), int(recv), elem)
+        name = str(dtype).replace("torch.", "")
+        if control:
+            rec = CommRecord(op, tag, int(group_size), name, 0, 0, elem, int(sent) * elem, int(recv) * elem)
+        else:
+            rec = CommRecord(op, tag, int(group_size), name, int(sent), int(recv), elem)
         t = self.totals[(op, tag)]
         t[0] += 1
         t[1] += rec.bytes_sent

@@ -70,7 +70,8 @@ def _attn_worker(method, causal, layout, dtype, shape, seed, u=None, kernel="aut
             out = usp_attention(q, k, v, groups, causal=causal, layout=layout, seq_len=L, kernel=kernel)
         out.backward(do.to(dtype))
     sent = sum(x.elements_sent for x in rec if not x.tag.endswith(".check"))   # the cross-rank check apart
-    assert sum(x.elements_sent for x in rec if x.tag.endswith(".check")) == (P - 1) * (method != "usp")
+    assert sum(x.elements_sent for x in rec if x.tag.endswith(".check")) == 0        # control bytes, not payload
+    assert sum(x.control_sent for x in rec if x.tag.endswith(".check")) == 24 * (P - 1) * (method != "usp")
     return [t.detach().double() for t in (out, q.grad, k.grad, v.grad)] + [sent]
 
 

@@ -37,12 +37,12 @@ def _values(T, S, transposed):
         res["gather"] = torch.equal(dsp.gather(back, 1, W, full_size=T), whole)
         res["gather_s"] = torch.equal(dsp.gather(s_local, 2, W, full_size=S), whole)
     res["vol"] = [(x.op, x.tag, x.elements_sent, x.elements_recv) for x in rec if not x.tag.endswith(".check")]
-    res["checks"] = [(x.op, x.tag, x.elements_sent) for x in rec if x.tag.endswith(".check")]
+    res["checks"] = [(x.op, x.tag, x.elements_sent, x.control_sent) for x in rec if x.tag.endswith(".check")]
     # the whole size omitted: exchanged first (tag <tag>.sizes), same result
     with LEDGER.recording() as rec2:
         res["inferred"] = torch.equal(dsp.switch(t_local, W, 2, 1), s_local) and \
             torch.equal(dsp.gather(s_local, 2, W), whole)
-    res["inferred_ops"] = [(x.op, x.tag) for x in rec2 if not x.tag.endswith(".check")]
+    res["inferred_ops"] = [(x.op, x.tag) for x in rec2]
     return res
 
 
@@ -62,11 +62,13 @@ def test_values_and_volumes(dist_pool, P, T, S, transposed):
             ("all_gather", "dsp.gather", B * ts[r] * S * C * (P - 1), B * (T - ts[r]) * S * C),
             ("all_gather", "dsp.gather", B * T * ss[r] * C * (P - 1), B * T * (S - ss[r]) * C),
         ]
-        # one 8-byte digest per call for the cross-rank check (shard, 2 switches, 2 gathers)
-        assert res["checks"] == [("all_gather", f"dsp.{k}.check", P - 1)
+        # one 24-byte header per call for the cross-rank check (shard, 2 switches, 2 gathers): control
+        # bytes, no payload
+        assert res["checks"] == [("all_gather", f"dsp.{k}.check", 0, 24 * (P - 1))
                                  for k in ("shard", "switch", "switch", "gather", "gather")]
-        assert res["inferred_ops"] == [("all_gather", "dsp.switch.sizes"), ("all_to_all", "dsp.switch"),
-                                       ("all_gather", "dsp.gather.sizes"), ("all_gather", "dsp.gather")]
+        # the whole size omitted: it rides in the check's header, no separate size exchange
+        assert res["inferred_ops"] == [("all_gather", "dsp.switch.check"), ("all_to_all", "dsp.switch"),
+                                       ("all_gather", "dsp.gather.check"), ("all_gather", "dsp.gather")]
     if T % P == 0 and S % P == 0:   # the DESIGN formula: (P-1)·M/P² elements per rank per switch
         M = B * T * S * C
         assert all(res["vol"][0][2] == (P - 1) * M // P**2 for res in out)

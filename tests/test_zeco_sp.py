@@ -325,16 +325,18 @@ def _ledger(method, scalar, nb):
     sizes = split_sizes(23, P)
     q, k, v, g, _, do = _inputs(B, 23, H, K, V, scalar, torch.float32, 1)
     mine = [_piece(x, sizes, me).requires_grad_() for x in (q, k, v, g)]
-    sp_gla(*mine, group=dist.group.WORLD, method=method, num_blocks=nb)  # first call: the check
     with LEDGER.recording() as fwd:
         o, _ = sp_gla(*mine, group=dist.group.WORLD, method=method, num_blocks=nb)
     with LEDGER.recording() as bwd:
         (o * _piece(do, sizes, me)).sum().backward()
 
     def summary(rec):
-        return {op: (rec.count(op=op), rec.filter(op=op).elements_sent, rec.filter(op=op).elements_recv,
-                     sorted({x.tag for x in rec.filter(op=op)}), rec.filter(op=op).bytes_sent)
-                for op in ("send", "recv", "all_gather", "all_gather_object")}
+        out = {op: (rec.payload().count(op=op), rec.payload().filter(op=op).elements_sent,
+                    rec.payload().filter(op=op).elements_recv, sorted({x.tag for x in rec.payload().filter(op=op)}),
+                    rec.payload().filter(op=op).bytes_sent)
+               for op in ("send", "recv", "all_gather", "all_gather_object")}
+        out["control"] = [(x.op, x.tag, x.control_sent) for x in rec.control()]   # the cross-rank check
+        return out
     return summary(fwd), summary(bwd)
 
 
@@ -347,7 +349,9 @@ def test_ledger_volumes(dist_pool, P):
         for method, nb in (("zeco", 4), ("lasp1", None), ("lasp2", None)):
             res = dist_pool(P).run(_ledger, method, scalar, nb)
             for r, (f, b) in enumerate(res):
-                assert f["all_gather_object"][0] == 0 and b["all_gather_object"][0] == 0  # checked once, before
+                assert f["all_gather_object"][0] == 0 and b["all_gather_object"][0] == 0
+                # every call's check: one 24-byte header per rank, control bytes, no payload
+                assert f["control"] == [("all_gather", "zeco.check", 24 * (P - 1))] and b["control"] == []
                 if method == "lasp2":
                     assert f["send"][0] == f["recv"][0] == b["send"][0] == b["recv"][0] == 0
                     assert f["all_gather"][:3] == (1, (P - 1) * (S + G), (P - 1) * (S + G))

@@ -20,22 +20,25 @@ gradient of its own piece; parameter gradients are per-rank shares, summed by
 ranks exchange their local sizes first (one small all-gather tagged ``<tag>.sizes``), which also
 checks that they form a ``tensor_split`` layout; pass the size to avoid that call.
 
-Cross-rank check (``check=True``, the default): before the collective, :func:`check_agree` all-gathers
-one 8-byte digest (tag ``<tag>.check``) of what must match on every rank (dtype, the dims that are
-not sharded, the dims and sizes asked for) and of this rank's own argument error, if any; on a
-mismatch or an error every rank raises the same ``ValueError`` (details: ``<tag>.check.detail``).
-Skip it in hot loops once validated: ``check=False``, or ``with dsp.unchecked(): ...``. A rank that
-is not a member of ``group`` raises on that rank before any collective.
+Cross-rank check (``check=True``, the default): before the collective, :func:`longseq.agree.exchange`
+all-gathers one 24-byte header (tag ``<tag>.check``, control bytes in the ledger) with this rank's
+argument error status, a digest of what must match on every rank (dtype, device type, the dims that
+are not sharded, the dims and sizes asked for) and this rank's size of the sharded dim, on every
+call; on a mismatch or an error every rank raises the same exception (details: ``<tag>.check.detail``,
+only then). Without ``gather_size`` / ``full_size`` the sizes come from that header, so a checked call
+makes no separate size exchange. Skip it in hot loops once validated: ``check=False``, or
+``with dsp.unchecked(): ...`` (every rank must then skip it alike: a rank that checks while another
+does not is a disagreement no message can reveal). A rank that is not a member of ``group`` raises
+on that rank before any collective.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Any, Callable, Optional
 
 import torch
 
-from longseq import comm
+from longseq import agree, comm
 from longseq import functional as LF
 from longseq.groups import sp_group_of
 from longseq.sharding import check_shardable, split_sizes
@@ -60,42 +63,26 @@ def checks_enabled(check: Optional[bool] = None) -> bool:
     return _CHECKS[-1] if check is None else bool(check)
 
 
-def _local_error(validate: Callable[[], Any]) -> Optional[str]:
-    try:
-        validate()
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def check_agree(group: Any, what: str, signature: tuple, error: Optional[str], *, tag: str) -> None:
     """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks have the same
-    ``signature`` and no rank has an ``error`` (its own argument error, a message, or None).
-
-    One all-gather of an 8-byte digest (tag ``tag``); only on a mismatch or an error, an
-    ``all_gather_object`` of the details (``tag + ".detail"``) to build the message. Every rank
-    must call it (with P = 1 it raises ``error`` locally and communicates nothing)."""
-    if comm.group_size(group) == 1:
-        if error:
-            raise ValueError(error)
-        return
-    digest = hashlib.blake2b(repr((signature, error)).encode(), digest_size=8).digest()
-    everyone = comm.all_gather_int(int.from_bytes(digest, "little", signed=True), group, tag=tag)
-    if len(set(everyone)) == 1 and error is None:
-        return
-    details = comm.all_gather_object((signature, error), group, tag=tag + ".detail")
-    errors = sorted({e for _, e in details if e})
-    if len(errors) == 1 and all(e == errors[0] for _, e in details):
-        raise ValueError(errors[0])
-    lines = "\n".join(f"  rank {r}: " + (f"error: {e}" if e else f"{sig}") for r, (sig, e) in enumerate(details))
-    raise ValueError(f"{what}: the ranks of the group disagree (every rank must pass the same dtype and the same "
-                     f"sizes of the dims that are not sharded, and valid arguments):\n{lines}")
+    ``signature`` and no rank has an ``error`` (its own argument error, a message, or None): one
+    :func:`longseq.agree.exchange` (tag ``tag``). Every rank must call it."""
+    agree.exchange(group, what, signature, None if error is None else ValueError(error), tag=tag)
 
 
 def _signature(x: torch.Tensor, skip: Optional[int], **asked) -> tuple:
-    """dtype and the shape with dim ``skip`` (the sharded one, which may differ) left out."""
+    """dtype, device type and the shape with dim ``skip`` (the sharded one, which may differ) left out."""
     shape = tuple(-1 if i == skip else int(n) for i, n in enumerate(x.shape))
-    return (str(x.dtype).replace("torch.", ""), shape, tuple(sorted(asked.items())))
+    return (str(x.dtype).replace("torch.", ""), x.device.type, shape, tuple(sorted(asked.items())))
+
+
+def _whole_from(sizes: list, what: str) -> int:
+    n, P = sum(sizes), len(sizes)
+    if sizes != split_sizes(n, P):
+        raise ValueError(
+            f"{what}: the ranks hold {sizes} elements of the sharded dimension, which is not the tensor_split "
+            f"layout of {n} over {P} ranks ({split_sizes(n, P)}); shard with dsp.shard or pass the sizes")
+    return n
 
 
 def _dim(x: torch.Tensor, dim: int, what: str) -> int:
@@ -110,13 +97,7 @@ def whole_size(local: int, group: Any, *, tag: str) -> int:
     P = comm.group_size(group)
     if P == 1:
         return local
-    sizes = comm.all_gather_int(local, group, tag=tag)
-    n = sum(sizes)
-    if sizes != split_sizes(n, P):
-        raise ValueError(
-            f"the ranks hold {sizes} elements of the sharded dimension, which is not the tensor_split "
-            f"layout of {n} over {P} ranks ({split_sizes(n, P)}); shard with dsp.shard or pass the sizes")
-    return n
+    return _whole_from(comm.all_gather_int(local, group, tag=tag), "whole_size")
 
 
 def _check_local(x: torch.Tensor, dim: int, full: int, P: int, r: int, what: str) -> None:
@@ -158,10 +139,14 @@ def switch(x: torch.Tensor, group: Any, scatter_dim: int, gather_dim: int, gathe
         return sd, gd
 
     if checks_enabled(check):
-        err = _local_error(validate)
-        sig = _signature(x, gather_dim % x.dim() if x.dim() else None, scatter_dim=scatter_dim % max(1, x.dim()),
+        _, err = agree.local_error(validate)
+        gd0 = gather_dim % x.dim() if x.dim() else None
+        sig = _signature(x, gd0, scatter_dim=scatter_dim % max(1, x.dim()),
                          gather_dim=gather_dim % max(1, x.dim()), gather_size=gather_size, comm_dtype=str(comm_dtype))
-        check_agree(group, "dsp.switch", sig, err, tag=tag + ".check")
+        local = int(x.shape[gd0]) if err is None and gd0 is not None else 0
+        sizes = agree.exchange(group, "dsp.switch", sig, err, tag=tag + ".check", value=local)
+        if gather_size is None:
+            gather_size = _whole_from(sizes, "dsp.switch")    # the same on every rank: all raise alike
     sd, gd = validate()
     if gather_size is None:
         gather_size = whole_size(x.shape[gd], group, tag=tag + ".sizes")
@@ -187,8 +172,8 @@ def shard(x: torch.Tensor, dim: int, group: Any, *, tag: str = "dsp.shard",
         return d
 
     if checks_enabled(check):
-        check_agree(group, "dsp.shard", _signature(x, None, dim=dim % max(1, x.dim())), _local_error(validate),
-                    tag=tag + ".check")
+        agree.exchange(group, "dsp.shard", _signature(x, None, dim=dim % max(1, x.dim())),
+                       agree.local_error(validate)[1], tag=tag + ".check")
     return LF.shard_whole(x, group, dim=validate(), tag=tag)
 
 
@@ -207,8 +192,13 @@ def gather(x: torch.Tensor, dim: int, group: Any, full_size: int | None = None, 
         return d
 
     if checks_enabled(check):
-        sig = _signature(x, dim % x.dim() if x.dim() else None, dim=dim % max(1, x.dim()), full_size=full_size)
-        check_agree(group, "dsp.gather", sig, _local_error(validate), tag=tag + ".check")
+        d0 = dim % x.dim() if x.dim() else None
+        sig = _signature(x, d0, dim=dim % max(1, x.dim()), full_size=full_size)
+        _, err = agree.local_error(validate)
+        local = int(x.shape[d0]) if err is None and d0 is not None else 0
+        sizes = agree.exchange(group, "dsp.gather", sig, err, tag=tag + ".check", value=local)
+        if full_size is None:
+            full_size = _whole_from(sizes, "dsp.gather")
     d = validate()
     if full_size is None:
         full_size = whole_size(x.shape[d], group, tag=tag + ".sizes")

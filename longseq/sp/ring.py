@@ -379,7 +379,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
     dtype of the dk/dv accumulators sent in backward (default float32 for half inputs, else the input
     dtype). ``backend`` is accepted (and ignored) so the function fits ``SelfAttention.attn_fn``.
     Raises ``ValueError`` before any communication for bad shapes, layouts or lengths; with ``check``
-    (as :func:`longseq.sp.ulysses.ulysses_attention`'s: one 8-byte all-gather, tag ``<tag>.check``)
+    (as :func:`longseq.sp.ulysses.ulysses_attention`'s: one 24-byte header all-gather, tag ``<tag>.check``)
     the same one on every rank, also when the ranks disagree on dtype, B, heads, head dim or lengths.
     """
     del backend

@@ -3,13 +3,16 @@ whole sequence with a slice of the heads, all-to-all the output back.
 
 ``ulysses_attention(q, k, v, group, ...)``: q ``[B, L_r, H, D]``, k and v ``[B, L_r, Hkv, D]`` (this
 rank's ``tensor_split`` piece of the sequence; uneven pieces allowed with ``seq_len``) ->
-``[B, L_r, H, D]``. Each of the four all-to-alls (``longseq.functional.all_to_all``, whose backward
-is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·(P-1)/P`` elements per
-rank forward for q, k, v and out as large as the local activation m, the same backward.
+``[B, L_r, H, D]``. Two all-to-alls (``longseq.functional``; each one's backward is the all-to-all
+the other way): q, k and v packed into ONE (:func:`longseq.functional.all_to_all_packed`: rank j's
+message holds head block j of all three), then the output back. Each sends ``(P-1)/P`` of what it
+carries: ``(m_q + m_k + m_v + m_o)·(P-1)/P`` elements per rank forward (``4·m·(P-1)/P`` when k, v
+are as large as q), the same backward.
 
 The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
 before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
-``dsp.unchecked()``, default on): one 8-byte all-gather (tag ``<tag>.check``) before the all-to-alls,
+``dsp.unchecked()``, default on): one 24-byte header all-gather (:func:`longseq.agree.exchange`, tag
+``<tag>.check``, control bytes) before the all-to-alls, on every call,
 so ranks that disagree on the dtype, B, heads, head dim, ``seq_len`` or ``causal``, or that got a bad
 argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing
 special: after the all-to-all each rank sees the whole sequence in order (contiguous layout).
@@ -23,7 +26,8 @@ import torch
 from longseq import comm
 from longseq import functional as LF
 from longseq.attention import attention
-from longseq.dsp.primitives import check_agree, checks_enabled
+from longseq.agree import exchange, local_error
+from longseq.dsp.primitives import checks_enabled
 from longseq.sharding import split_sizes
 
 __all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
@@ -31,21 +35,18 @@ __all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
 
 def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Optional[bool], *, tag: str,
           **asked) -> Any:
-    """Run ``validate()`` (which raises ``ValueError`` for bad arguments) and, when the cross-rank
-    check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of ``group`` raise
-    the same ``ValueError`` unless all agree on the tensors' dtypes and shapes but dim 1 (the
-    sharded sequence), on ``asked`` and on having no error (skipped under torch.compile).
-    Returns ``validate()``'s result."""
-    try:
-        result, error = validate(), None
-    except ValueError as e:
-        result, error = None, str(e)
-    if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: no object collective in graphs
-        sig = tuple((str(t.dtype).replace("torch.", ""), tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape)))
-                    for t in tensors) + tuple(sorted(asked.items()))
-        check_agree(group, what, sig, error, tag=tag)
-    elif error:
-        raise ValueError(error)
+    """Run ``validate()`` (which raises ``ValueError`` / ``TypeError`` for bad arguments) and, when the
+    cross-rank check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of
+    ``group`` raise the same exception unless all agree on the tensors' dtypes, device types and
+    shapes but dim 1 (the sharded sequence), on ``asked`` and on having no error: one
+    :func:`longseq.agree.exchange` (skipped under torch.compile). Returns ``validate()``'s result."""
+    result, error = local_error(validate)
+    if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: compiled graphs carry no check
+        sig = tuple((str(t.dtype).replace("torch.", ""), t.device.type,
+                     tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape))) for t in tensors)
+        exchange(group, what, sig + tuple(sorted(asked.items())), error, tag=tag)
+    elif error is not None:
+        raise error
     return result
 
 
@@ -68,7 +69,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
     attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
     ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring).
-    Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
+    Tags: ``<tag>.qkv`` and ``<tag>.out`` (backward: ``+ .bwd``)."""
     P, r = comm.group_size(group), comm.group_rank(group)
     L = int(seq_len) if seq_len is not None else q.shape[1] * P
 
@@ -85,9 +86,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     fn = attention if attn_fn is None else attn_fn
     if P == 1:
         return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
-    qh = LF.all_to_all(q, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.q")
-    kh = LF.all_to_all(k, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.k")
-    vh = LF.all_to_all(v, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.v")
+    qh, kh, vh = LF.all_to_all_packed((q, k, v), group, gather_size=L, tag=f"{tag}.qkv")
     out = fn(qh, kh, vh, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
     return LF.all_to_all(out, group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2], tag=f"{tag}.out")
 

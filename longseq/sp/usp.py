@@ -197,9 +197,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
     chunk = [sum(piece[g * u:(g + 1) * u]) for g in range(r)]     # each Ulysses group's chunk
     g = s // u
     if u > 1:
-        qh = LF.all_to_all(q, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.q")
-        kh = LF.all_to_all(k, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.k")
-        vh = LF.all_to_all(v, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.v")
+        qh, kh, vh = LF.all_to_all_packed((q, k, v), groups.ulysses_group, gather_size=chunk[g],
+                                          tag=f"{tag}.ulysses.qkv")
     else:
         qh, kh, vh = q, k, v
     out = ring_attention(qh, kh, vh, groups.ring_group, causal=causal, softmax_scale=softmax_scale,

@@ -14,8 +14,8 @@ Data and loss::
     loss.backward(); longseq.sync_gradients(model.parameters(), groups)   # sums shares over SP
 
 Shifting before sharding makes the target of a rank's last token the next rank's first token,
-so no boundary token is lost. The loss is ``all_reduce_sum(local sum) / all_reduce_sum(local
-count)`` (:func:`longseq.functional.all_reduce_sum`, tag ``"zeco.loss"``).
+so no boundary token is lost. The loss is ``sum / count`` of one all-reduce of the local sum and
+the local count (:func:`longseq.functional.all_reduce_sum`, tag ``"zeco.loss"``; see :func:`sp_lm_loss`).
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ _ORIGINAL = "_zeco_serial_gla_fn"
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", num_blocks: Optional[int] = None,
-                overlap: bool = True, check: Any = True, sp_dim: Optional[str] = None) -> torch.nn.Module:
+                overlap: bool = True, check: Any = "first", sp_dim: Optional[str] = None) -> torch.nn.Module:
     """Swap the ``gla_fn`` of every submodule that has one for :func:`zeco.sp_gla` over ``group`` (a
     process group, a :class:`longseq.ParallelGroups`, whose SP group is used, or a ``DeviceMesh``,
-    whose ``sp_dim`` is), in place; returns the model. Raises ``ValueError`` when the model has no
+    whose ``sp_dim`` is), in place; returns the model. ``check`` goes to every layer's ``sp_gla``
+    (default ``"first"``: each layer checks its signature once, so a training step carries no check
+    collective; ``True`` checks every call). Raises ``ValueError`` when the model has no
     such layer or the mesh no such dim."""
     group = sp_group_of(group, sp_dim)
     if method not in METHODS:
@@ -87,14 +89,31 @@ def shift_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Ten
     return labels
 
 
-def sp_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: Any, *, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the targets of *all* ranks (identical on every rank): the local sum
-    and the local count of non-ignored targets are summed over ``group``."""
+def sp_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: Any, *, ignore_index: int = -100,
+               check: bool = True) -> torch.Tensor:
+    """Mean cross-entropy over the targets of *all* ranks (identical on every rank).
+
+    ``logits [B, T_i, V]``, ``labels [B, T_i]`` (this rank's piece). One all-reduce (tag
+    ``zeco.loss``) of ``[local sum, local count of non-ignored targets, local count of bad
+    targets]``: the sum carries the gradient, the count divides it, and the third entry makes a
+    label outside ``[0, V)`` (other than ``ignore_index``) on any rank raise the same ``ValueError``
+    on every rank (a bad label is left out of the local sum, so no rank raises alone). ``check=False``
+    skips the label test (and the host read of the result it needs: a device sync on GPU)."""
     group = sp_group_of(group)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                ignore_index=ignore_index, reduction="sum")
-    count = (labels != ignore_index).sum().to(local_sum.dtype)
-    total = all_reduce_sum(local_sum, group, tag="zeco.loss")
-    n = comm.all_reduce(count.detach().clone(), group, tag="zeco.loss.count")
-    return total / n.clamp_min(1)
+    flat = labels.reshape(-1)
+    bad = None
+    if check:
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= logits.shape[-1]))
+        flat = torch.where(bad, torch.full_like(flat, ignore_index), flat)
+    local_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=ignore_index,
+                                reduction="sum")
+    parts = [local_sum, (flat != ignore_index).sum().to(local_sum.dtype)]
+    if bad is not None:
+        parts.append(bad.sum().to(local_sum.dtype))
+    reduced = all_reduce_sum(torch.stack(parts), group, tag="zeco.loss")
+    if bad is not None and not torch.compiler.is_compiling() and bool(reduced[2] > 0):
+        raise ValueError(f"sp_lm_loss: {int(reduced[2])} target label(s) over the group are outside [0, "
+                         f"{logits.shape[-1]}) (the vocabulary of the logits) and not ignore_index={ignore_index}: "
+                         "fix the labels or the model's vocab_size")
+    return reduced[0] / reduced[1].clamp_min(1)

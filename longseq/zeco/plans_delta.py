@@ -43,7 +43,7 @@ def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, **kw) -> torc
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", attention: str = "ulysses",
-                num_blocks: Optional[int] = None, check: Any = True) -> torch.nn.Module:
+                num_blocks: Optional[int] = None, check: Any = "first") -> torch.nn.Module:
     """Swap the model's pluggable ops (module docstring) in place over ``group`` (a process group or a
     :class:`longseq.ParallelGroups`); returns the model. ``method``: of the delta-rule layers
     (:data:`zeco.sp_delta.DELTA_METHODS`); ``attention``: ``"ulysses"`` or ``"ring"``."""

@@ -42,30 +42,40 @@ allgather  one all_gather of S+M: sends and receives (P-1)·(S+M);     one all_g
            tag ``zeco.delta.ag.fwd``                                  ``zeco.delta.ag.bwd``
 p2p        S in 1 message (rank P-1 sends 0, rank 0 receives 0);      likewise reversed;
            ``zeco.delta.p2p.fwd``                                     ``zeco.delta.p2p.bwd``
-heads      all_to_all of q, k, v, g, beta there and o back            the transposed all_to_alls
-           (``zeco.delta.heads``); each moves (P-1)/P of its piece    (``zeco.delta.heads*.bwd``)
+heads      ONE all_to_all of q, k, v, g, beta packed (per dtype) and   the transposed all_to_alls
+           one of o back (``zeco.delta.heads``, ``.heads.out``);      (``zeco.delta.heads*.bwd``)
+           each moves (P-1)/P of what it carries
 =========  =========================================================  ===============================
 
-plus, unless ``check=False``, one ``all_gather_object`` (tag ``zeco.check``) per call: every rank's
-B, H, K, V, gate kind, state dtype, method, N and piece length, so a mismatch, an empty piece
-(T < P) or a bad ``heads`` split raises the same ``ValueError`` on every rank before any collective
-of the method runs. ``check=False`` skips it (then bad input may hang).
+plus, unless ``check=False``, one 24-byte header all-gather (tag ``zeco.check``, control bytes;
+:func:`longseq.agree.exchange`) per call, which also carries every rank's piece length: every
+rank's argument errors (shapes, dtypes, a positive log decay, ``initial_state``, ``num_blocks``) and
+a mismatch of B, H, K, V, gate kind, dtypes, device, method, N or scale, an empty piece (T < P) or a
+bad ``heads`` split raise the same exception on every rank before any collective of the method runs.
+``check="first"``: only the first time this process sees a (group, signature) (what the plans use:
+a later disagreement can then hang); ``check=False`` skips it and the value check on g (then bad
+input may hang; every rank must pass the same ``check``).
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from longseq import comm
 from longseq import functional as LF
+from longseq.agree import exchange, local_error
 from longseq.sharding import shard_range, split_sizes
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
+from longseq.zeco.sp_gla import no_meta, refuse_positive_decay
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
 
 __all__ = ["sp_delta_rule", "DELTA_METHODS", "SPDeltaFunction"]
 
 DELTA_METHODS = ("zeco", "allgather", "heads", "p2p")
+
+_CHECKED: set = set()     # (group ranks, signature) seen with check="first"
 
 
 class _Cfg:
@@ -254,9 +264,7 @@ def _heads(cfg, xs, h0, sizes):
     """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back."""
     T = sum(sizes)
     B, H, K, V = cfg.shape
-    a2a = lambda x: LF.all_to_all(x, cfg.group, scatter_dim=2, gather_dim=1, gather_size=T,  # noqa: E731
-                                  tag="zeco.delta.heads")
-    q, k, v, g, beta = (a2a(x) for x in xs)
+    q, k, v, g, beta = LF.all_to_all_packed(xs, cfg.group, gather_size=T, tag="zeco.delta.heads")
     h0_mine = None
     if h0 is not None:
         lo, hi = shard_range(H, cfg.P, cfg.rank)
@@ -266,17 +274,18 @@ def _heads(cfg, xs, h0, sizes):
     return LF.all_to_all(o, cfg.group, scatter_dim=1, gather_dim=2, gather_size=H, tag="zeco.delta.heads.out")
 
 
-def _check(group, sig: dict, T_local: int, P: int, method: str, H: int) -> list:
-    """Every rank's signature and piece length (one all_gather_object); the same ValueError on every
-    rank for a mismatch, an empty piece (T < P) or a heads split that cannot work."""
-    allsig = comm.all_gather_object((sig, T_local), group, tag="zeco.check")
-    sigs, sizes = [s for s, _ in allsig], [t for _, t in allsig]
-    if any(s != sigs[0] for s in sigs):
-        fields = sorted({f for s in sigs for f in s if any(t.get(f) != sigs[0].get(f) for t in sigs)})
-        rows = "\n".join(f"  rank {i}: " + ", ".join(f"{f}={s.get(f)!r}" for f in fields) for i, s in enumerate(sigs))
-        raise ValueError("sp_delta_rule: the ranks of the sequence-parallel group disagree on " + ", ".join(fields)
-                         + " (every rank must pass the same B, H, K, V, gate kind, dtypes, method and num_blocks; "
-                         "only the number of tokens may differ):\n" + rows)
+def _signature(q, k, v, g, beta, method, N, scale, l2norm_qk) -> dict:
+    B, _, H, K = q.shape
+    name = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
+    return dict(method=method, B=B, H=H, K=K, V=v.shape[-1], gate="kda" if g.dim() == 4 else "gdn",
+                dtypes=tuple(name(t) for t in (q, k, v, g, beta)),
+                state_dtype=str(state_dtype(q, k, v, g, beta)).replace("torch.", ""), device=q.device.type,
+                num_blocks=N if method == "zeco" else None, scale=scale, use_qk_l2norm=bool(l2norm_qk))
+
+
+def _check_sizes(sizes: list, P: int, method: str, H: int) -> None:
+    """The same ValueError on every rank (``sizes`` is every rank's piece length, the same list on
+    every rank) for an empty piece (T < P) or a heads split that cannot work."""
     if min(sizes) == 0:
         raise ValueError(f"sp_delta_rule: every rank needs at least one token, got pieces {sizes} (T = {sum(sizes)} "
                          f"over P = {P}): use a sequence of at least P tokens or a smaller group")
@@ -288,7 +297,6 @@ def _check(group, sig: dict, T_local: int, P: int, method: str, H: int) -> list:
         if sizes != split_sizes(sum(sizes), P):
             raise ValueError(f"sp_delta_rule(method='heads') needs the standard split of the sequence "
                              f"{split_sizes(sum(sizes), P)} (longseq.sharding.split_sizes), got {sizes}")
-    return sizes
 
 
 def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
@@ -313,31 +321,51 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
             the whole sequence's final state); differentiable. Not with ``heads``.
         num_blocks: All-Scan's N (zeco); default :func:`zeco.all_scan.num_blocks_for`.
         backend, chunk_size: of the local op :func:`zeco.delta.delta_rule`.
-        check: True / "always" (one small all_gather_object per call, see the module docstring) or False.
+        check: True / "always" (one 24-byte header exchange per call, see the module docstring),
+            "first" (once per signature) or False.
 
     Returns:
         ``(o [B, T_i, H, V] in v's dtype, final_state [B, H, K, V] float32/64 or None)``.
     """
-    if method not in DELTA_METHODS:
-        raise ValueError(f"sp_delta_rule: method must be one of {DELTA_METHODS}, got {method!r}")
-    validate(q, k, v, g, beta, initial_state, what="sp_delta_rule")
-    if method == "heads" and output_final_state:
-        raise ValueError("sp_delta_rule(method='heads'): a head shard has no per-piece final state; "
-                         "use method='zeco' (or 'allgather' / 'p2p') for output_final_state=True")
     if hasattr(group, "sp_group"):  # a longseq.ParallelGroups
         group = group.sp_group
+    P = comm.group_size(group) if dist.is_initialized() else 1
+
+    def _validate():
+        if check not in (True, False, "always", "first"):
+            raise ValueError(f"sp_delta_rule: check must be True, 'always', 'first' or False, got {check!r}")
+        if method not in DELTA_METHODS:
+            raise ValueError(f"sp_delta_rule: method must be one of {DELTA_METHODS}, got {method!r}")
+        validate(q, k, v, g, beta, initial_state, what="sp_delta_rule")
+        no_meta("sp_delta_rule", q, k, v, g, beta, initial_state)
+        if method == "heads" and output_final_state:
+            raise ValueError("sp_delta_rule(method='heads'): a head shard has no per-piece final state; "
+                             "use method='zeco' (or 'allgather' / 'p2p') for output_final_state=True")
+        if check is not False:
+            refuse_positive_decay("sp_delta_rule", g)
+        B, _, H, K = q.shape
+        return num_blocks_for((B, H, K, v.shape[-1]), state_dtype(q, k, v, g, beta), num_blocks, world_size=P)
+
+    if not dist.is_initialized():     # no peers to wait: the argument error first, plainly
+        _validate()
+    comm.require_member(group, "zeco.sp_delta_rule")
+    r = comm.group_rank(group)
+    N, err = local_error(_validate)
+    sizes = None
+    sig = None if err is not None else _signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm)
+    key = (tuple(comm.group_ranks(group)), repr(sig))
+    if P > 1 and check is not False and not (check == "first" and err is None and key in _CHECKED):
+        sizes = exchange(group, "sp_delta_rule", sig, err, tag="zeco.check", value=q.shape[1] if err is None else 0)
+        _check_sizes(sizes, P, method, q.shape[2])
+        if check == "first":
+            _CHECKED.add(key)
+    elif err is not None:
+        raise err
+    elif q.shape[1] == 0:
+        raise ValueError("sp_delta_rule: every rank needs at least one token (T < P?)")
     B, T_local, H, K = q.shape
     V = v.shape[-1]
-    P, r = comm.group_size(group), comm.group_rank(group)
     dt = state_dtype(q, k, v, g, beta)
-    N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
-    sizes = None
-    if P > 1 and check is not False:
-        sig = dict(method=method, B=B, H=H, K=K, V=V, gate="kda" if g.dim() == 4 else "gdn",
-                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
-        sizes = _check(group, sig, T_local, P, method, H)
-    elif T_local == 0:
-        raise ValueError("sp_delta_rule: every rank needs at least one token (T < P?)")
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,

@@ -43,19 +43,24 @@ lasp2      one all_gather: sends and receives                  one all_gather: (
            (P-1)·(S+|Γ|); ``zeco.lasp2.fwd``                   ``zeco.lasp2.bwd``
 =========  ==================================================  =====================================
 
-plus, the first time a signature is seen (``check``), one ``all_gather_object`` tagged
-``zeco.check``.
+plus, unless ``check=False``, one 24-byte header all-gather (tag ``zeco.check``, control bytes in
+the ledger; :func:`longseq.agree.exchange`).
 
-Cross-rank check: ranks whose B, H, K, V, decay kind, state dtype, method or N differ would hang
-or compute garbage in the scan. ``check=True`` (default) runs one small ``all_gather_object``
-(tag ``"zeco.check"``) the first time this process sees a given (group, signature) and raises a
-``ValueError`` listing every rank's signature on mismatch; ``check="always"`` does it on every call;
-``check=False`` never. (With ``True``, a rank that has already seen its signature skips the check,
-so a mismatch that appears only after a first matching call can still hang; use ``"always"`` when
-shapes vary from call to call.) Unless ``check=False``, every call also refuses a positive log decay
-``g`` on the rank that has it (a local reduction over g, no communication), and log decays below
+Cross-rank check: ranks whose B, H, K, V, decay kind, dtypes, device, method, N or scale differ would
+hang or compute garbage in the scan, and a rank whose own arguments are bad (a shape, a positive log
+decay, an int dtype, ``initial_state``'s shape, ``num_blocks``) would leave its peers waiting. So
+every rank validates its arguments and then exchanges one fixed-size header (its error status, a
+digest of its signature): on any error or mismatch every rank raises the same exception
+(``ValueError``, or ``TypeError`` for a non-float tensor) before the scan, with every rank's
+differing fields. ``check=True`` (default, also ``"always"``) does this on every call, so a rank
+whose shapes or dtype change on a later call is caught too. ``check="first"``: only the first time
+this process sees a (group, signature), as a plan's layers may (a later disagreement can then hang);
+``check=False``: never, and no value check (every rank must pass the same ``check``: a rank that
+exchanges while another does not cannot be told apart from a hang). Unless ``check=False``, every
+call refuses a positive log decay ``g`` (a local reduction over g), and log decays below
 ``zeco.gla.ops.DECAY_FLOOR`` (``-inf`` included) are raised to it, so a decay of exactly 0 gives the
-recurrence's finite result. A rank not in ``group`` raises before any collective.
+recurrence's finite result; a NaN in ``g`` stays NaN (the output is NaN where one process's is). A
+rank not in ``group`` raises before any collective.
 """
 from __future__ import annotations
 
@@ -65,13 +70,14 @@ import torch
 import torch.distributed as dist
 
 from longseq import comm
+from longseq.agree import exchange, local_error
 from longseq.groups import sp_group_of
 from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
 
-__all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan"]
+__all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan", "no_meta", "refuse_positive_decay"]
 
 METHODS = ("zeco", "lasp1", "lasp2")
 
@@ -90,7 +96,8 @@ def _safe_exp(x: torch.Tensor) -> torch.Tensor:
     exactly 0: they are far below the precision of any sum they enter, and as subnormal floats
     they make CPU matrix products ~10x slower."""
     lo = -600.0 if x.dtype == torch.float64 else -60.0
-    return torch.where(x > lo, x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).exp()
+    # ``x < lo`` is False for NaN, so a NaN stays NaN (exp(NaN)), as in one process
+    return torch.where(x < lo, torch.full((), float("-inf"), dtype=x.dtype, device=x.device), x).exp()
 
 
 def _rev_excl_cumsum_t(g: torch.Tensor) -> torch.Tensor:
@@ -186,23 +193,34 @@ def _group_key(group) -> tuple:
         return ("world", dist.get_world_size())
 
 
-def _check_across_ranks(group, signature: dict, mode) -> None:
-    if mode is False or mode is None:
-        return
-    if mode not in (True, "first", "always"):
-        raise ValueError(f"sp_gla: check must be True, 'first', 'always' or False, got {mode!r}")
-    key = (_group_key(group), tuple(sorted(signature.items())))
-    if mode != "always" and key in _CHECKED:
-        return
-    sigs = comm.all_gather_object(signature, group, tag="zeco.check")
-    if any(s != sigs[0] for s in sigs):
-        fields = sorted({f for s in sigs for f in s if any(t.get(f) != sigs[0].get(f) for t in sigs)})
-        rows = "\n".join(f"  rank {i}: " + ", ".join(f"{f}={s.get(f)!r}" for f in fields) for i, s in enumerate(sigs))
+def _signature(q, k, v, g, method, N, scale) -> dict:
+    """What must match on every rank (only the number of tokens may differ)."""
+    B, _, H, K = q.shape
+    name = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
+    return dict(method=method, B=B, H=H, K=K, V=v.shape[-1], decay="scalar" if g.dim() == 3 else "per-key",
+                dtypes=(name(q), name(k), name(v), name(g)), state_dtype=str(_state_dtype(q, k, v, g)).replace("torch.", ""),
+                device=q.device.type, num_blocks=N if method == "zeco" else None, scale=scale)
+
+
+def no_meta(what: str, *ts) -> None:
+    """A ``ValueError`` for a tensor on the meta device (no data: the collectives cannot run on it)."""
+    if any(t is not None and t.device.type == "meta" for t in ts):
+        raise ValueError(f"{what}: got a tensor on the meta device, which holds no data; materialize the inputs "
+                         "(e.g. model.to_empty(device=...) and initialise) before calling it")
+
+
+def refuse_positive_decay(what: str, g: torch.Tensor) -> None:
+    """A ``ValueError`` when the log decay ``g`` has a positive entry (a local reduction; NaN passes)."""
+    if g.numel() and bool((g > 0).any()):
         raise ValueError(
-            "sp_gla: the ranks of the sequence-parallel group disagree on " + ", ".join(fields)
-            + " (every rank must pass the same B, H, K, V, decay kind, dtype, method and num_blocks; only the "
-            "number of tokens may differ):\n" + rows)
-    _CHECKED.add(key)
+            f"{what}: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
+            "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
+            "to skip this value check)")
+
+
+def _check_mode(check) -> None:
+    if check not in (True, False, "first", "always"):
+        raise ValueError(f"sp_gla: check must be True, 'always', 'first' or False, got {check!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,30 +560,40 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
             scan travels, then an O(T·K·V) correction). False: start the pipelined scan, wait for
             it, then one local pass with the received state; cheaper when the scan's latency is
             below the cost of the correction (e.g. CPU processes over loopback at small P).
-        check: cross-rank consistency check (module docstring): True (first time per signature),
-            "always", or False.
+        check: cross-rank consistency check (module docstring): True / "always" (every call),
+            "first" (first time per signature), or False.
 
     Returns:
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
     """
-    _validate_local(q, k, v, g, initial_state, method)
     group = sp_group_of(group)  # a ParallelGroups or a 1-D DeviceMesh -> its process group
+    P = comm.group_size(group) if dist.is_initialized() else 1
+
+    def validate():
+        _check_mode(check)
+        _validate_local(q, k, v, g, initial_state, method)
+        no_meta("sp_gla", q, k, v, g, initial_state)
+        if check is not False:
+            refuse_positive_decay("sp_gla", g)
+        B, _, H, K = q.shape
+        return num_blocks_for((B, H, K, v.shape[-1]), _state_dtype(q, k, v, g), num_blocks, world_size=P)
+
+    if not dist.is_initialized():     # no peers to wait: the argument error first, plainly
+        validate()
     comm.require_member(group, "zeco.sp_gla")
-    if check is not False and g.numel() and bool((g > 0).any()):
-        raise ValueError(
-            f"sp_gla: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
-            "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
-            "to skip this value check)")
+    N, err = local_error(validate)
+    # compiled graphs: checked by the eager calls (docs/compile.md)
+    if P > 1 and check is not False and not torch.compiler.is_compiling():
+        sig = None if err is not None else _signature(q, k, v, g, method, N, scale)
+        key = (_group_key(group), repr(sig))
+        if not (check == "first" and err is None and key in _CHECKED):
+            exchange(group, "sp_gla", sig, err, tag="zeco.check")
+            if check == "first":
+                _CHECKED.add(key)
+    elif err is not None:
+        raise err
     g = floor_decay(g)
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    P = comm.group_size(group)
-    dt = _state_dtype(q, k, v, g)
-    N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
-    if P > 1 and not torch.compiler.is_compiling():   # compiled graphs: checked by the eager calls (docs/compile.md)
-        sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
-                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
-        _check_across_ranks(group, sig, check)
+    K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     o, ht, *_ = torch.ops.longseq.sp_gla_fwd(q, k, v, g, initial_state, group_name(group), method, scale, N,
                                              backend, chunk_size, bool(overlap))

@@ -158,9 +158,9 @@ def capture(w: Workload, P: int, rank: int, device: str = "cpu") -> list[Row]:
         step = build_step(w, group, device)
         with _group_strides() as strides, LEDGER.recording() as rec:
             step()
-    # the first step's one-time cross-rank checks (all_gather_object of shapes: dsp.check,
-    # zeco.check) are bookkeeping, not part of a training step
-    keep = [i for i, r in enumerate(rec) if r.op not in ONE_TIME_OPS]
+    # the cross-rank checks (control records: dsp.check, zeco.check; all_gather_object details) are
+    # bookkeeping, not part of a training step
+    keep = [i for i, r in enumerate(rec) if r.op not in ONE_TIME_OPS and not getattr(r, "control", False)]
     return aggregate([rec[i] for i in keep], [strides[i] for i in keep])
 
 
