@@ -58,10 +58,12 @@ from typing import Any, Optional, Union
 import torch
 
 from longseq import comm
+from longseq import documents as _docs
 from longseq import functional as LF
 from longseq.sharding import shard_range, split_sizes
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
+from longseq.zeco.resets import reset_decay
 
 __all__ = ["sp_delta_rule", "DELTA_METHODS", "SPDeltaFunction"]
 
@@ -295,7 +297,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   group: Any, method: str = "zeco", scale: Optional[float] = None,
                   initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                   use_qk_l2norm: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
-                  chunk_size: int = 64, check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  chunk_size: int = 64, check: Union[bool, str] = True,
+                  cu_seqlens: Optional[_docs.CuSeqlens] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence-parallel gated delta rule over ``group``: this rank's piece of the output over the
     whole sequence (all ranks' pieces concatenated in group-rank order).
 
@@ -314,6 +317,11 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         num_blocks: All-Scan's N (zeco); default :func:`zeco.all_scan.num_blocks_for`.
         backend, chunk_size: of the local op :func:`zeco.delta.delta_rule`.
         check: True / "always" (one small all_gather_object per call, see the module docstring) or False.
+        cu_seqlens: document boundaries of the *whole* window (``[D+1]`` or ``[B, D+1]``, identical on
+            every rank, ``tensor_split`` pieces), or a :class:`longseq.documents.Documents` (any split):
+            the state does not cross a boundary, for every method (:mod:`zeco.resets`: each
+            document's first token gets a zero decay, so a piece's map ``A`` is 0 when a document
+            starts in it and the scans still move one state per rank).
 
     Returns:
         ``(o [B, T_i, H, V] in v's dtype, final_state [B, H, K, V] float32/64 or None)``.
@@ -329,12 +337,15 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     B, T_local, H, K = q.shape
     V = v.shape[-1]
     P, r = comm.group_size(group), comm.group_rank(group)
+    docs = _docs.resolve(cu_seqlens, T_local, group, batch=B, what="sp_delta_rule: cu_seqlens")
+    g = reset_decay(g, docs)
     dt = state_dtype(q, k, v, g, beta)
     N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
     sizes = None
     if P > 1 and check is not False:
         sig = dict(method=method, B=B, H=H, K=K, V=V, gate="kda" if g.dim() == 4 else "gdn",
-                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
+                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None,
+                   documents=None if docs is None else docs.signature())
         sizes = _check(group, sig, T_local, P, method, H)
     elif T_local == 0:
         raise ValueError("sp_delta_rule: every rank needs at least one token (T < P?)")

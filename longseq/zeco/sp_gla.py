@@ -65,11 +65,13 @@ import torch
 import torch.distributed as dist
 
 from longseq import comm
+from longseq import documents as _docs
 from longseq.groups import sp_group_of
 from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
+from longseq.zeco.resets import reset_decay
 
 __all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan"]
 
@@ -517,8 +519,8 @@ def _(do, dht, q, k, v, g, S0, gamma, gammas, group, method, scale, num_blocks, 
 def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
            method: str = "zeco", scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
            output_final_state: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
-           chunk_size: int = 64, overlap: bool = True,
-           check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           chunk_size: int = 64, overlap: bool = True, check: Union[bool, str] = True,
+           cu_seqlens: Optional[_docs.CuSeqlens] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence-parallel GLA over ``group``: this rank's piece of the output of GLA over the whole
     sequence (the pieces of all ranks concatenated in group-rank order).
 
@@ -544,6 +546,12 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
             below the cost of the correction (e.g. CPU processes over loopback at small P).
         check: cross-rank consistency check (module docstring): True (first time per signature),
             "always", or False.
+        cu_seqlens: document boundaries of the *whole* window (``[D+1]`` or ``[B, D+1]``, identical on
+            every rank; this rank's piece is its ``tensor_split`` piece), or a
+            :class:`longseq.documents.Documents` (any split). The state does not cross a boundary
+            (:mod:`zeco.resets`: the first token of a document has a zero decay, so a piece with a
+            start has Γ = 0 and the scan still moves one state per rank); ``initial_state`` feeds
+            the first document, the final state is the last document's.
 
     Returns:
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
@@ -551,12 +559,13 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     _validate_local(q, k, v, g, initial_state, method)
     group = sp_group_of(group)  # a ParallelGroups or a 1-D DeviceMesh -> its process group
     comm.require_member(group, "zeco.sp_gla")
+    docs = _docs.resolve(cu_seqlens, q.shape[1], group, batch=q.shape[0], what="sp_gla: cu_seqlens")
     if check is not False and g.numel() and bool((g > 0).any()):
         raise ValueError(
             f"sp_gla: g is a log decay and must be <= 0 (its largest value here is {float(g.max()):g}; a positive "
             "one makes the state grow without bound): pass e.g. torch.nn.functional.logsigmoid(x) (or check=False "
             "to skip this value check)")
-    g = floor_decay(g)
+    g = floor_decay(reset_decay(g, docs))
     B, _, H, K = q.shape
     V = v.shape[-1]
     P = comm.group_size(group)
@@ -564,7 +573,8 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
     if P > 1 and not torch.compiler.is_compiling():   # compiled graphs: checked by the eager calls (docs/compile.md)
         sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
-                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
+                   state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None,
+                   documents=None if docs is None else docs.signature())
         _check_across_ranks(group, sig, check)
     scale = K ** -0.5 if scale is None else float(scale)
     o, ht, *_ = torch.ops.longseq.sp_gla_fwd(q, k, v, g, initial_state, group_name(group), method, scale, N,
