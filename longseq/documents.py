@@ -37,7 +37,7 @@ import torch
 from .sharding import shard_range
 
 __all__ = ["Documents", "check_cu_seqlens", "cu_seqlens_from_lengths", "for_rank", "resolve", "document_labels",
-           "CuSeqlens"]
+           "attention_mask", "CuSeqlens"]
 
 
 def check_cu_seqlens(cu_seqlens: Any, total: Optional[int] = None, *, batch: Optional[int] = None,
@@ -207,3 +207,15 @@ def document_labels(labels: torch.Tensor, docs: Documents, ignore_index: int = -
     ends = ends.masked_fill(ends >= docs.total, -1)                  # padding (empty documents at the end)
     last = (t.view(1, -1, 1) + 1 == ends.unsqueeze(1)).any(-1)       # t + 1 starts a document
     return labels.masked_fill(last.to(labels.device).expand_as(labels), ignore_index)
+
+
+def attention_mask(q: Documents, k: Optional[Documents] = None, *, causal: bool = True, device: Any = None) -> torch.Tensor:
+    """Bool ``[B | 1, Lq, Lk]``, True where a query of piece ``q`` may attend to a key of piece ``k``
+    (default: the same piece): same document, and with ``causal`` the key's window position not after
+    the query's. The block-diagonal causal mask over the whole window when both are the whole
+    window; one ring step's mask for two pieces."""
+    k = q if k is None else k
+    m = q.ids().unsqueeze(2) == k.ids().unsqueeze(1)
+    if causal:
+        m = m & (torch.arange(k.start, k.stop).view(1, 1, -1) <= torch.arange(q.start, q.stop).view(1, -1, 1))
+    return m.to(device) if device is not None else m

@@ -4,7 +4,11 @@ The model (:class:`longseq.models.gdn.GDNForCausalLM`) has three pluggable ops (
 ``delta_fn`` of every delta-rule layer becomes :func:`zeco.sp_delta_rule` (``method``), ``halo_fn``
 becomes :func:`longseq.functional.gather_halo` (the short convolutions read the ``W-1`` tokens before
 the piece from the previous ranks), and ``attn_fn`` of every softmax-attention layer becomes Ulysses
-(:func:`longseq.sp.ulysses.ulysses_attention`) or ring attention (:func:`longseq.sp.ring.ring_attention`).
+(:func:`longseq.sp.ulysses.ulysses_attention`) or ring attention (:func:`longseq.sp.ring.ring_attention`),
+and the model's ``documents_fn`` places packed documents' boundaries (``model(ids, cu_seqlens=...)``,
+the whole window's) on this rank's piece (:func:`longseq.documents.resolve`), so every layer gets the
+same :class:`longseq.documents.Documents`: the delta rule resets at document starts, the convolutions
+read no token of another document (the halo included), attention masks documents.
 One layout for the whole model: every rank holds its contiguous piece of the sequence
 (``tensor_split`` sizes, :func:`zeco.shard_sequence`), so no re-layout happens between layers. Data and
 loss as for GLA (:mod:`zeco.plans`: ``shard_sequence``, ``shift_labels``, ``sp_lm_loss``).
@@ -22,6 +26,9 @@ from typing import Any, Optional
 import torch
 
 from longseq import comm
+from longseq.attention import attention as _local_attention
+from longseq.documents import Documents
+from longseq.documents import resolve as resolve_documents
 from longseq.functional import gather_halo
 from longseq.sp.ring import ring_attention
 from longseq.sp.ulysses import ulysses_attention
@@ -34,12 +41,23 @@ ATTENTION_METHODS = ("ulysses", "ring")
 _SAVED = "_zeco_serial_ops"
 
 
-def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, **kw) -> torch.Tensor:
-    """Attention over the whole sequence for contiguous pieces of any lengths."""
+def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, cu_seqlens=None, **kw) -> torch.Tensor:
+    """Attention over the whole sequence for contiguous pieces of any lengths; with ``cu_seqlens``
+    (a :class:`longseq.documents.Documents` of this piece), document masks: Ulysses attends over the
+    whole window after its all-to-all with the block-diagonal causal mask, ring masks each step by
+    the two pieces' documents (and skips the steps that share none)."""
     sizes = comm.all_gather_int(q.shape[1], group, tag="zeco.attn.sizes")
     if kind == "ulysses":
-        return ulysses_attention(q, k, v, group, causal=causal, seq_len=sum(sizes))
-    return ring_attention(q, k, v, group, causal=causal, seq_sizes=sizes)
+        fn = None
+        if cu_seqlens is not None:
+            whole = Documents.whole(cu_seqlens.cu_seqlens if isinstance(cu_seqlens, Documents) else cu_seqlens)
+            fn = functools.partial(_local_attention, cu_seqlens=whole)
+        return ulysses_attention(q, k, v, group, causal=causal, seq_len=sum(sizes), attn_fn=fn)
+    return ring_attention(q, k, v, group, causal=causal, seq_sizes=sizes, cu_seqlens=cu_seqlens)
+
+
+def _piece_documents(cu_seqlens, length: int, batch: int, *, group: Any) -> Documents:
+    return resolve_documents(cu_seqlens, length, group, batch=batch, what="model: cu_seqlens")
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", attention: str = "ulysses",
@@ -55,7 +73,8 @@ def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", att
     ops = {"delta_fn": functools.partial(sp_delta_rule, group=group, method=method, num_blocks=num_blocks,
                                          check=check),
            "halo_fn": lambda x, h: gather_halo(x, h, group, tag="zeco.halo"),
-           "attn_fn": functools.partial(_sp_attention, group=group, kind=attention)}
+           "attn_fn": functools.partial(_sp_attention, group=group, kind=attention),
+           "documents_fn": functools.partial(_piece_documents, group=group)}
     n = 0
     for mod in model.modules():
         names = [a for a in ops if a in vars(mod)]
