@@ -396,7 +396,9 @@ class BatchSource:
         if "labels" in out:
             out["tokens_whole"] = self.micro * self.source.seq_len
         nb = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        # cu_seqlens stays on the CPU: the ops read the boundaries there (no device sync per layer)
+        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) and k != "cu_seqlens" else v
+                for k, v in out.items()}
 
 
 def _pad_boundaries(samples: list) -> None:
