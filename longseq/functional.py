@@ -14,7 +14,7 @@ parameter's gradient on each rank is that rank's share and the shares are summed
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -28,15 +28,22 @@ _ops = torch.ops.longseq
 
 
 def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int, gather_size: int | None = None,
-               tag: str = "all_to_all") -> torch.Tensor:
-    """Differentiable all-to-all: ``gather_dim`` (sharded, whole size ``gather_size``) becomes whole and
-    ``scatter_dim`` (whole) becomes sharded. Backward is the all-to-all the other way.
-    ``gather_size`` defaults to ``P * local size`` (even shards)."""
+               tag: str = "all_to_all", gather_sizes: Sequence[int] | None = None,
+               scatter_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Differentiable all-to-all: ``gather_dim`` (sharded) becomes whole and ``scatter_dim`` (whole)
+    becomes sharded. Backward is the all-to-all the other way.
+
+    Sizes of the sharded pieces: ``gather_sizes`` (every rank's size of ``gather_dim``, any sizes) or
+    ``gather_size`` (the whole size, cut as ``tensor_split``; default ``P * local size``);
+    ``scatter_sizes`` (the pieces ``scatter_dim`` is cut into, default ``tensor_split``)."""
     P = comm.group_size(group)
     nd = x.dim()
     scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
-    full = gather_size if gather_size is not None else x.shape[gather_dim] * P
-    return _ops.all_to_all(x, group_name(group), scatter_dim, gather_dim, split_sizes(full, P), tag)
+    if gather_sizes is None:
+        full = gather_size if gather_size is not None else x.shape[gather_dim] * P
+        gather_sizes = split_sizes(full, P)
+    return _ops.all_to_all(x, group_name(group), scatter_dim, gather_dim, [int(n) for n in gather_sizes], tag,
+                           None if scatter_sizes is None else [int(n) for n in scatter_sizes])
 
 
 def _sizes(x: torch.Tensor, dim: int, full: int | None, P: int) -> list[int]:
