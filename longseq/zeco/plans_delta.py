@@ -10,7 +10,7 @@ One layout for the whole model: every rank holds its contiguous piece of the seq
 loss as for GLA (:mod:`zeco.plans`: ``shard_sequence``, ``shift_labels``, ``sp_lm_loss``).
 
 Per layer and step the ledger shows the method's state traffic (:mod:`zeco.sp_delta`), three halo
-all-gathers of ``(W-1)·D`` per rank (tag ``zeco.halo``; plus their token counts), and for attention
+exchanges of ``(W-1)·D`` per rank boundary each way (tag ``zeco.halo``, point to point), and for attention
 layers Ulysses' four all-to-alls (``ulysses.*``) or ring's k/v passes (``ring.*``), plus one tiny
 all-gather of the piece lengths (``ulysses.sizes`` / ``ring.sizes``: the public primitives take
 contiguous pieces of any lengths, :mod:`longseq.sp.pieces`).
