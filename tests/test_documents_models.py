@@ -68,7 +68,7 @@ def test_model_with_documents_equals_loop_over_documents(kind):
 
 CASES = [("gla", "zeco", None), ("gla", "lasp1", None), ("gla", "lasp2", None),
          ("gdn", "zeco", None), ("gdn", "allgather", None), ("gdn", "p2p", None), ("gdn", "heads", None),
-         ("hybrid", "zeco", "ulysses")]  # RINGTODO
+         ("hybrid", "zeco", "ulysses"), ("hybrid", "zeco", "ring")]
 
 
 def _sp_models():

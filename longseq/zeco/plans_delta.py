@@ -14,9 +14,10 @@ One layout for the whole model: every rank holds its contiguous piece of the seq
 loss as for GLA (:mod:`zeco.plans`: ``shard_sequence``, ``shift_labels``, ``sp_lm_loss``).
 
 Per layer and step the ledger shows the method's state traffic (:mod:`zeco.sp_delta`), three halo
-all-gathers of ``(W-1)·D`` per rank (tag ``zeco.halo``; plus their token counts), and for attention
+exchanges of ``(W-1)·D`` per rank boundary each way (tag ``zeco.halo``, point to point), and for attention
 layers Ulysses' four all-to-alls (``ulysses.*``) or ring's k/v passes (``ring.*``), plus one tiny
-all-gather of the piece lengths (``zeco.attn.sizes``).
+all-gather of the piece lengths (``ulysses.sizes`` / ``ring.sizes``: the public primitives take
+contiguous pieces of any lengths, :mod:`longseq.sp.pieces`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from typing import Any, Optional
 
 import torch
 
-from longseq import comm
-from longseq.attention import attention as _local_attention
 from longseq.documents import Documents
 from longseq.documents import resolve as resolve_documents
 from longseq.functional import gather_halo
@@ -37,26 +36,13 @@ from .sp_delta import DELTA_METHODS, sp_delta_rule
 
 __all__ = ["parallelize", "ATTENTION_METHODS"]
 
-ATTENTION_METHODS = ("ulysses", "ring")
+ATTENTION = {"ulysses": ulysses_attention, "ring": ring_attention}   # contiguous pieces of any lengths
+ATTENTION_METHODS = tuple(ATTENTION)
 _SAVED = "_zeco_serial_ops"
 
 
-def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, cu_seqlens=None, **kw) -> torch.Tensor:
-    """Attention over the whole sequence for contiguous pieces of any lengths; with ``cu_seqlens``
-    (a :class:`longseq.documents.Documents` of this piece), document masks: Ulysses attends over the
-    whole window after its all-to-all with the block-diagonal causal mask, ring masks each step by
-    the two pieces' documents (and skips the steps that share none)."""
-    sizes = comm.all_gather_int(q.shape[1], group, tag="zeco.attn.sizes")
-    if kind == "ulysses":
-        fn = None
-        if cu_seqlens is not None:
-            whole = Documents.whole(cu_seqlens.cu_seqlens if isinstance(cu_seqlens, Documents) else cu_seqlens)
-            fn = functools.partial(_local_attention, cu_seqlens=whole)
-        return ulysses_attention(q, k, v, group, causal=causal, seq_len=sum(sizes), attn_fn=fn)
-    return ring_attention(q, k, v, group, causal=causal, seq_sizes=sizes, cu_seqlens=cu_seqlens)
-
-
 def _piece_documents(cu_seqlens, length: int, batch: int, *, group: Any) -> Documents:
+    """The model's ``documents_fn`` under SP: the window's boundaries placed on this rank's piece."""
     return resolve_documents(cu_seqlens, length, group, batch=batch, what="model: cu_seqlens")
 
 
@@ -73,7 +59,7 @@ def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", att
     ops = {"delta_fn": functools.partial(sp_delta_rule, group=group, method=method, num_blocks=num_blocks,
                                          check=check),
            "halo_fn": lambda x, h: gather_halo(x, h, group, tag="zeco.halo"),
-           "attn_fn": functools.partial(_sp_attention, group=group, kind=attention),
+           "attn_fn": functools.partial(ATTENTION[attention], group=group),
            "documents_fn": functools.partial(_piece_documents, group=group)}
     n = 0
     for mod in model.modules():
