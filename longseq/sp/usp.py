@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from longseq import comm
 from longseq import functional as LF
+from longseq.documents import Documents
 from longseq.groups import sp_group_of
 from .pieces import given_sizes, piece_sizes
 from .ring import ring_attention
@@ -171,11 +172,14 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
                   softmax_scale: Optional[float] = None, layout: str = "contiguous", seq_len: Optional[int] = None,
                   kernel: str = "auto", grad_comm_dtype: Optional[torch.dtype] = None, dropout_p: float = 0.0,
                   backend: Optional[str] = None, tag: str = "usp",
-                  seq_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  seq_sizes: Optional[Sequence[int]] = None, cu_seqlens=None) -> torch.Tensor:
     """USP attention (module docstring). q ``[B, L_s, H, D]``, k, v ``[B, L_s, Hkv, D]``: this SP rank's
     piece (contiguous: any lengths, given by ``seq_sizes`` (every SP rank's), ``seq_len``
     (``tensor_split`` pieces) or neither (learned, tag ``<tag>.sizes``); zigzag: :func:`usp_zigzag_shard`).
-    Tags ``<tag>.ulysses.*`` and ``<tag>.ring.*``."""
+    Tags ``<tag>.ulysses.*`` and ``<tag>.ring.*``. ``cu_seqlens`` (packed documents: the whole window's
+    boundaries, or this rank's :class:`longseq.documents.Documents`; contiguous layout): after the
+    Ulysses all-to-all each ring rank holds its group's contiguous chunk, and ring attention masks
+    every step by the chunks' documents (:func:`longseq.sp.ring.ring_attention`)."""
     if not isinstance(groups, USPGroups):
         raise TypeError("usp_attention needs the USPGroups of longseq.sp.init_usp_groups(group, ...)")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -212,9 +216,13 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
         vh = LF.all_to_all(v, groups.ulysses_group, **a2a, tag=f"{tag}.ulysses.v")
     else:
         qh, kh, vh = q, k, v
+    if cu_seqlens is not None and layout == "zigzag" and causal:
+        raise ValueError("usp_attention with cu_seqlens needs layout='contiguous'")
+    if isinstance(cu_seqlens, Documents):
+        cu_seqlens = cu_seqlens.cu_seqlens          # the window's; the ring places each group's chunk
     out = ring_attention(qh, kh, vh, groups.ring_group, causal=causal, softmax_scale=softmax_scale,
                          layout=layout if causal else "contiguous", seq_sizes=chunk, kernel=kernel,
-                         grad_comm_dtype=grad_comm_dtype, check=False, tag=f"{tag}.ring")
+                         grad_comm_dtype=grad_comm_dtype, check=False, tag=f"{tag}.ring", cu_seqlens=cu_seqlens)
     if u > 1:
         out = LF.all_to_all(out, groups.ulysses_group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2],
                             scatter_sizes=members[g], tag=f"{tag}.ulysses.out")
