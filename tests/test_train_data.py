@@ -208,6 +208,9 @@ def test_packed_windows_boundaries_and_labels(tmp_path):
 @pytest.mark.parametrize("model, parallel", [("gdn_tiny", ["parallel=zeco"]),
                                              ("hybrid_tiny", ["parallel=zeco", "+parallel.options.attention=ring"])])
 def test_train_packed_documents(tmp_path, model, parallel):
+    """2 processes, packed file with EOD ids (the hybrid with Ulysses is the same run with
+    parallel=p2p +parallel.options.attention=ulysses; its model-level equivalence is in
+    tests/test_documents_models.py)."""
     rng = np.random.default_rng(1)
     D.write_token_file(tmp_path / "train.bin", np.concatenate(_docs(rng, 80, 64, eod=0)), "uint16", vocab_size=64)
     out = tmp_path / "run"
