@@ -574,7 +574,9 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
     if P > 1 and not torch.compiler.is_compiling():   # compiled graphs: checked by the eager calls (docs/compile.md)
         sig = dict(method=method, B=B, H=H, K=K, V=V, decay="scalar" if g.dim() == 3 else "per-key",
                    state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None,
-                   documents=None if docs is None else docs.signature())
+                   # whether documents are used; their boundaries only with check="always" (a first-time
+                   # check keyed by every window's boundaries would run, and be cached, on every step)
+                   documents=None if docs is None else (docs.signature() if check == "always" else True))
         _check_across_ranks(group, sig, check)
     scale = K ** -0.5 if scale is None else float(scale)
     o, ht, *_ = torch.ops.longseq.sp_gla_fwd(q, k, v, g, initial_state, group_name(group), method, scale, N,
