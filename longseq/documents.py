@@ -209,7 +209,8 @@ def document_labels(labels: torch.Tensor, docs: Documents, ignore_index: int = -
     return labels.masked_fill(last.to(labels.device).expand_as(labels), ignore_index)
 
 
-def attention_mask(q: Documents, k: Optional[Documents] = None, *, causal: bool = True, device: Any = None) -> torch.Tensor:
+def attention_mask(q: Documents, k: Optional[Documents] = None, *, causal: bool = True,
+                   device: Any = None) -> torch.Tensor:
     """Bool ``[B | 1, Lq, Lk]``, True where a query of piece ``q`` may attend to a key of piece ``k``
     (default: the same piece): same document, and with ``causal`` the key's window position not after
     the query's. The block-diagonal causal mask over the whole window when both are the whole
