@@ -239,16 +239,41 @@ def _attn_xformers(q, k, v, causal, dropout_p, scale):
 _IMPLS = {"math": _attn_math, "sdpa": _attn_sdpa, "flash_attn": _attn_flash, "xformers": _attn_xformers}
 
 
+def _attn_masked(q, k, v, mask, dropout_p, scale, math_backend: bool):
+    """Attention with an explicit bool mask ``[B | 1, Lq, Lk]`` (True: attend); sdpa, or math."""
+    k, v = _repeat_kv(q, k, v)
+    if math_backend:
+        s = _math_scores(q, k, False, scale).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p)
+        return torch.einsum("bhqk,bkhd->bqhd", p, v.to(p.dtype)).to(q.dtype)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.unsqueeze(1), dropout_p=dropout_p,
+                                          scale=scale).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
+              backend: Optional[str] = None, cu_seqlens=None) -> torch.Tensor:
     """``softmax(q kᵀ · softmax_scale) v`` per head.
 
     q ``[B, Lq, H, D]``, k and v ``[B, Lk, Hkv, D]`` -> ``[B, Lq, H, D]`` in q's dtype.
     ``softmax_scale`` defaults to ``D ** -0.5``; ``backend`` to the process default (module doc).
+    ``cu_seqlens`` (``[D+1]`` / ``[B, D+1]`` over the Lq = Lk tokens, or a
+    :class:`longseq.documents.Documents`): packed documents, a block-diagonal (causal) mask
+    (:func:`longseq.documents.attention_mask`); runs on sdpa with the mask (``"math"``: the math
+    kernel), whatever backend is asked.
     """
     _check_shapes(q, k, v, causal)
     name = resolve_backend(backend, q)
+    if cu_seqlens is not None:
+        from .documents import attention_mask, resolve
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"attention with cu_seqlens needs Lq == Lk (one window), got {q.shape[1]}, {k.shape[1]}")
+        docs = resolve(cu_seqlens, q.shape[1], batch=q.shape[0], what="attention: cu_seqlens")
+        mask = attention_mask(docs, causal=causal, device=q.device)
+        return _attn_masked(q, k, v, mask, dropout_p, _scale(q, softmax_scale), name == "math")
     return _IMPLS[name](q, k, v, causal, dropout_p, _scale(q, softmax_scale))
 
 

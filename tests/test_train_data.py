@@ -162,3 +162,60 @@ def test_train_on_a_token_file_with_zeco(tmp_path):
     m = th.metrics(out)
     assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m)
     assert abs(m[0]["loss"] - np.log(64)) < 0.3                 # uniform tokens: about log(vocab) at first
+
+
+# -- packed documents (data.pack=true) ----------------------------------------------------------------
+def _docs(rng, n, vocab, eod=None):
+    """n documents of 3..17 tokens (ids 1..vocab-1; ending with ``eod`` when given)."""
+    out = []
+    for _ in range(n):
+        d = rng.integers(1, vocab, size=int(rng.integers(3, 18)))
+        if eod is not None:
+            d[-1] = eod
+        out.append(d)
+    return out
+
+
+def test_packed_windows_boundaries_and_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = _docs(rng, 12, 50)
+    D.write_token_file(tmp_path / "a.bin", docs, "uint16")              # offsets index a.bin.docs.npy
+    eod_docs = [np.append(d[:-1], 0) for d in docs]                    # the same lengths, ending with EOD = 0
+    D.write_token_file(tmp_path / "b.bin", eod_docs, "uint16")
+    L = 16
+    starts = np.cumsum([0] + [len(d) for d in docs])
+    by_index = D.TokenFile(tmp_path / "a.bin", "uint16", 0, False, L, pack=True)
+    by_eod = D.TokenFile(tmp_path / "b.bin", "uint16", 0, False, L, pack=True, eod_id=0)
+    for i in range(by_index.num_samples):
+        base = i * L
+        want = [0] + [int(s - base) for s in starts if base < s < base + L] + [L]
+        s, e = by_index.sample(i, None), by_eod.sample(i, None)
+        assert s["cu_seqlens"].tolist() == want and e["cu_seqlens"].tolist() == want
+        for x in (s, e):   # the target of a document's last input (the next document's first token) is ignored
+            ends = {int(t) - base - 1 for t in starts if base < t <= base + L}
+            assert [j for j in range(L) if x["labels"][j] == -100] == sorted(ends)
+        for P in (2, 3):   # each rank: its piece of tokens and labels, the whole window's boundaries
+            parts = [by_index.sample(i, D.Shard("seq", r, P)) for r in range(P)]
+            assert torch.cat([p["labels"] for p in parts]).tolist() == s["labels"].tolist()
+            assert all(p["cu_seqlens"].tolist() == want for p in parts)
+    b = D.BatchSource(by_index, global_batch=4, dp_rank=0, dp_size=1, shard=None).batch(0)
+    assert b["cu_seqlens"].shape[0] == 4 and (b["cu_seqlens"][:, -1] == L).all()
+    D.write_token_file(tmp_path / "c.bin", np.concatenate(eod_docs), "uint16")     # no index
+    with pytest.raises(ValueError, match="eod_id"):
+        D.TokenFile(tmp_path / "c.bin", "uint16", 0, False, L, pack=True)
+
+
+@pytest.mark.parametrize("model, parallel", [("gdn_tiny", ["parallel=zeco"]),
+                                             ("hybrid_tiny", ["parallel=zeco", "+parallel.options.attention=ring"])])
+def test_train_packed_documents(tmp_path, model, parallel):
+    """2 processes, packed file with EOD ids (the hybrid with Ulysses is the same run with
+    parallel=p2p +parallel.options.attention=ulysses; its model-level equivalence is in
+    tests/test_documents_models.py)."""
+    rng = np.random.default_rng(1)
+    D.write_token_file(tmp_path / "train.bin", np.concatenate(_docs(rng, 80, 64, eod=0)), "uint16", vocab_size=64)
+    out = tmp_path / "run"
+    th.run([f"model={model}", "model.sample.seq_len=24", "data=tokens", f"data.path={tmp_path / 'train.bin'}",
+            "data.pack=true", "data.eod_id=0", *parallel, "parallel.sp_size=2", "train.steps=2",
+            "train.global_batch_size=2", "train.resume=none", f"train.out_dir={out}"], 2, timeout=180)
+    m = th.metrics(out)
+    assert len(m) == 2 and all(np.isfinite(r["loss"]) for r in m)

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longseq.attention import attention as _serial_attention
+from longseq.documents import resolve as resolve_documents
 from longseq.zeco.delta import delta_rule as _serial_delta_rule
 
 from .gla import RMSNorm, SwiGLU
@@ -96,15 +97,25 @@ def gdn_config(name: str, **overrides) -> GDNConfig:
     return dataclasses.replace(GDN_PRESETS[name], **overrides)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, halo: Optional[torch.Tensor]) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, halo: Optional[torch.Tensor],
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal depthwise conv1d then SiLU: ``x [B, T, D]``, ``weight [D, 1, W]``, ``halo [B, W-1, D]`` the
-    inputs just before x (None: zeros, the sequence starts here)."""
+    inputs just before x (None: zeros, the sequence starts here). ``positions`` (``[B | 1, T]``, each
+    token's index inside its packed document, :meth:`longseq.documents.Documents.positions`): a token
+    reads only the inputs of its own document (a tap ``j`` tokens back counts when ``j <= position``),
+    whether they lie in this piece or in the halo."""
     B, T, D = x.shape
     W = weight.shape[-1]
     if halo is None:
         halo = x.new_zeros(B, W - 1, D)
     xp = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)
-    return F.silu(F.conv1d(xp, weight.to(x.dtype), groups=D)).transpose(1, 2)
+    if positions is None:
+        return F.silu(F.conv1d(xp, weight.to(x.dtype), groups=D)).transpose(1, 2)
+    win = xp.unfold(2, W, 1)                                             # [B, D, T, W]: tap i reads t - (W-1-i)
+    back = torch.arange(W - 1, -1, -1, device=x.device)                  # tokens back of each tap
+    keep = (back.view(1, 1, W) <= positions.to(x.device).unsqueeze(-1)).to(x.dtype)   # [B | 1, T, W]
+    out = (win * keep.unsqueeze(1) * weight.to(x.dtype).view(1, D, 1, W)).sum(-1)
+    return F.silu(out).transpose(1, 2)
 
 
 def _no_halo(x: torch.Tensor, h: int) -> None:
@@ -140,19 +151,22 @@ class GatedDeltaNet(nn.Module):
             for w in (self.q_conv, self.k_conv, self.v_conv):
                 nn.init.uniform_(w, -0.5, 0.5)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return causal_conv(x, weight, self.halo_fn(x, weight.shape[-1] - 1))
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        return causal_conv(x, weight, self.halo_fn(x, weight.shape[-1] - 1), pos)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        q = self._conv(self.q_proj(x), self.q_conv).view(B, T, H, K)
-        k = self._conv(self.k_proj(x), self.k_conv).view(B, T, H, K)
-        v = self._conv(self.v_proj(x), self.v_conv).view(B, T, H, V)
+        pos = None if docs is None else docs.positions(x.device)
+        q = self._conv(self.q_proj(x), self.q_conv, pos).view(B, T, H, K)
+        k = self._conv(self.k_proj(x), self.k_conv, pos).view(B, T, H, K)
+        v = self._conv(self.v_proj(x), self.v_conv, pos).view(B, T, H, V)
         f = torch.promote_types(x.dtype, torch.float32)            # gates in float32 (float64 stays)
         beta = torch.sigmoid(self.b_proj(x).to(f))
         g = -self.A_log.to(f).exp() * F.softplus(self.a_proj(x).to(f) + self.dt_bias.to(f))
-        o, _ = self.delta_fn(q, k, v, g, beta, use_qk_l2norm=True, backend=self.backend, chunk_size=self.chunk_size)
+        kw = {} if docs is None else {"cu_seqlens": docs}
+        o, _ = self.delta_fn(q, k, v, g, beta, use_qk_l2norm=True, backend=self.backend, chunk_size=self.chunk_size,
+                             **kw)
         o = self.o_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
 
@@ -169,10 +183,11 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(h, h, bias=False)
         self.attn_fn = _serial_attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        o = self.attn_fn(self.q_norm(q), self.k_norm(k), v, causal=True)
+        kw = {} if docs is None else {"cu_seqlens": docs}
+        o = self.attn_fn(self.q_norm(q), self.k_norm(k), v, causal=True, **kw)
         return self.o_proj(o.reshape(B, T, C))
 
 
@@ -184,14 +199,23 @@ class GDNBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        x = x + self.mixer(self.attn_norm(x), docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _whole_window(cu_seqlens, length: int, batch: int):
+    """The serial ``documents_fn``: this process holds the whole window."""
+    return resolve_documents(cu_seqlens, length, None, batch=batch, what="model: cu_seqlens")
+
+
 class GDNForCausalLM(nn.Module):
-    """``model(input_ids [B, T]) -> logits [B, T, vocab]``; a Gated DeltaNet LM, or a hybrid with
-    ``attn_every``. Only the mixers' three pluggable ops see more than one token."""
+    """``model(input_ids [B, T], cu_seqlens=None) -> logits [B, T, vocab]``; a Gated DeltaNet LM, or a
+    hybrid with ``attn_every``. Only the mixers' three pluggable ops see more than one token.
+    ``cu_seqlens``: packed documents (:mod:`longseq.documents`; the whole window's boundaries): the
+    delta rule, the short convolutions and attention do not cross them. ``documents_fn(cu_seqlens,
+    T, B)`` (pluggable: a plan places the boundaries on its rank's piece) turns them into the
+    :class:`longseq.documents.Documents` every layer gets."""
 
     def __init__(self, cfg: GDNConfig):
         super().__init__()
@@ -202,6 +226,7 @@ class GDNForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.documents_fn = _whole_window
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,10 +239,11 @@ class GDNForCausalLM(nn.Module):
             elif isinstance(m, GatedDeltaNet) and m.A_log.device.type != "meta":
                 m.reset_gates()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        docs = None if cu_seqlens is None else self.documents_fn(cu_seqlens, input_ids.shape[1], input_ids.shape[0])
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, docs)
         return self.lm_head(self.norm(x))
 
 

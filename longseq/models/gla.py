@@ -137,14 +137,15 @@ class GLAAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.value_dim, h, bias=False)
         self.gla_fn = _serial_gla
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q = self.q_proj(x).view(B, T, H, K)
         k = self.k_proj(x).view(B, T, H, K)
         v = self.v_proj(x).view(B, T, H, V)
         g = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).view(B, T, H, K)
-        o, _ = self.gla_fn(q, k, v, g, scale=self.scale, backend=self.backend, chunk_size=self.chunk_size)
+        kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        o, _ = self.gla_fn(q, k, v, g, scale=self.scale, backend=self.backend, chunk_size=self.chunk_size, **kw)
         o = self.g_norm(o) * F.silu(self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
 
@@ -168,15 +169,17 @@ class GLABlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.mlp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class GLAForCausalLM(nn.Module):
-    """``model(input_ids [B, T]) -> logits [B, T, vocab]``. Every token is processed independently
-    except inside the GLA op, so the model runs unchanged on a contiguous piece of the sequence
-    once its GLA op is sequence-parallel."""
+    """``model(input_ids [B, T], cu_seqlens=None) -> logits [B, T, vocab]``. Every token is processed
+    independently except inside the GLA op, so the model runs unchanged on a contiguous piece of the
+    sequence once its GLA op is sequence-parallel. ``cu_seqlens``: packed documents, the whole
+    window's boundaries (:mod:`longseq.documents`), handed to every ``gla_fn`` (the recurrence does
+    not cross them; :func:`zeco.sp_gla` places them on its rank's piece)."""
 
     def __init__(self, cfg: GLAConfig):
         super().__init__()
@@ -201,10 +204,10 @@ class GLAForCausalLM(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, cu_seqlens)
         return self.lm_head(self.norm(x))
 
 

@@ -23,9 +23,11 @@ ring-flash-attn does. Backward total: ``4·m·(P-1)``.
 
 Masks and layouts (``layout=``):
 
-* ``"contiguous"`` (default): rank r holds the r-th ``tensor_split`` piece of the sequence (uneven
-  pieces allowed: pass ``seq_len``). Non-causal: every step is a full block. Causal: the own block is
-  causal, blocks of earlier ranks full, later ranks skipped (rank P-1 does P times rank 0's work).
+* ``"contiguous"`` (default): rank r holds the r-th contiguous piece of the sequence, of any length
+  (:mod:`longseq.sp.pieces`: ``seq_sizes``, ``seq_len``'s ``tensor_split`` pieces, or neither: one int
+  all-gather learns them). Non-causal: every step is a full block. Causal: the own block is causal
+  (q and k are the same tokens), blocks of earlier ranks full, later ranks skipped (rank P-1 does P
+  times rank 0's work); uneven pieces need nothing else, each received block has its sender's length.
 * ``"zigzag"`` (causal load balance): the sequence is cut into 2P equal chunks and rank r holds
   chunks r and 2P-1-r, concatenated (:func:`zigzag_shard` / :func:`zigzag_unshard`); every step
   costs every rank half a block: own block causal; a block from an earlier rank: all of q against
@@ -45,9 +47,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from longseq import comm
+from longseq.documents import Documents, check_cu_seqlens
 from longseq.ops import group_name, resolve_group
-from longseq.sharding import split_sizes
-
+from .pieces import given_sizes, piece_sizes
 from .ulysses import agree
 
 __all__ = [
@@ -135,7 +137,9 @@ def _fold(g: torch.Tensor, hkv: int) -> torch.Tensor:
     return g if h == hkv else g.view(b, l, hkv, h // hkv, d).sum(3)
 
 
-def _scores(q, k, causal, scale):
+def _scores(q, k, causal, scale, mask=None):
+    """Scaled scores ``[B, H, Lq, Lk]``, -inf where masked (causal, and where ``mask [B | 1, Lq, Lk]``,
+    the documents' mask, is False)."""
     acc = _acc(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     if causal:
@@ -143,21 +147,24 @@ def _scores(q, k, causal, scale):
         i = torch.arange(lq, device=q.device)[:, None]
         j = torch.arange(lk, device=q.device)[None, :]
         s = s.masked_fill(j > i + (lk - lq), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
     return s
 
 
-def _math_fwd(q, k, v, causal, scale):
+def _math_fwd(q, k, v, causal, scale, mask=None):
     k, v = _repeat(q, k, v)
-    s = _scores(q, k, causal, scale)
+    s = _scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None])
+    # a row with no visible key in this block (documents): lse = -inf, zero output
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", p, v.to(p.dtype)), lse
 
 
-def _math_bwd(dout, q, k, v, out, lse, causal, scale):
+def _math_bwd(dout, q, k, v, out, lse, causal, scale, mask=None):
     hkv = k.shape[2]
     kr, vr = _repeat(q, k, v)
-    s = _scores(q, kr, causal, scale)
+    s = _scores(q, kr, causal, scale, mask)
     acc = s.dtype
     p = torch.exp(s - lse.to(acc)[..., None])
     do = dout.to(acc)
@@ -187,9 +194,14 @@ def _aten_bwd(dout, q, k, v, out, lse, causal, scale):
     return dq.transpose(1, 2), _fold(dk.transpose(1, 2), hkv), _fold(dv.transpose(1, 2), hkv)
 
 
-def _kernel(name: str, q: torch.Tensor, causal_lq_ne_lk: bool = False):
+def _kernel(name: str, q: torch.Tensor, causal_lq_ne_lk: bool = False, masked: bool = False):
     if name not in KERNELS:
         raise ValueError(f"unknown ring attention kernel {name!r}; valid: {', '.join(KERNELS)}")
+    if masked:      # documents' masks: the math kernel (the CPU flash op takes no mask)
+        if name == "aten_cpu":
+            raise ValueError("ring_attention with cu_seqlens needs kernel='math' or 'auto' (the CPU flash kernel "
+                             "takes no mask)")
+        return _math_fwd, _math_bwd
     has_aten = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None) is not None
     if name == "aten_cpu" and not (has_aten and q.device.type == "cpu"):
         raise RuntimeError("kernel='aten_cpu' needs PyTorch's CPU flash kernel and CPU tensors; use kernel='math'")
@@ -222,10 +234,32 @@ def _wait(works: list) -> None:
         w.wait()
 
 
-def _ring_fwd(q, k, v, group, causal, scale, layout, sizes, kernel, tag):
+def _doc_mask(doc_ids: Optional[torch.Tensor], sizes: list, r: int, src: int, qs: slice, ks: slice):
+    """The documents' mask ``[B | 1, lq, lk]`` between rows ``qs`` of rank r's piece and columns ``ks``
+    of rank src's (contiguous layout), from the window's document ids; None without documents."""
+    if doc_ids is None:
+        return None
+    a, b = sum(sizes[:r]), sum(sizes[:src])
+    iq = doc_ids[:, a:a + sizes[r]][:, qs]
+    ik = doc_ids[:, b:b + sizes[src]][:, ks]
+    return iq.unsqueeze(2) == ik.unsqueeze(1)
+
+
+def _steps(P, r, src, causal, layout, lq, lk, doc_ids, sizes):
+    """``ring_schedule``'s calls with their documents' masks; a call whose mask is all False (the two
+    blocks share no document) is skipped."""
+    out = []
+    for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, lk):
+        m = _doc_mask(doc_ids, sizes, r, src, qs, ks)
+        if m is None or bool(m.any()):
+            out.append((qs, ks, c, m))
+    return out
+
+
+def _ring_fwd(q, k, v, doc_ids, group, causal, scale, layout, sizes, kernel, tag):
     """This rank's ``(out, lse)``: the ring's forward (module docstring)."""
     P, r = comm.group_size(group), comm.group_rank(group)
-    fwd, _ = _kernel(kernel, q)
+    fwd, _ = _kernel(kernel, q, masked=doc_ids is not None)
     nxt, prv = (r + 1) % P, (r - 1) % P
     acc = _acc(q.dtype)
     B, lq, H, D = q.shape
@@ -241,8 +275,8 @@ def _ring_fwd(q, k, v, group, causal, scale, layout, sizes, kernel, tag):
             buf_v = torch.empty((B, n_in, *v.shape[2:]), dtype=v.dtype, device=v.device)
             works = _post([comm.P2POp("send", cur_k, nxt), comm.P2POp("send", cur_v, nxt),
                            comm.P2POp("recv", buf_k, prv), comm.P2POp("recv", buf_v, prv)], group, f"{tag}.kv")
-        for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, cur_k.shape[1]):
-            o_b, l_b = fwd(q[:, qs], cur_k[:, ks], cur_v[:, ks], c, scale)
+        for qs, ks, c, m in _steps(P, r, src, causal, layout, lq, cur_k.shape[1], doc_ids, sizes):
+            o_b, l_b = fwd(q[:, qs], cur_k[:, ks], cur_v[:, ks], c, scale, *([] if m is None else [m]))
             _merge(out, lse, qs, o_b, l_b)
         if works:
             _wait(works)
@@ -250,10 +284,10 @@ def _ring_fwd(q, k, v, group, causal, scale, layout, sizes, kernel, tag):
     return out.to(q.dtype), lse
 
 
-def _ring_bwd(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kernel, gdt, tag):
+def _ring_bwd(dout, q, k, v, out, lse, doc_ids, group, causal, scale, layout, sizes, kernel, gdt, tag):
     """``(dq, dk, dv)`` of this rank's pieces: the ring's backward (module docstring)."""
     P, r = comm.group_size(group), comm.group_rank(group)
-    _, bwd = _kernel(kernel, q)
+    _, bwd = _kernel(kernel, q, masked=doc_ids is not None)
     nxt, prv = (r + 1) % P, (r - 1) % P
     acc = _acc(q.dtype)
     dout = dout.contiguous()
@@ -288,9 +322,9 @@ def _ring_bwd(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kern
                              f"{tag}.bwd.kv")
         dk_b = torch.zeros(cur_k.shape, dtype=acc, device=k.device)
         dv_b = torch.zeros(cur_v.shape, dtype=acc, device=v.device)
-        for qs, ks, c in ring_schedule(P, r, src, causal, layout, lq, n_src):
+        for qs, ks, c, m in _steps(P, r, src, causal, layout, lq, n_src, doc_ids, sizes):
             dq_s, dk_s, dv_s = bwd(dout[:, qs], q[:, qs], cur_k[:, ks], cur_v[:, ks], out[:, qs],
-                                   lse[:, :, qs].contiguous(), c, scale)
+                                   lse[:, :, qs].contiguous(), c, scale, *([] if m is None else [m]))
             dq[:, qs] += dq_s.to(acc)
             dk_b[:, ks] += dk_s.to(acc)
             dv_b[:, ks] += dv_s.to(acc)
@@ -321,15 +355,15 @@ def _ring_bwd(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kern
 # The ring as two custom ops (forward, backward), so torch.compile(fullgraph=True) traces it as one
 # opaque node each way; the overlapped p2p steps and their ledger rows run in the real implementation.
 @torch.library.custom_op("longseq::ring_attention_fwd", mutates_args=())
-def _ring_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float,
-                 layout: str, sizes: Sequence[int], kernel: str, grad_dtype: torch.dtype,
+def _ring_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor], group: str,
+                 causal: bool, scale: float, layout: str, sizes: Sequence[int], kernel: str, grad_dtype: torch.dtype,
                  tag: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _ring_fwd(q, k, v, resolve_group(group), causal, scale, layout, list(sizes), kernel, tag)
+    out, lse = _ring_fwd(q, k, v, doc_ids, resolve_group(group), causal, scale, layout, list(sizes), kernel, tag)
     return out.contiguous(), lse.contiguous()
 
 
 @_ring_fwd_op.register_fake
-def _(q, k, v, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
+def _(q, k, v, doc_ids, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
     B, lq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, lq), dtype=_acc(q.dtype))
 
@@ -352,16 +386,36 @@ _ring_fwd_op.register_autograd(_ring_backward, setup_context=_ring_setup)
 
 @torch.library.custom_op("longseq::ring_attention_bwd", mutates_args=())
 def _ring_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, sizes: Sequence[int],
-                 kernel: str, grad_dtype: torch.dtype, tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _ring_bwd(dout, q, k, v, out, lse, resolve_group(group), causal, scale, layout, list(sizes), kernel,
-                      grad_dtype, tag)
+                 lse: torch.Tensor, doc_ids: Optional[torch.Tensor], group: str, causal: bool, scale: float,
+                 layout: str, sizes: Sequence[int], kernel: str, grad_dtype: torch.dtype,
+                 tag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _ring_bwd(dout, q, k, v, out, lse, doc_ids, resolve_group(group), causal, scale, layout, list(sizes),
+                      kernel, grad_dtype, tag)
     return tuple(t.contiguous() for t in grads)
 
 
 @_ring_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
+def _(dout, q, k, v, out, lse, doc_ids, group, causal, scale, layout, sizes, kernel, grad_dtype, tag):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _window_doc_ids(cu_seqlens, sizes: list, r: int, q: torch.Tensor, layout: str) -> Optional[torch.Tensor]:
+    """The whole window's document ids ``[B | 1, T]`` on q's device (None without documents), after
+    checking that the boundaries cover the pieces ``sizes`` and rank r's piece is where they say."""
+    if cu_seqlens is None:
+        return None
+    if layout != "contiguous":
+        raise ValueError("ring_attention with cu_seqlens needs layout='contiguous'")
+    a, T = sum(sizes[:r]), sum(sizes)
+    if isinstance(cu_seqlens, Documents):
+        if (cu_seqlens.start, cu_seqlens.stop, cu_seqlens.total) != (a, a + sizes[r], T):
+            raise ValueError(f"ring_attention: cu_seqlens places this rank's piece at [{cu_seqlens.start}, "
+                             f"{cu_seqlens.stop}) of {cu_seqlens.total} tokens, but the pieces {sizes} put it at "
+                             f"[{a}, {a + sizes[r]}) of {T}")
+        cu_seqlens = cu_seqlens.cu_seqlens
+    whole = Documents.for_piece(check_cu_seqlens(cu_seqlens, T, batch=q.shape[0], what="ring_attention: cu_seqlens"),
+                                0, T)
+    return whole.ids(q.device)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, *, causal: bool = False,
@@ -369,27 +423,32 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
                    seq_sizes: Optional[Sequence[int]] = None, kernel: str = "auto",
                    grad_comm_dtype: Optional[torch.dtype] = None,
                    dropout_p: float = 0.0, backend: Optional[str] = None, check: Optional[bool] = None,
-                   tag: str = "ring") -> torch.Tensor:
+                   tag: str = "ring", cu_seqlens=None) -> torch.Tensor:
     """Ring attention over ``group`` (module docstring). q ``[B, Lq_r, H, D]``, k, v ``[B, Lk_r, Hkv, D]``:
     this rank's piece of a sequence laid out by ``layout``; returns this rank's piece of the output.
 
-    ``seq_len``: the whole sequence length, for uneven ``tensor_split`` pieces (contiguous layout,
-    non-causal); default ``P ·`` the local length. ``seq_sizes``: every rank's piece length instead
-    (any contiguous pieces, e.g. USP's ring of Ulysses groups). ``grad_comm_dtype``: the
+    The contiguous pieces' lengths (:mod:`longseq.sp.pieces`): ``seq_sizes`` (every rank's k length,
+    e.g. USP's ring of Ulysses groups), ``seq_len`` (the whole length, ``tensor_split`` pieces), or
+    neither (learned with one int all-gather, tag ``<tag>.sizes``; equal pieces under torch.compile).
+    Causal contiguous pieces may be uneven (q and k pieces alike). ``grad_comm_dtype``: the
     dtype of the dk/dv accumulators sent in backward (default float32 for half inputs, else the input
     dtype). ``backend`` is accepted (and ignored) so the function fits ``SelfAttention.attn_fn``.
     Raises ``ValueError`` before any communication for bad shapes, layouts or lengths; with ``check``
     (as :func:`longseq.sp.ulysses.ulysses_attention`'s: one 24-byte header all-gather, tag ``<tag>.check``)
     the same one on every rank, also when the ranks disagree on dtype, B, heads, head dim or lengths.
+
+    ``cu_seqlens`` (packed documents: the whole window's boundaries, or this rank's
+    :class:`longseq.documents.Documents`; contiguous layout): every step masks by the two pieces'
+    documents (ids from the window's boundaries, no communication) and skips the sub-blocks that
+    share none; the math kernel runs the masked blocks.
     """
     del backend
     if dropout_p:
         raise NotImplementedError("ring_attention does not implement dropout")
     P, r = comm.group_size(group), comm.group_rank(group)
-    whole = int(seq_len) if seq_len is not None else sum(seq_sizes) if seq_sizes is not None else P * k.shape[1]
 
     def validate():
-        nonlocal layout, seq_len
+        nonlocal layout
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape[:3] + k.shape[3:]:
             raise ValueError(f"q, k, v must be [B, L, H, D] with k, v alike; got {list(q.shape)}, {list(k.shape)}, "
                              f"{list(v.shape)}")
@@ -408,32 +467,28 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
             if (seq_len is not None and seq_len != P * lk) or (seq_sizes is not None and set(seq_sizes) != {lk}):
                 raise ValueError(f"the zigzag layout has {P} equal pieces of {lk}; got seq_len={seq_len}, "
                                  f"seq_sizes={seq_sizes}")
-        if seq_sizes is not None:
-            sizes = [int(s) for s in seq_sizes]
-            if len(sizes) != P:
-                raise ValueError(f"ring_attention: seq_sizes {sizes} must have one entry per rank ({P})")
-            seq_len = sum(sizes)
-        else:
-            seq_len = P * lk if seq_len is None else int(seq_len)
-            sizes = split_sizes(seq_len, P)
-        if min(sizes) == 0:
-            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes} (seq_len "
-                             f"{seq_len} over {P} ranks): use a sequence of at least {P} tokens or a smaller group")
-        if sizes[r] != lk:
-            raise ValueError(f"ring_attention: this rank ({r} of {P}) holds {lk} keys, but the pieces are {sizes} "
-                             f"(seq_len {seq_len})")
         if causal and lq != lk:
             raise ValueError(f"causal ring attention needs q and k pieces of the same length, got {lq} and {lk}")
-        if causal and layout == "contiguous" and len(set(sizes)) > 1:
-            raise ValueError(f"causal ring attention needs equal pieces (seq_len {seq_len} over {P} ranks is uneven)")
+        sizes = given_sizes(lk, P, r, seq_len=seq_len, seq_sizes=seq_sizes, what="ring_attention")
+        if sizes is not None and min(sizes) == 0:
+            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes}: use a "
+                             f"sequence of at least {P} tokens or a smaller group")
         _kernel(kernel, q)   # validate early
-        return sizes
-    sizes = agree(group, "ring_attention", (q, k, v), validate, check, tag=f"{tag}.check", causal=bool(causal),
-                  layout=layout, seq_len=whole, seq_sizes=None if seq_sizes is None else tuple(seq_sizes))
-    seq_len = sum(sizes)
+    agree(group, "ring_attention", (q, k, v), validate, check, tag=f"{tag}.check", causal=bool(causal),
+          layout=layout, seq_len=seq_len, seq_sizes=None if seq_sizes is None else tuple(int(n) for n in seq_sizes))
+    if layout == "zigzag" and not causal:
+        layout = "contiguous"
+    if layout == "zigzag":
+        sizes = [k.shape[1]] * P
+    else:
+        sizes = piece_sizes(k.shape[1], group, seq_len=seq_len, seq_sizes=seq_sizes, tag=tag, what="ring_attention")
+        if min(sizes) == 0:   # learned: the same list, so the same error, on every rank
+            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes}: use a "
+                             f"sequence of at least {P} tokens or a smaller group")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if grad_comm_dtype is None:
         grad_comm_dtype = torch.float32 if q.dtype in _HALF else q.dtype
-    out, _ = torch.ops.longseq.ring_attention_fwd(q, k, v, group_name(group), bool(causal), scale, layout, sizes,
-                                                  kernel, grad_comm_dtype, tag)
+    doc_ids = _window_doc_ids(cu_seqlens, sizes, r, q, layout)
+    out, _ = torch.ops.longseq.ring_attention_fwd(q, k, v, doc_ids, group_name(group), bool(causal), scale, layout,
+                                                  sizes, kernel, grad_comm_dtype, tag)
     return out

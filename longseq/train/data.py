@@ -23,14 +23,25 @@ Sources (``data.kind``):
   (``{"dtype", "vocab_size", "num_tokens"}``, written by :func:`write_token_file`) is checked against
   ``data.dtype``, the model's vocabulary and the file's size before training; without one, a window
   with an id >= the vocabulary raises naming the file and position.
+  **Packed documents** (``data.pack=true``): the file is documents back to back, and each window
+  carries the boundaries of the documents it holds, ``cu_seqlens`` (``[0, ..., L]`` over the L
+  inputs, :mod:`longseq.documents`). They come from an end-of-document id (``data.eod_id``: a
+  document ends *with* its EOD token, as GPT-style packing writes them) or from an index of
+  document start offsets (``data.offsets``, a ``.npy`` of int64 file offsets, default
+  ``<file>.docs.npy`` when it exists; :func:`write_token_file` writes one from a list of documents).
+  Every SP rank gets the whole window's boundaries (identical on the group) with its piece of the
+  tokens; the label of each document's last input (whose next token opens the next document) is
+  ``-100`` (ignored), so no token is predicted across a boundary. With ``eod_id`` each rank reads
+  the whole window once to find the boundaries (an offsets index needs no token read).
 
 Every sample is checked finite when loaded; a file that cannot be read raises naming it.
 
 A batch is a dict of tensors with a leading batch dim; ST-DiT: ``x0``, ``noise`` (float32
 ``[b, C, T', H, W]``), ``t`` (int64 ``[b]``), ``y`` ``[b, N, C_text]``, ``y_mask`` (bool, only
 when the files carry masks); GLA: ``input_ids``, ``labels`` (int64 ``[b, L']``) and
-``tokens_whole`` (the label tokens of the SP group's samples). ``T'``/``L'`` are this rank's piece
-when the method reads pre-sharded inputs, else whole.
+``tokens_whole`` (the label tokens of the SP group's samples), and with packing ``cu_seqlens`` (int64
+``[b, D+1]``, the whole windows' boundaries; rows with fewer documents repeat L at the end).
+``T'``/``L'`` are this rank's piece when the method reads pre-sharded inputs, else whole.
 """
 from __future__ import annotations
 
@@ -42,12 +53,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from longseq.documents import Documents, document_labels
 from longseq.sharding import shard_range
 
 from .config import ConfigError
 
 __all__ = ["Shard", "BatchSource", "make_source", "check_data", "seed_for", "write_latent_sample", "check_token_meta",
-           "write_token_file"]
+           "write_token_file", "docs_index_path"]
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32}
 
@@ -227,6 +239,8 @@ class LatentFolder(_VideoSource):
 
 
 class _TokenSource(_Source):
+    packed = False
+
     def __init__(self, seed, shuffle, seq_len):
         super().__init__(seed, shuffle)
         self.seq_len = int(seq_len)
@@ -234,9 +248,18 @@ class _TokenSource(_Source):
     def sample(self, position: int, shard: Optional[Shard]) -> dict:
         L = self.seq_len
         a, b = shard.range(L) if shard is not None else (0, L)
-        w = self.window(self.index(position), a, b + 1)          # tokens [a, b] of the window: b - a + 1
+        idx = self.index(position)
+        w = self.window(idx, a, b + 1)          # tokens [a, b] of the window: b - a + 1
         w = torch.as_tensor(w, dtype=torch.int64)
-        return {"input_ids": w[:-1].contiguous(), "labels": w[1:].contiguous()}
+        out = {"input_ids": w[:-1].contiguous(), "labels": w[1:].contiguous()}
+        if self.packed:
+            bounds, ends_here = self.boundaries(idx)
+            cu = torch.as_tensor(bounds, dtype=torch.int64)
+            out["labels"] = document_labels(out["labels"].unsqueeze(0), Documents.for_piece(cu, a, b))[0]
+            if ends_here and b == L and b > a:
+                out["labels"][-1] = -100          # the next window opens a new document
+            out["cu_seqlens"] = cu
+        return out
 
 
 class SyntheticTokens(_TokenSource):
@@ -266,12 +289,38 @@ class SyntheticTokens(_TokenSource):
 
 
 class TokenFile(_TokenSource):
-    def __init__(self, path, dtype, seed, shuffle, seq_len, vocab_size: Optional[int] = None):
+    def __init__(self, path, dtype, seed, shuffle, seq_len, vocab_size: Optional[int] = None, *, pack: bool = False,
+                 eod_id: Optional[int] = None, offsets=None):
         super().__init__(seed, shuffle, seq_len)
         self.path = str(path)
         self.vocab = vocab_size
         self.tokens = _named(self.path, lambda: np.memmap(self.path, dtype=TOKEN_DTYPES[str(dtype)], mode="r"))
         self.num_samples = (len(self.tokens) - 1) // self.seq_len
+        self.packed, self.eod_id, self.starts = bool(pack), eod_id, None
+        if self.packed:
+            if offsets is None and eod_id is None and docs_index_path(path).exists():
+                offsets = docs_index_path(path)
+            if offsets is not None:
+                st = _named(offsets, lambda: np.load(str(offsets), mmap_mode="r"))
+                if st.ndim != 1 or (st.size and (int(st[0]) < 0 or bool(np.any(np.diff(st) < 0)))):
+                    raise ValueError(f"{offsets}: a document index must be a 1-D array of increasing start offsets")
+                self.starts = np.asarray(st, dtype=np.int64)
+            elif eod_id is None:
+                raise ValueError(f"data.pack=true needs the document boundaries of {self.path}: pass data.eod_id=<the "
+                                 "end-of-document token id> or data.offsets=<a .npy of document start offsets> "
+                                 f"(or write {docs_index_path(path).name} next to the file)")
+
+    def boundaries(self, idx: int) -> tuple[list, bool]:
+        """``(cu_seqlens, ends)`` of window ``idx``: ``[0, ..., L]`` over its L inputs, and whether a
+        document ends with the last input (its target is another document's first token)."""
+        L = self.seq_len
+        base = idx * L
+        if self.starts is not None:
+            lo, hi, end = np.searchsorted(self.starts, [base + 1, base + L, base + L + 1], side="left")
+            return [0, *(self.starts[lo:hi] - base).tolist(), L], bool(end > hi)
+        w = np.asarray(self.tokens[base: base + L], dtype=np.int64)
+        eod = w == int(self.eod_id)                                    # a document ends with its EOD token
+        return [0, *(np.nonzero(eod[:-1])[0] + 1).tolist(), L], bool(eod[-1]) if w.size else False
 
     def window(self, idx, start, stop):
         base = idx * self.seq_len
@@ -333,6 +382,8 @@ class BatchSource:
         samples = [self.source.sample(p, self.shard) for p in self.positions(start)]
         if "y" in samples[0]:
             _pad_captions(samples)
+        if "cu_seqlens" in samples[0]:
+            _pad_boundaries(samples)
         try:
             out = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         except RuntimeError as e:
@@ -345,7 +396,19 @@ class BatchSource:
         if "labels" in out:
             out["tokens_whole"] = self.micro * self.source.seq_len
         nb = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        # cu_seqlens stays on the CPU: the ops read the boundaries there (no device sync per layer)
+        return {k: v.to(self.device, non_blocking=nb) if isinstance(v, torch.Tensor) and k != "cu_seqlens" else v
+                for k, v in out.items()}
+
+
+def _pad_boundaries(samples: list) -> None:
+    """Windows with fewer documents repeat their length at the end (empty documents), so the
+    ``cu_seqlens`` of a batch stack to ``[b, D+1]``."""
+    n = max(s["cu_seqlens"].numel() for s in samples)
+    for s in samples:
+        cu = s["cu_seqlens"]
+        if cu.numel() < n:
+            s["cu_seqlens"] = torch.cat([cu, cu[-1:].expand(n - cu.numel())])
 
 
 def _pad_captions(samples: list) -> None:
@@ -379,7 +442,10 @@ def make_source(cfg):
     if kind == "synthetic":
         return SyntheticTokens(cfg.data.seed, cfg.data.num_samples, L, int(mc.vocab_size),
                                cfg.data.markov_branching)
-    return TokenFile(cfg.data.path, cfg.data.dtype, cfg.data.seed, cfg.data.shuffle, L, int(mc.vocab_size))
+    d = cfg.data
+    eod, offsets = d.get("eod_id", None), d.get("offsets", None)
+    return TokenFile(d.path, d.dtype, d.seed, d.shuffle, L, int(mc.vocab_size), pack=bool(d.get("pack", False)),
+                     eod_id=None if eod is None else int(eod), offsets=offsets)
 
 
 def check_data(cfg, layout) -> None:
@@ -419,6 +485,14 @@ def check_data(cfg, layout) -> None:
     dtype = str(cfg.data.dtype)
     if dtype not in TOKEN_DTYPES:
         raise ConfigError(f"data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    if cfg.data.get("pack", False):
+        offsets = cfg.data.get("offsets", None)
+        if cfg.data.get("eod_id", None) is None and offsets is None and not docs_index_path(path).exists():
+            raise ConfigError(f"data.pack=true needs the document boundaries of {path}: pass data.eod_id=<the "
+                              "end-of-document token id> or data.offsets=<a .npy of document start offsets> (or write "
+                              f"{docs_index_path(path).name} next to it; docs/training.md, 'Packed documents')")
+        if offsets is not None and not Path(str(offsets)).expanduser().is_file():
+            raise ConfigError(f"data.offsets={str(offsets)!r} is not a file (a .npy of int64 document start offsets)")
     check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))
     size, item = path.stat().st_size, np.dtype(TOKEN_DTYPES[dtype]).itemsize
     if size % item:
@@ -475,10 +549,21 @@ def write_latent_sample(folder, name: str, latent: np.ndarray, caption: np.ndarr
         np.save(folder / f"{name}.mask.npy", np.asarray(mask, dtype=bool))
 
 
+def docs_index_path(path) -> Path:
+    """The default document index of a token file: ``<file>.docs.npy`` (int64 start offsets)."""
+    return Path(str(path) + ".docs.npy")
+
+
 def write_token_file(path, tokens, dtype: str = "uint16", vocab_size: Optional[int] = None) -> None:
     """Write token ids as a flat binary file for ``data=tokens``, with its sidecar
-    ``<path>.meta.json`` (dtype, vocab_size (default: the largest id + 1), num_tokens)."""
+    ``<path>.meta.json`` (dtype, vocab_size (default: the largest id + 1), num_tokens). ``tokens`` may
+    be a list of documents (1-D arrays): they are written back to back, with the index of their
+    start offsets ``<path>.docs.npy`` (for ``data.pack=true``)."""
     import json
+    if isinstance(tokens, (list, tuple)) and tokens and not np.isscalar(tokens[0]):
+        docs = [np.asarray(d).reshape(-1) for d in tokens]
+        np.save(docs_index_path(path), np.cumsum([0] + [d.size for d in docs[:-1]]).astype(np.int64))
+        tokens = np.concatenate(docs)
     a = np.asarray(tokens)
     out = a.astype(TOKEN_DTYPES[dtype])
     if not np.array_equal(out.astype(np.int64), a.astype(np.int64)):

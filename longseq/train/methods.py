@@ -279,6 +279,11 @@ def _diffusion(spec, model, groups, options, cfg) -> Trainable:
     return Trainable(model, loss, None, [], 0.0, 0, handle)
 
 
+def _documents(batch: dict) -> dict:
+    """The model's ``cu_seqlens`` keyword for a packed batch (``data.pack=true``), else nothing."""
+    return {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+
+
 def _causal_lm(spec, model, groups, options, cfg) -> Trainable:
     """GLA. Under a method with ``input_shard="seq"`` (ZeCO / LASP-1 / LASP-2, which swap the
     model's GLA op) each SP rank holds a contiguous piece of every sequence, and the data loader
@@ -287,8 +292,9 @@ def _causal_lm(spec, model, groups, options, cfg) -> Trainable:
     backward giving its share."""
     if spec.parallelize is None:
         def loss(batch):
-            logits = model(batch["input_ids"])
-            return _lm_loss(logits, batch["labels"]) / batch["labels"].numel()
+            logits = model(batch["input_ids"], **_documents(batch))
+            n = (batch["labels"] != -100).sum().clamp_min(1) if "cu_seqlens" in batch else batch["labels"].numel()
+            return _lm_loss(logits, batch["labels"]) / n
         return Trainable(model, loss, None, [], 0.0, 0)
     if spec.input_shard != "seq":
         raise ConfigError(f"parallel={spec.name}: the training entry feeds language models by sequence pieces "
@@ -296,7 +302,7 @@ def _causal_lm(spec, model, groups, options, cfg) -> Trainable:
     handle = spec.parallelize(model, groups.sp_group, **options)
 
     def sp_loss(batch):
-        return zeco.sp_lm_loss(model(batch["input_ids"]), batch["labels"], groups.sp_group).float()
+        return zeco.sp_lm_loss(model(batch["input_ids"], **_documents(batch)), batch["labels"], groups.sp_group).float()
     return Trainable(model, sp_loss, "seq", [], 0.0, 0, handle)
 
 

@@ -13,6 +13,10 @@ Data and loss::
     loss = sp_lm_loss(model(ids_local), labels_local, group)  # global mean over all ranks' tokens
     loss.backward(); longseq.sync_gradients(model.parameters(), groups)   # sums shares over SP
 
+Packed documents: ``model(ids_local, cu_seqlens=cu)`` with the *whole* window's boundaries (identical
+on every rank; every ``sp_gla`` places them on its piece) and ``labels = document_labels(shift_labels(ids),
+Documents.whole(cu))`` (:mod:`longseq.documents`; docs/documents.md).
+
 Shifting before sharding makes the target of a rank's last token the next rank's first token,
 so no boundary token is lost. The loss is ``sum / count`` of one all-reduce of the local sum and
 the local count (:func:`longseq.functional.all_reduce_sum`, tag ``"zeco.loss"``; see :func:`sp_lm_loss`).

@@ -4,15 +4,20 @@ The model (:class:`longseq.models.gdn.GDNForCausalLM`) has three pluggable ops (
 ``delta_fn`` of every delta-rule layer becomes :func:`zeco.sp_delta_rule` (``method``), ``halo_fn``
 becomes :func:`longseq.functional.gather_halo` (the short convolutions read the ``W-1`` tokens before
 the piece from the previous ranks), and ``attn_fn`` of every softmax-attention layer becomes Ulysses
-(:func:`longseq.sp.ulysses.ulysses_attention`) or ring attention (:func:`longseq.sp.ring.ring_attention`).
+(:func:`longseq.sp.ulysses.ulysses_attention`) or ring attention (:func:`longseq.sp.ring.ring_attention`),
+and the model's ``documents_fn`` places packed documents' boundaries (``model(ids, cu_seqlens=...)``,
+the whole window's) on this rank's piece (:func:`longseq.documents.resolve`), so every layer gets the
+same :class:`longseq.documents.Documents`: the delta rule resets at document starts, the convolutions
+read no token of another document (the halo included), attention masks documents.
 One layout for the whole model: every rank holds its contiguous piece of the sequence
 (``tensor_split`` sizes, :func:`zeco.shard_sequence`), so no re-layout happens between layers. Data and
 loss as for GLA (:mod:`zeco.plans`: ``shard_sequence``, ``shift_labels``, ``sp_lm_loss``).
 
 Per layer and step the ledger shows the method's state traffic (:mod:`zeco.sp_delta`), three halo
-all-gathers of ``(W-1)·D`` per rank (tag ``zeco.halo``; plus their token counts), and for attention
+exchanges of ``(W-1)·D`` per rank boundary each way (tag ``zeco.halo``, point to point), and for attention
 layers Ulysses' four all-to-alls (``ulysses.*``) or ring's k/v passes (``ring.*``), plus one tiny
-all-gather of the piece lengths (``zeco.attn.sizes``).
+all-gather of the piece lengths (``ulysses.sizes`` / ``ring.sizes``: the public primitives take
+contiguous pieces of any lengths, :mod:`longseq.sp.pieces`).
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from typing import Any, Optional
 
 import torch
 
-from longseq import comm
+from longseq.documents import Documents
+from longseq.documents import resolve as resolve_documents
 from longseq.functional import gather_halo
 from longseq.sp.ring import ring_attention
 from longseq.sp.ulysses import ulysses_attention
@@ -30,16 +36,14 @@ from .sp_delta import DELTA_METHODS, sp_delta_rule
 
 __all__ = ["parallelize", "ATTENTION_METHODS"]
 
-ATTENTION_METHODS = ("ulysses", "ring")
+ATTENTION = {"ulysses": ulysses_attention, "ring": ring_attention}   # contiguous pieces of any lengths
+ATTENTION_METHODS = tuple(ATTENTION)
 _SAVED = "_zeco_serial_ops"
 
 
-def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, **kw) -> torch.Tensor:
-    """Attention over the whole sequence for contiguous pieces of any lengths."""
-    sizes = comm.all_gather_int(q.shape[1], group, tag="zeco.attn.sizes")
-    if kind == "ulysses":
-        return ulysses_attention(q, k, v, group, causal=causal, seq_len=sum(sizes))
-    return ring_attention(q, k, v, group, causal=causal, seq_sizes=sizes)
+def _piece_documents(cu_seqlens, length: int, batch: int, *, group: Any) -> Documents:
+    """The model's ``documents_fn`` under SP: the window's boundaries placed on this rank's piece."""
+    return resolve_documents(cu_seqlens, length, group, batch=batch, what="model: cu_seqlens")
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", attention: str = "ulysses",
@@ -55,7 +59,8 @@ def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", att
     ops = {"delta_fn": functools.partial(sp_delta_rule, group=group, method=method, num_blocks=num_blocks,
                                          check=check),
            "halo_fn": lambda x, h: gather_halo(x, h, group, tag="zeco.halo"),
-           "attn_fn": functools.partial(_sp_attention, group=group, kind=attention)}
+           "attn_fn": functools.partial(ATTENTION[attention], group=group),
+           "documents_fn": functools.partial(_piece_documents, group=group)}
     n = 0
     for mod in model.modules():
         names = [a for a in ops if a in vars(mod)]

@@ -64,12 +64,14 @@ import torch
 import torch.distributed as dist
 
 from longseq import comm
+from longseq import documents as _docs
 from longseq import functional as LF
 from longseq.agree import exchange, local_error
 from longseq.sharding import shard_range, split_sizes
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.sp_gla import no_meta, refuse_positive_decay
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
+from longseq.zeco.resets import reset_decay
 
 __all__ = ["sp_delta_rule", "DELTA_METHODS", "SPDeltaFunction"]
 
@@ -303,7 +305,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   group: Any, method: str = "zeco", scale: Optional[float] = None,
                   initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                   use_qk_l2norm: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
-                  chunk_size: int = 64, check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  chunk_size: int = 64, check: Union[bool, str] = True,
+                  cu_seqlens: Optional[_docs.CuSeqlens] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence-parallel gated delta rule over ``group``: this rank's piece of the output over the
     whole sequence (all ranks' pieces concatenated in group-rank order).
 
@@ -323,6 +326,11 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         backend, chunk_size: of the local op :func:`zeco.delta.delta_rule`.
         check: True / "always" (one 24-byte header exchange per call, see the module docstring),
             "first" (once per signature) or False.
+        cu_seqlens: document boundaries of the *whole* window (``[D+1]`` or ``[B, D+1]``, identical on
+            every rank, ``tensor_split`` pieces), or a :class:`longseq.documents.Documents` (any split):
+            the state does not cross a boundary, for every method (:mod:`zeco.resets`: each
+            document's first token gets a zero decay, so a piece's map ``A`` is 0 when a document
+            starts in it and the scans still move one state per rank).
 
     Returns:
         ``(o [B, T_i, H, V] in v's dtype, final_state [B, H, K, V] float32/64 or None)``.
@@ -343,16 +351,20 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                              "use method='zeco' (or 'allgather' / 'p2p') for output_final_state=True")
         if check is not False:
             refuse_positive_decay("sp_delta_rule", g)
-        B, _, H, K = q.shape
-        return num_blocks_for((B, H, K, v.shape[-1]), state_dtype(q, k, v, g, beta), num_blocks, world_size=P)
+        B, T, H, K = q.shape
+        docs = _docs.resolve(cu_seqlens, T, group, batch=B, what="sp_delta_rule: cu_seqlens")
+        return num_blocks_for((B, H, K, v.shape[-1]), state_dtype(q, k, v, g, beta), num_blocks, world_size=P), docs
 
     if not dist.is_initialized():     # no peers to wait: the argument error first, plainly
         _validate()
     comm.require_member(group, "zeco.sp_delta_rule")
     r = comm.group_rank(group)
-    N, err = local_error(_validate)
+    result, err = local_error(_validate)
+    N, docs = result if err is None else (None, None)
     sizes = None
     sig = None if err is not None else _signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm)
+    if sig is not None and docs is not None:   # the boundaries themselves only on checks of every call
+        sig["documents"] = docs.signature() if check in (True, "always") else True
     key = (tuple(comm.group_ranks(group)), repr(sig))
     if P > 1 and check is not False and not (check == "first" and err is None and key in _CHECKED):
         sizes = exchange(group, "sp_delta_rule", sig, err, tag="zeco.check", value=q.shape[1] if err is None else 0)
@@ -365,6 +377,7 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         raise ValueError("sp_delta_rule: every rank needs at least one token (T < P?)")
     B, T_local, H, K = q.shape
     V = v.shape[-1]
+    g = reset_decay(g, docs)
     dt = state_dtype(q, k, v, g, beta)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

@@ -70,12 +70,14 @@ import torch
 import torch.distributed as dist
 
 from longseq import comm
+from longseq import documents as _docs
 from longseq.agree import exchange, local_error
 from longseq.groups import sp_group_of
 from longseq.ops import group_name, resolve_group, size_rank
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.gla import gla_bwd, gla_fwd
 from longseq.zeco.gla.ops import floor_decay
+from longseq.zeco.resets import reset_decay
 
 __all__ = ["sp_gla", "METHODS", "local_summary", "lasp1_scan", "lasp2_scan", "no_meta", "refuse_positive_decay"]
 
@@ -535,8 +537,8 @@ def _(do, dht, q, k, v, g, S0, gamma, gammas, group, method, scale, num_blocks, 
 def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, group: Any,
            method: str = "zeco", scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
            output_final_state: bool = False, num_blocks: Optional[int] = None, backend: str = "auto",
-           chunk_size: int = 64, overlap: bool = True,
-           check: Union[bool, str] = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           chunk_size: int = 64, overlap: bool = True, check: Union[bool, str] = True,
+           cu_seqlens: Optional[_docs.CuSeqlens] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Sequence-parallel GLA over ``group``: this rank's piece of the output of GLA over the whole
     sequence (the pieces of all ranks concatenated in group-rank order).
 
@@ -562,6 +564,12 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
             below the cost of the correction (e.g. CPU processes over loopback at small P).
         check: cross-rank consistency check (module docstring): True / "always" (every call),
             "first" (first time per signature), or False.
+        cu_seqlens: document boundaries of the *whole* window (``[D+1]`` or ``[B, D+1]``, identical on
+            every rank; this rank's piece is its ``tensor_split`` piece), or a
+            :class:`longseq.documents.Documents` (any split). The state does not cross a boundary
+            (:mod:`zeco.resets`: the first token of a document has a zero decay, so a piece with a
+            start has Γ = 0 and the scan still moves one state per rank); ``initial_state`` feeds
+            the first document, the final state is the last document's.
 
     Returns:
         ``(o [B, T_i, H, V] in q's dtype, final_state [B, H, K, V] float32/float64 or None)``.
@@ -576,15 +584,21 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
         if check is not False:
             refuse_positive_decay("sp_gla", g)
         B, _, H, K = q.shape
-        return num_blocks_for((B, H, K, v.shape[-1]), _state_dtype(q, k, v, g), num_blocks, world_size=P)
+        docs = _docs.resolve(cu_seqlens, q.shape[1], group, batch=B, what="sp_gla: cu_seqlens")
+        return num_blocks_for((B, H, K, v.shape[-1]), _state_dtype(q, k, v, g), num_blocks, world_size=P), docs
 
     if not dist.is_initialized():     # no peers to wait: the argument error first, plainly
         validate()
     comm.require_member(group, "zeco.sp_gla")
-    N, err = local_error(validate)
+    result, err = local_error(validate)
+    N, docs = result if err is None else (None, None)
     # compiled graphs: checked by the eager calls (docs/compile.md)
     if P > 1 and check is not False and not torch.compiler.is_compiling():
         sig = None if err is not None else _signature(q, k, v, g, method, N, scale)
+        if sig is not None and docs is not None:
+            # whether documents are used; their boundaries only with check="always" (a first-time check
+            # keyed by every window's boundaries would run, and be cached, on every step)
+            sig["documents"] = docs.signature() if check in (True, "always") else True
         key = (_group_key(group), repr(sig))
         if not (check == "first" and err is None and key in _CHECKED):
             exchange(group, "sp_gla", sig, err, tag="zeco.check")
@@ -592,7 +606,7 @@ def sp_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *
                 _CHECKED.add(key)
     elif err is not None:
         raise err
-    g = floor_decay(g)
+    g = floor_decay(reset_decay(g, docs))
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     o, ht, *_ = torch.ops.longseq.sp_gla_fwd(q, k, v, g, initial_state, group_name(group), method, scale, N,

@@ -85,9 +85,17 @@ def validate(q, k, v, g, beta, initial_state=None, what: str = "delta_rule") -> 
 
 def delta_rule(q, k, v, g, beta, *, scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                output_final_state: bool = False, use_qk_l2norm: bool = False, backend: str = "auto",
-               chunk_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The gated delta rule over one whole sequence (module docstring); differentiable in every input."""
+               chunk_size: int = 64, cu_seqlens=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The gated delta rule over one whole sequence (module docstring); differentiable in every input.
+    ``cu_seqlens`` (``[D+1]`` or ``[B, D+1]``, or a :class:`longseq.documents.Documents`): packed
+    documents; the state does not cross a boundary (:mod:`zeco.resets`: a zero decay at each
+    document's first token), ``initial_state`` feeds the first document, the final state is the
+    last one's."""
     validate(q, k, v, g, beta, initial_state)
+    if cu_seqlens is not None:
+        from longseq.documents import resolve
+        from longseq.zeco.resets import reset_decay
+        g = reset_decay(g, resolve(cu_seqlens, q.shape[1], batch=q.shape[0], what="delta_rule: cu_seqlens"))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

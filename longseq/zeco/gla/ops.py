@@ -226,14 +226,22 @@ def gla(
     output_final_state: bool = False,
     backend: str = "auto",
     chunk_size: int = 64,
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differentiable local GLA: ``(o, final_state or None)``.
 
     Gradients flow to q, k, v, g and initial_state (and from the final state when
-    ``output_final_state`` is True).
+    ``output_final_state`` is True). ``cu_seqlens`` (``[D+1]`` or ``[B, D+1]``, or a
+    :class:`longseq.documents.Documents`): packed documents; the state does not cross a
+    boundary (:mod:`zeco.resets`), ``initial_state`` feeds the first document and the final
+    state is the last one's, as a loop over the documents would give.
     """
     _validate(q, k, v, g, scale, initial_state, chunk_size)
     resolve_backend(backend, q)  # fail early on a bad backend name or a missing fla
+    if cu_seqlens is not None:
+        from longseq.documents import resolve
+        from longseq.zeco.resets import reset_decay
+        g = reset_decay(g, resolve(cu_seqlens, q.shape[1], batch=q.shape[0], what="gla: cu_seqlens"))
     o, ht = GLAFunction.apply(q, k, v, g, initial_state, _default_scale(q, scale),
                               backend, chunk_size)
     return o, (ht if output_final_state else None)
