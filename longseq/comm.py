@@ -203,11 +203,14 @@ def all_to_all_single(x: torch.Tensor, input_split_sizes: Sequence[int], output_
 
 
 def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int,
-               gather_sizes: Sequence[int] | None = None, tag: str = "untagged") -> torch.Tensor:
-    """Split ``x`` along ``scatter_dim`` into P pieces (tensor_split sizes), send piece j to rank j,
-    and concatenate what arrives along ``gather_dim`` in rank order.
+               gather_sizes: Sequence[int] | None = None, tag: str = "untagged",
+               scatter_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Split ``x`` along ``scatter_dim`` into P pieces, send piece j to rank j, and concatenate what
+    arrives along ``gather_dim`` in rank order.
 
     ``gather_sizes[i]`` is rank i's size of ``gather_dim`` (default: every rank has this rank's size).
+    ``scatter_sizes[j]`` is the size of piece j of ``scatter_dim`` (default: ``tensor_split`` sizes);
+    any non-negative sizes summing to the dim work (e.g. every rank's own sequence length).
     Input: scatter_dim whole, gather_dim sharded; output: scatter_dim sharded, gather_dim whole.
     """
     P, me = group_size(group), group_rank(group)
@@ -221,7 +224,10 @@ def all_to_all(x: torch.Tensor, group: Any, *, scatter_dim: int, gather_dim: int
         raise ValueError(
             f"all_to_all: this rank ({me}) holds {x.shape[gather_dim]} along dim {gather_dim} but gather_sizes "
             f"says {list(gather_sizes)}; pass the per-rank sizes of the sharded dimension")
-    send_sizes = split_sizes(x.shape[scatter_dim], P)
+    send_sizes = split_sizes(x.shape[scatter_dim], P) if scatter_sizes is None else [int(n) for n in scatter_sizes]
+    if len(send_sizes) != P or sum(send_sizes) != x.shape[scatter_dim] or min(send_sizes) < 0:
+        raise ValueError(f"all_to_all: scatter_sizes {list(send_sizes)} must be {P} sizes summing to dim "
+                         f"{scatter_dim} = {x.shape[scatter_dim]}")
     # Pieces of different sizes cannot be rows of one matrix (all_to_all_single's unit), so the
     # exchange is of flat element streams: piece j of the scatter dim, in x's own dim order, goes to
     # rank j; rank i's piece arrives with the gather dim at its size. One fused pack kernel writes the

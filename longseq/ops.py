@@ -15,7 +15,7 @@ at run time (:func:`resolve_group`). Everything else is a static int, int list o
 =====================================  ============================  ===============================
 op (``torch.ops.longseq.*``)           forward                       backward
 =====================================  ============================  ===============================
-``all_to_all(x, group, sd, gd, gs, tag)``   ``comm.all_to_all``       ``all_to_all`` back, tag ``.bwd``
+``all_to_all(x, group, sd, gd, gs, tag, ss)`` ``comm.all_to_all``     ``all_to_all`` back, tag ``.bwd``
 ``all_gather(x, group, dim, sizes, tag)``   ``comm.all_gather``       ``reduce_scatter``, ``.bwd``
 ``reduce_scatter(x, group, dim, tag)``      ``comm.reduce_scatter``   ``all_gather``, ``.bwd``
 ``gather_whole(x, group, dim, sizes, tag)`` ``comm.all_gather``       this rank's piece (no comm)
@@ -25,7 +25,7 @@ op (``torch.ops.longseq.*``)           forward                       backward
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,28 +74,37 @@ def _with_dim(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("longseq::all_to_all", mutates_args=())
 def _all_to_all(x: torch.Tensor, group: str, scatter_dim: int, gather_dim: int, gather_sizes: Sequence[int],
-                tag: str) -> torch.Tensor:
+                tag: str, scatter_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
     y = comm.all_to_all(x, resolve_group(group), scatter_dim=scatter_dim, gather_dim=gather_dim,
-                        gather_sizes=list(gather_sizes), tag=tag)
+                        gather_sizes=list(gather_sizes), tag=tag,
+                        scatter_sizes=None if scatter_sizes is None else list(scatter_sizes))
     return y.contiguous()        # the strides the fake implementation promises
 
 
+def _scatter_sizes(n: int, P: int, scatter_sizes: Optional[Sequence[int]]) -> list:
+    return split_sizes(n, P) if scatter_sizes is None else list(scatter_sizes)
+
+
 @_all_to_all.register_fake
-def _(x, group, scatter_dim, gather_dim, gather_sizes, tag):
+def _(x, group, scatter_dim, gather_dim, gather_sizes, tag, scatter_sizes=None):
     P, r = size_rank(group)
     shape = list(x.shape)
-    shape[scatter_dim] = split_sizes(x.shape[scatter_dim], P)[r]
+    shape[scatter_dim] = _scatter_sizes(x.shape[scatter_dim], P, scatter_sizes)[r]
     shape[gather_dim] = sum(gather_sizes)
     return x.new_empty(shape)
 
 
 def _a2a_setup(ctx, inputs, output):
-    x, group, sd, gd, _, tag = inputs
-    ctx.args = (group, gd, sd, split_sizes(x.shape[sd], size_rank(group)[0]), tag + ".bwd")
+    x, group, sd, gd, gather_sizes, tag, *rest = inputs
+    scatter_sizes = rest[0] if rest else None
+    # backward: the forward's scatter dim is gathered (its pieces' sizes) and its gather dim scattered
+    # back into the pieces that came from each rank
+    ctx.args = (group, gd, sd, _scatter_sizes(x.shape[sd], size_rank(group)[0], scatter_sizes), tag + ".bwd",
+                list(gather_sizes))
 
 
 def _a2a_backward(ctx, g):
-    return torch.ops.longseq.all_to_all(g, *ctx.args), None, None, None, None, None
+    return torch.ops.longseq.all_to_all(g, *ctx.args), None, None, None, None, None, None
 
 
 _all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)

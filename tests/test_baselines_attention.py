@@ -128,6 +128,56 @@ def test_ring_volume_forward_backward(dist_pool):
 
 
 # ----------------------------------------------------------------------------------------------
+# Contiguous pieces of any lengths (not tensor_split's), causal or not, grouped k/v heads that P does
+# not divide: each rank passes only its own piece (the lengths learned) or every rank's (seq_sizes)
+# ----------------------------------------------------------------------------------------------
+def _uneven_worker(method, causal, sizes, shape, seed, u, learn):
+    from longseq.sp import init_usp_groups, ring_attention, ulysses_attention, usp_attention
+    P, r, W = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    B, L, H, HKV, D = shape
+    q, k, v, do = (torch.split(t, sizes, dim=1)[r] for t in _whole(B, L, H, HKV, D, seed))
+    q, k, v = (_strided(t, torch.float64) for t in (q, k, v))
+    kw = {} if learn else {"seq_sizes": sizes}
+    groups = init_usp_groups(W, ulysses_degree=u) if method == "usp" else None
+    with LEDGER.recording() as rec:
+        if method == "ring":
+            out = ring_attention(q, k, v, W, causal=causal, kernel="math", **kw)
+        elif method == "ulysses":
+            out = ulysses_attention(q, k, v, W, causal=causal, backend="math", **kw)
+        else:
+            out = usp_attention(q, k, v, groups, causal=causal, kernel="math", **kw)
+        out.backward(do)
+    learned = [x for x in rec if x.tag.endswith(".sizes")]
+    assert len(learned) == (1 if learn else 0) and all(x.elements_sent == P - 1 for x in learned), learned
+    return [t.detach() for t in (out, q.grad, k.grad, v.grad)]
+
+
+# (method, P, causal, piece lengths, [B, L, H, Hkv, D], u, learn the lengths)
+UNEVEN = [
+    ("ulysses", 2, True, [7, 2], (1, 9, 4, 1, 4), None, True),          # MQA: 1 kv head over 2 ranks
+    ("ulysses", 3, False, [2, 6, 3], (2, 11, 6, 2, 4), None, False),    # 2 kv heads over 3 ranks
+    ("ulysses", 3, True, [1, 5, 3], (1, 9, 3, 3, 4), None, True),
+    ("ring", 2, True, [7, 2], (1, 9, 4, 2, 4), None, True),
+    ("ring", 3, True, [2, 6, 3], (1, 11, 2, 1, 4), None, False),
+    ("ring", 3, False, [4, 1, 5], (2, 10, 2, 2, 4), None, True),
+    ("usp", 4, True, [3, 1, 4, 2], (1, 10, 4, 1, 4), 2, True),          # 2 x 2, MQA
+    ("usp", 4, False, [1, 4, 2, 5], (1, 12, 2, 2, 4), 2, False),
+]
+
+
+@pytest.mark.parametrize("method,P,causal,sizes,shape,u,learn", UNEVEN)
+def test_uneven_pieces_equal_whole_attention(dist_pool, method, P, causal, sizes, shape, u, learn):
+    """float64 throughout; max|err| <= 1e-10 · max|ref| + 1e-12 for the output and dq, dk, dv."""
+    seed = 5
+    res = dist_pool(P).run(_uneven_worker, method, causal, sizes, shape, seed, u, learn)
+    ref = _reference(shape, seed, causal)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        got = torch.cat([x[i] for x in res], 1)
+        err, scale = (got - ref[i]).abs().max().item(), ref[i].abs().max().item()
+        assert err <= 1e-10 * scale + 1e-12, f"{method} P={P} {sizes} causal={causal}: {name} {err:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
 # bfloat16: float32 accumulation keeps the error flat in P
 # ----------------------------------------------------------------------------------------------
 BF16_SHAPE = (1, 48, 2, 2, 16)
@@ -185,7 +235,7 @@ def _errors():
     q3 = torch.randn(1, 4, 3, 8)                         # 3 heads: not divisible by 2
     catch("ulysses_heads", lambda: ulysses_attention(q3, q3, q3, W))
     q = torch.randn(1, 4, 4, 8)
-    catch("ulysses_kv_heads", lambda: ulysses_attention(q, q[:, :, :1], q[:, :, :1], W))
+    catch("ulysses_kv_heads", lambda: ulysses_attention(q, q[:, :, :3], q[:, :, :3], W))   # 4 q heads, 3 kv
     catch("zigzag_len", lambda: zigzag_shard(torch.randn(1, 6, 2, 8), 1, P, 0))
     catch("ring_odd_zigzag", lambda: ring_attention(q[:, :3], q[:, :3], q[:, :3], W, causal=True, layout="zigzag"))
     catch("ring_layout", lambda: ring_attention(q, q, q, W, layout="spiral"))
@@ -201,11 +251,11 @@ def _errors():
 def test_errors(dist_pool):
     msgs = dist_pool(2).run(_errors)[0]
     assert "must divide the number of attention heads (3)" in msgs["ulysses_heads"]
-    assert "key/value heads (1)" in msgs["ulysses_kv_heads"]
+    assert "must be a multiple of the 3 key/value heads" in msgs["ulysses_kv_heads"]
     assert "divisible by 4" in msgs["zigzag_len"]
     assert "same even local length" in msgs["ring_odd_zigzag"]
     assert "unknown ring layout" in msgs["ring_layout"]
-    assert "holds 4 keys" in msgs["ring_seq_len"]
+    assert "holds 4 tokens" in msgs["ring_seq_len"]
     assert "Ulysses degree" in msgs["usp_heads"]
     assert "2·ring_degree (4)" in msgs["usp_zigzag_len"]
     assert "must divide the SP group size 2" in msgs["usp_degree"]

@@ -63,3 +63,54 @@ def _check_gather_scatter():
 @pytest.mark.parametrize("check", [_check_all_to_all, _check_gather_scatter])
 def test_gradcheck_three_ranks(dist_pool, check):
     assert dist_pool(3).run(check) == [True, True, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# Halo exchange: point to point, (w-1) rows per rank boundary, chained through short pieces
+# ----------------------------------------------------------------------------------------------
+def _halo_worker(sizes, h, layout):
+    from longseq.ledger import LEDGER
+    P, r = dist.get_world_size(), dist.get_rank()
+    X, D = _halo_data(sizes, h, layout)
+    dim = 1 if layout == "btd" else 2
+    x = torch.split(X, sizes, dim)[r].clone().requires_grad_()
+    with LEDGER.recording() as rec:
+        if layout == "btd":
+            halo = LF.gather_halo(x, h, dist.group.WORLD, tag="t.halo")
+        else:
+            halo = LF.halo_exchange_channels_first(x, h, dist.group.WORLD, tag="t.halo")
+        (halo * D).sum().backward()
+    return halo.detach(), x.grad, [(e.op, e.tag, e.elements_sent, e.elements_recv) for e in rec]
+
+
+def _halo_data(sizes, h, layout):
+    g = torch.Generator().manual_seed(3)
+    B, C, T = 2, 3, sum(sizes)
+    shape, dshape = ((B, T, C), (B, h, C)) if layout == "btd" else ((B, C, T), (B, C, h))
+    return torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(dshape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sizes,h,layout", [([3, 2, 2], 3, "bct"),    # T=7 at P=3, conv width 4: short pieces
+                                            ([1, 5, 1], 3, "btd"),    # rank 1's halo: rank 0's 1 row + 2 zeros
+                                            ([4, 3, 5], 3, "bct")])
+def test_halo_exchange_point_to_point(dist_pool, sizes, h, layout):
+    """Each rank's halo equals the h rows before its piece in the whole (zero-padded) sequence, the
+    pieces' gradients equal the whole's (float64, exact), and the ledger has exactly one send of h
+    rows per rank boundary each way (B·C·h elements) and nothing else."""
+    P = len(sizes)
+    res = dist_pool(P).run(_halo_worker, sizes, h, layout)
+    X, D = _halo_data(sizes, h, layout)
+    dim = 1 if layout == "btd" else 2
+    Xp = torch.cat([torch.zeros_like(X.narrow(dim, 0, h)), X], dim).requires_grad_()
+    total = 0
+    for i, start in enumerate([sum(sizes[:i]) for i in range(P)]):
+        ref = Xp.narrow(dim, start, h)
+        assert torch.equal(res[i][0], ref.detach()), f"rank {i} halo"
+        total = total + (ref * D).sum()
+    total.backward()
+    assert torch.equal(torch.cat([x[1] for x in res], dim), Xp.grad.narrow(dim, h, sum(sizes)))
+    rows = 2 * 3 * h
+    for i, (_, _, recs) in enumerate(res):
+        want = ([("send", "t.halo", rows, 0)] if i < P - 1 else []) + ([("recv", "t.halo", 0, rows)] if i else []) \
+            + ([("send", "t.halo.bwd", rows, 0)] if i else []) + ([("recv", "t.halo.bwd", 0, rows)] if i < P - 1 else [])
+        assert sorted(recs) == sorted(want), (i, recs)

@@ -23,9 +23,11 @@ ring-flash-attn does. Backward total: ``4·m·(P-1)``.
 
 Masks and layouts (``layout=``):
 
-* ``"contiguous"`` (default): rank r holds the r-th ``tensor_split`` piece of the sequence (uneven
-  pieces allowed: pass ``seq_len``). Non-causal: every step is a full block. Causal: the own block is
-  causal, blocks of earlier ranks full, later ranks skipped (rank P-1 does P times rank 0's work).
+* ``"contiguous"`` (default): rank r holds the r-th contiguous piece of the sequence, of any length
+  (:mod:`longseq.sp.pieces`: ``seq_sizes``, ``seq_len``'s ``tensor_split`` pieces, or neither: one int
+  all-gather learns them). Non-causal: every step is a full block. Causal: the own block is causal
+  (q and k are the same tokens), blocks of earlier ranks full, later ranks skipped (rank P-1 does P
+  times rank 0's work); uneven pieces need nothing else, each received block has its sender's length.
 * ``"zigzag"`` (causal load balance): the sequence is cut into 2P equal chunks and rank r holds
   chunks r and 2P-1-r, concatenated (:func:`zigzag_shard` / :func:`zigzag_unshard`); every step
   costs every rank half a block: own block causal; a block from an earlier rank: all of q against
@@ -46,8 +48,7 @@ import torch
 
 from longseq import comm
 from longseq.ops import group_name, resolve_group
-from longseq.sharding import split_sizes
-
+from .pieces import given_sizes, piece_sizes
 from .ulysses import agree
 
 __all__ = [
@@ -373,9 +374,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
     """Ring attention over ``group`` (module docstring). q ``[B, Lq_r, H, D]``, k, v ``[B, Lk_r, Hkv, D]``:
     this rank's piece of a sequence laid out by ``layout``; returns this rank's piece of the output.
 
-    ``seq_len``: the whole sequence length, for uneven ``tensor_split`` pieces (contiguous layout,
-    non-causal); default ``P ·`` the local length. ``seq_sizes``: every rank's piece length instead
-    (any contiguous pieces, e.g. USP's ring of Ulysses groups). ``grad_comm_dtype``: the
+    The contiguous pieces' lengths (:mod:`longseq.sp.pieces`): ``seq_sizes`` (every rank's k length,
+    e.g. USP's ring of Ulysses groups), ``seq_len`` (the whole length, ``tensor_split`` pieces), or
+    neither (learned with one int all-gather, tag ``<tag>.sizes``; equal pieces under torch.compile).
+    Causal contiguous pieces may be uneven (q and k pieces alike). ``grad_comm_dtype``: the
     dtype of the dk/dv accumulators sent in backward (default float32 for half inputs, else the input
     dtype). ``backend`` is accepted (and ignored) so the function fits ``SelfAttention.attn_fn``.
     Raises ``ValueError`` before any communication for bad shapes, layouts or lengths; with ``check``
@@ -386,10 +388,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
     if dropout_p:
         raise NotImplementedError("ring_attention does not implement dropout")
     P, r = comm.group_size(group), comm.group_rank(group)
-    whole = int(seq_len) if seq_len is not None else sum(seq_sizes) if seq_sizes is not None else P * k.shape[1]
 
     def validate():
-        nonlocal layout, seq_len
+        nonlocal layout
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape[:3] + k.shape[3:]:
             raise ValueError(f"q, k, v must be [B, L, H, D] with k, v alike; got {list(q.shape)}, {list(k.shape)}, "
                              f"{list(v.shape)}")
@@ -408,29 +409,24 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any
             if (seq_len is not None and seq_len != P * lk) or (seq_sizes is not None and set(seq_sizes) != {lk}):
                 raise ValueError(f"the zigzag layout has {P} equal pieces of {lk}; got seq_len={seq_len}, "
                                  f"seq_sizes={seq_sizes}")
-        if seq_sizes is not None:
-            sizes = [int(s) for s in seq_sizes]
-            if len(sizes) != P:
-                raise ValueError(f"ring_attention: seq_sizes {sizes} must have one entry per rank ({P})")
-            seq_len = sum(sizes)
-        else:
-            seq_len = P * lk if seq_len is None else int(seq_len)
-            sizes = split_sizes(seq_len, P)
-        if min(sizes) == 0:
-            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes} (seq_len "
-                             f"{seq_len} over {P} ranks): use a sequence of at least {P} tokens or a smaller group")
-        if sizes[r] != lk:
-            raise ValueError(f"ring_attention: this rank ({r} of {P}) holds {lk} keys, but the pieces are {sizes} "
-                             f"(seq_len {seq_len})")
         if causal and lq != lk:
             raise ValueError(f"causal ring attention needs q and k pieces of the same length, got {lq} and {lk}")
-        if causal and layout == "contiguous" and len(set(sizes)) > 1:
-            raise ValueError(f"causal ring attention needs equal pieces (seq_len {seq_len} over {P} ranks is uneven)")
+        sizes = given_sizes(lk, P, r, seq_len=seq_len, seq_sizes=seq_sizes, what="ring_attention")
+        if sizes is not None and min(sizes) == 0:
+            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes}: use a "
+                             f"sequence of at least {P} tokens or a smaller group")
         _kernel(kernel, q)   # validate early
-        return sizes
-    sizes = agree(group, "ring_attention", (q, k, v), validate, check, tag=f"{tag}.check", causal=bool(causal),
-                  layout=layout, seq_len=whole, seq_sizes=None if seq_sizes is None else tuple(seq_sizes))
-    seq_len = sum(sizes)
+    agree(group, "ring_attention", (q, k, v), validate, check, tag=f"{tag}.check", causal=bool(causal),
+          layout=layout, seq_len=seq_len, seq_sizes=None if seq_sizes is None else tuple(int(n) for n in seq_sizes))
+    if layout == "zigzag" and not causal:
+        layout = "contiguous"
+    if layout == "zigzag":
+        sizes = [k.shape[1]] * P
+    else:
+        sizes = piece_sizes(k.shape[1], group, seq_len=seq_len, seq_sizes=seq_sizes, tag=tag, what="ring_attention")
+        if min(sizes) == 0:   # learned: the same list, so the same error, on every rank
+            raise ValueError(f"ring_attention: every rank needs at least one token, got pieces {sizes}: use a "
+                             f"sequence of at least {P} tokens or a smaller group")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if grad_comm_dtype is None:
         grad_comm_dtype = torch.float32 if q.dtype in _HALF else q.dtype

@@ -2,21 +2,25 @@
 whole sequence with a slice of the heads, all-to-all the output back.
 
 ``ulysses_attention(q, k, v, group, ...)``: q ``[B, L_r, H, D]``, k and v ``[B, L_r, Hkv, D]`` (this
-rank's ``tensor_split`` piece of the sequence; uneven pieces allowed with ``seq_len``) ->
-``[B, L_r, H, D]``. Each of the four all-to-alls (``longseq.functional.all_to_all``, whose backward
-is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·(P-1)/P`` elements per
-rank forward for q, k, v and out as large as the local activation m, the same backward.
+rank's contiguous piece of the sequence, dim 1 sharded; the pieces may have any lengths, see
+:mod:`longseq.sp.pieces`: ``seq_sizes``, ``seq_len`` or neither, when one int all-gather learns
+them) -> ``[B, L_r, H, D]``. Each of the four all-to-alls (``longseq.functional.all_to_all``, whose
+backward is the all-to-all the other way) sends ``(P-1)/P`` of its local tensor: ``4·m·(P-1)/P``
+elements per rank forward for q, k, v and out as large as the local activation m, the same backward.
 
-The heads (and the k/v heads) must be divisible by P, as in DeepSpeed: a ``ValueError`` says so
-before any communication. Cross-rank check (``check``, as ``dsp.switch``'s: None follows
-``dsp.unchecked()``, default on): one 8-byte all-gather (tag ``<tag>.check``) before the all-to-alls,
-so ranks that disagree on the dtype, B, heads, head dim, ``seq_len`` or ``causal``, or that got a bad
-argument, all raise the same ``ValueError`` instead of hanging. Causal attention needs nothing
-special: after the all-to-all each rank sees the whole sequence in order (contiguous layout).
+The heads must be divisible by P, as in DeepSpeed (``ValueError`` before any communication). The
+key/value heads need not be: grouped-query / multi-query k, v are repeated to the fewest heads
+``Hkv·rep`` that P divides (``rep`` the smallest divisor of ``H/Hkv`` that makes it,
+:func:`kv_head_repeat`), so every rank gets whole groups; k and v then move ``rep`` times their size.
+Cross-rank check (``check``, as ``dsp.switch``'s: None follows ``dsp.unchecked()``, default on): one
+8-byte all-gather (tag ``<tag>.check``) before the all-to-alls, so ranks that disagree on the dtype,
+B, heads, head dim, ``seq_len`` / ``seq_sizes`` or ``causal``, or that got a bad argument, all raise
+the same ``ValueError`` instead of hanging. Causal attention needs nothing special: after the
+all-to-all each rank sees the whole sequence in order (contiguous layout).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -24,9 +28,10 @@ from longseq import comm
 from longseq import functional as LF
 from longseq.attention import attention
 from longseq.dsp.primitives import check_agree, checks_enabled
-from longseq.sharding import split_sizes
 
-__all__ = ["ulysses_attention", "check_heads", "agree", "parallelize"]
+from .pieces import given_sizes, piece_sizes
+
+__all__ = ["ulysses_attention", "check_heads", "kv_head_repeat", "agree", "parallelize"]
 
 
 def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Optional[bool], *, tag: str,
@@ -60,36 +65,54 @@ def check_heads(num_heads: int, P: int, what: str = "Ulysses", kv_heads: Optiona
                 f"no such limit")
 
 
+def kv_head_repeat(num_heads: int, kv_heads: int, P: int, what: str = "Ulysses") -> int:
+    """How many times to repeat each of the ``kv_heads`` key/value heads so that ``P`` divides them
+    and every rank's slice of the query heads finds its own groups: the smallest divisor ``rep`` of
+    ``num_heads / kv_heads`` with ``(kv_heads · rep) % P == 0`` (1 when P divides ``kv_heads``).
+    ``ValueError`` when ``P`` does not divide ``num_heads`` or ``kv_heads`` does not divide it."""
+    check_heads(num_heads, P, what)
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"{what}: the {num_heads} query heads must be a multiple of the {kv_heads} key/value heads")
+    group = num_heads // kv_heads
+    return next(rep for rep in range(1, group + 1) if group % rep == 0 and (kv_heads * rep) % P == 0)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any, *, causal: bool = False,
                       dropout_p: float = 0.0, softmax_scale: Optional[float] = None, backend: Optional[str] = None,
                       seq_len: Optional[int] = None, attn_fn: Optional[Callable] = None,
-                      check: Optional[bool] = None, tag: str = "ulysses") -> torch.Tensor:
-    """Ulysses attention over ``group`` (module docstring). ``seq_len``: the whole sequence length
-    (default ``P ·`` local); the pieces must be its ``tensor_split`` pieces. ``attn_fn``: the local
+                      check: Optional[bool] = None, tag: str = "ulysses",
+                      seq_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Ulysses attention over ``group`` (module docstring). The pieces' lengths: ``seq_sizes`` (every
+    rank's, in rank order), ``seq_len`` (the whole length, ``tensor_split`` pieces) or neither (learned:
+    one int all-gather, tag ``<tag>.sizes``; :mod:`longseq.sp.pieces`). ``attn_fn``: the local
     attention (default ``longseq.attention.attention``; called with ``causal``, ``dropout_p``,
-    ``softmax_scale``, ``backend``). ``check``: the cross-rank check (module docstring).
-    Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
+    ``softmax_scale``, ``backend``, and k, v with ``Hkv·rep / P`` heads). ``check``: the cross-rank
+    check (module docstring). Tags: ``<tag>.q/.k/.v/.out`` (backward: ``+ .bwd``)."""
     P, r = comm.group_size(group), comm.group_rank(group)
-    L = int(seq_len) if seq_len is not None else q.shape[1] * P
 
     def validate():
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"q, k, v must be [B, L, H, D]; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-        check_heads(q.shape[2], P, kv_heads=k.shape[2])
-        sizes = split_sizes(L, P)
-        if q.shape[1] != sizes[r] or k.shape[1] != sizes[r] or v.shape[1] != sizes[r]:
-            raise ValueError(f"ulysses_attention: this rank ({r} of {P}) holds q/k/v pieces of {q.shape[1]}/"
-                             f"{k.shape[1]}/{v.shape[1]} tokens, but seq_len={L} gives it {sizes[r]} (tensor_split "
-                             f"sizes {sizes})")
-    agree(group, "ulysses_attention", (q, k, v), validate, check, tag=f"{tag}.check", seq_len=L, causal=bool(causal))
+        if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
+            raise ValueError(f"ulysses_attention: q {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} must "
+                             f"share B and the local length, k and v their heads")
+        rep = kv_head_repeat(q.shape[2], k.shape[2], P)
+        given_sizes(q.shape[1], P, r, seq_len=seq_len, seq_sizes=seq_sizes, what="ulysses_attention")
+        return rep
+    rep = agree(group, "ulysses_attention", (q, k, v), validate, check, tag=f"{tag}.check", seq_len=seq_len,
+                seq_sizes=None if seq_sizes is None else tuple(int(n) for n in seq_sizes), causal=bool(causal))
     fn = attention if attn_fn is None else attn_fn
     if P == 1:
         return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
-    qh = LF.all_to_all(q, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.q")
-    kh = LF.all_to_all(k, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.k")
-    vh = LF.all_to_all(v, group, scatter_dim=2, gather_dim=1, gather_size=L, tag=f"{tag}.v")
+    sizes = piece_sizes(q.shape[1], group, seq_len=seq_len, seq_sizes=seq_sizes, tag=tag, what="ulysses_attention")
+    if rep > 1:      # grouped k, v: whole groups per rank (module docstring)
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    qh = LF.all_to_all(q, group, scatter_dim=2, gather_dim=1, gather_sizes=sizes, tag=f"{tag}.q")
+    kh = LF.all_to_all(k, group, scatter_dim=2, gather_dim=1, gather_sizes=sizes, tag=f"{tag}.k")
+    vh = LF.all_to_all(v, group, scatter_dim=2, gather_dim=1, gather_sizes=sizes, tag=f"{tag}.v")
     out = fn(qh, kh, vh, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
-    return LF.all_to_all(out, group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2], tag=f"{tag}.out")
+    return LF.all_to_all(out, group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2], scatter_sizes=sizes,
+                         tag=f"{tag}.out")
 
 
 def parallelize(model: torch.nn.Module, group: Any, **options):

@@ -12,11 +12,16 @@ group's contiguous chunk with ``H/u`` heads; ring attention over the r chunks; a
 Per rank, for q, k, v of m elements: forward ``4·m·(u-1)/u`` (all-to-alls) ``+ 2·m·(r-1)`` (k, v
 around the ring); backward ``4·m·(u-1)/u + 4·m·(r-1)`` (ring backward: k, v again and dk, dv).
 
+Contiguous pieces may have any lengths (:mod:`longseq.sp.pieces`: ``seq_sizes``, ``seq_len`` or
+neither, when one int all-gather over the SP group learns them), causal or not: Ulysses group g's
+chunk is its members' pieces in order, and the ring runs over the r chunks' lengths. Grouped k, v
+whose heads u does not divide are repeated as in :func:`longseq.sp.ulysses.kv_head_repeat`.
+
 Causal attention: ``layout="zigzag"`` balances the ring: the sequence is cut into 2r chunks, Ulysses
 group g holds chunks g and 2r-1-g, and member i holds the i-th of u equal slices of their
 concatenation (:func:`usp_zigzag_shard` / :func:`usp_zigzag_unshard`); after the all-to-all each ring
 rank holds exactly ring attention's zigzag piece. Needs the length divisible by 2r and by P.
-The heads must be divisible by u (``ValueError``).
+The query heads must be divisible by u (``ValueError``).
 """
 from __future__ import annotations
 
@@ -29,10 +34,9 @@ import torch.distributed as dist
 from longseq import comm
 from longseq import functional as LF
 from longseq.groups import sp_group_of
-from longseq.sharding import split_sizes
-
+from .pieces import given_sizes, piece_sizes
 from .ring import ring_attention
-from .ulysses import check_heads
+from .ulysses import kv_head_repeat
 
 __all__ = ["USPGroups", "init_usp_groups", "default_degrees", "usp_attention", "usp_zigzag_shard",
            "usp_zigzag_unshard", "parallelize"]
@@ -166,10 +170,12 @@ def usp_zigzag_unshard(pieces: Sequence[torch.Tensor], dim: int, ulysses_degree:
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USPGroups, *, causal: bool = False,
                   softmax_scale: Optional[float] = None, layout: str = "contiguous", seq_len: Optional[int] = None,
                   kernel: str = "auto", grad_comm_dtype: Optional[torch.dtype] = None, dropout_p: float = 0.0,
-                  backend: Optional[str] = None, tag: str = "usp") -> torch.Tensor:
+                  backend: Optional[str] = None, tag: str = "usp",
+                  seq_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
     """USP attention (module docstring). q ``[B, L_s, H, D]``, k, v ``[B, L_s, Hkv, D]``: this SP rank's
-    piece (contiguous: the ``tensor_split`` piece of ``seq_len``, default ``P ·`` local; zigzag:
-    :func:`usp_zigzag_shard`). Tags ``<tag>.ulysses.*`` and ``<tag>.ring.*``."""
+    piece (contiguous: any lengths, given by ``seq_sizes`` (every SP rank's), ``seq_len``
+    (``tensor_split`` pieces) or neither (learned, tag ``<tag>.sizes``); zigzag: :func:`usp_zigzag_shard`).
+    Tags ``<tag>.ulysses.*`` and ``<tag>.ring.*``."""
     if not isinstance(groups, USPGroups):
         raise TypeError("usp_attention needs the USPGroups of longseq.sp.init_usp_groups(group, ...)")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -178,28 +184,32 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
         raise NotImplementedError("usp_attention does not implement dropout")
     u, r, s = groups.ulysses_degree, groups.ring_degree, groups.sp_rank
     P = u * r
-    check_heads(q.shape[2], u, what="USP's Ulysses degree", kv_heads=k.shape[2])
+    rep = kv_head_repeat(q.shape[2], k.shape[2], u, what="USP's Ulysses degree")
     lq = q.shape[1]
+    if k.shape[1] != lq or v.shape[1] != lq:
+        raise ValueError(f"usp_attention: q, k, v pieces must have the same length, got {lq}, {k.shape[1]}, "
+                         f"{v.shape[1]}")
     if layout == "zigzag" and causal:
         L = P * lq if seq_len is None else int(seq_len)
         _check_usp_zigzag(L, u, r)
-        if L != P * lq or k.shape[1] != lq:
+        if L != P * lq or (seq_sizes is not None and set(seq_sizes) != {lq}):
             raise ValueError(f"the USP zigzag layout has equal pieces: {P} x {lq} != seq_len {L}")
         piece = [lq] * P
     elif layout in ("contiguous", "zigzag"):
-        L = P * lq if seq_len is None else int(seq_len)
-        piece = split_sizes(L, P)
-        if piece[s] != lq or k.shape[1] != lq:
-            raise ValueError(f"usp_attention: this rank ({s} of {P}) holds {lq} tokens, but seq_len={L} gives it "
-                             f"{piece[s]} (tensor_split sizes {piece})")
+        given_sizes(lq, P, s, seq_len=seq_len, seq_sizes=seq_sizes, what="usp_attention")
+        piece = piece_sizes(lq, groups.sp_group, seq_len=seq_len, seq_sizes=seq_sizes, tag=tag, what="usp_attention")
     else:
         raise ValueError(f"unknown USP layout {layout!r}; valid: contiguous, zigzag")
-    chunk = [sum(piece[g * u:(g + 1) * u]) for g in range(r)]     # each Ulysses group's chunk
+    members = [piece[g * u:(g + 1) * u] for g in range(r)]        # each Ulysses group's members' pieces
+    chunk = [sum(m) for m in members]                              # each Ulysses group's chunk
     g = s // u
     if u > 1:
-        qh = LF.all_to_all(q, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.q")
-        kh = LF.all_to_all(k, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.k")
-        vh = LF.all_to_all(v, groups.ulysses_group, scatter_dim=2, gather_dim=1, gather_size=chunk[g], tag=f"{tag}.ulysses.v")
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        a2a = dict(scatter_dim=2, gather_dim=1, gather_sizes=members[g])
+        qh = LF.all_to_all(q, groups.ulysses_group, **a2a, tag=f"{tag}.ulysses.q")
+        kh = LF.all_to_all(k, groups.ulysses_group, **a2a, tag=f"{tag}.ulysses.k")
+        vh = LF.all_to_all(v, groups.ulysses_group, **a2a, tag=f"{tag}.ulysses.v")
     else:
         qh, kh, vh = q, k, v
     out = ring_attention(qh, kh, vh, groups.ring_group, causal=causal, softmax_scale=softmax_scale,
@@ -207,7 +217,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: USP
                          grad_comm_dtype=grad_comm_dtype, check=False, tag=f"{tag}.ring")
     if u > 1:
         out = LF.all_to_all(out, groups.ulysses_group, scatter_dim=1, gather_dim=2, gather_size=q.shape[2],
-                            tag=f"{tag}.ulysses.out")
+                            scatter_sizes=members[g], tag=f"{tag}.ulysses.out")
     return out
 
 

@@ -10,9 +10,10 @@ One layout for the whole model: every rank holds its contiguous piece of the seq
 loss as for GLA (:mod:`zeco.plans`: ``shard_sequence``, ``shift_labels``, ``sp_lm_loss``).
 
 Per layer and step the ledger shows the method's state traffic (:mod:`zeco.sp_delta`), three halo
-all-gathers of ``(W-1)·D`` per rank (tag ``zeco.halo``; plus their token counts), and for attention
+exchanges of ``(W-1)·D`` per rank boundary each way (tag ``zeco.halo``, point to point), and for attention
 layers Ulysses' four all-to-alls (``ulysses.*``) or ring's k/v passes (``ring.*``), plus one tiny
-all-gather of the piece lengths (``zeco.attn.sizes``).
+all-gather of the piece lengths (``ulysses.sizes`` / ``ring.sizes``: the public primitives take
+contiguous pieces of any lengths, :mod:`longseq.sp.pieces`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Any, Optional
 
 import torch
 
-from longseq import comm
 from longseq.functional import gather_halo
 from longseq.sp.ring import ring_attention
 from longseq.sp.ulysses import ulysses_attention
@@ -30,16 +30,9 @@ from .sp_delta import DELTA_METHODS, sp_delta_rule
 
 __all__ = ["parallelize", "ATTENTION_METHODS"]
 
-ATTENTION_METHODS = ("ulysses", "ring")
+ATTENTION = {"ulysses": ulysses_attention, "ring": ring_attention}   # contiguous pieces of any lengths
+ATTENTION_METHODS = tuple(ATTENTION)
 _SAVED = "_zeco_serial_ops"
-
-
-def _sp_attention(q, k, v, *, causal: bool, group: Any, kind: str, **kw) -> torch.Tensor:
-    """Attention over the whole sequence for contiguous pieces of any lengths."""
-    sizes = comm.all_gather_int(q.shape[1], group, tag="zeco.attn.sizes")
-    if kind == "ulysses":
-        return ulysses_attention(q, k, v, group, causal=causal, seq_len=sum(sizes))
-    return ring_attention(q, k, v, group, causal=causal, seq_sizes=sizes)
 
 
 def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", attention: str = "ulysses",
@@ -55,7 +48,7 @@ def parallelize(model: torch.nn.Module, group: Any, *, method: str = "zeco", att
     ops = {"delta_fn": functools.partial(sp_delta_rule, group=group, method=method, num_blocks=num_blocks,
                                          check=check),
            "halo_fn": lambda x, h: gather_halo(x, h, group, tag="zeco.halo"),
-           "attn_fn": functools.partial(_sp_attention, group=group, kind=attention)}
+           "attn_fn": functools.partial(ATTENTION[attention], group=group)}
     n = 0
     for mod in model.modules():
         names = [a for a in ops if a in vars(mod)]

@@ -26,8 +26,8 @@ reaching a piece's final state is the reverse scan with ``(A_jᵀ, G_j)``, ``G_j
   the ranks before it and reruns its local op from the folded state. Backward: the local ``G_i``
   (``dS_in`` of the local op), one all-gather of ``G`` (``K·V``), a suffix fold, the local backward.
 * ``"heads"`` (Megatron-core's way): all-to-all from sequence to head shards, the whole sequence on
-  ``H/P`` heads, all-to-all back. Needs P | H and the standard split of the sequence
-  (:func:`longseq.sharding.split_sizes`); no per-piece final state.
+  ``H/P`` heads, all-to-all back. Needs P | H; pieces of any lengths (the all-to-alls
+  take every rank's length); no per-piece final state.
 * ``"p2p"`` (LASP-1): rank i blocks on ``recv`` of ``S_in`` from rank i-1, runs its local op from it and
   sends its final state on; backward the same chain from rank P-1 down with ``dS_in``.
 
@@ -46,6 +46,14 @@ heads      all_to_all of q, k, v, g, beta there and o back            the transp
            (``zeco.delta.heads``); each moves (P-1)/P of its piece    (``zeco.delta.heads*.bwd``)
 =========  =========================================================  ===============================
 
+Grouped value heads (Qwen3-Next's and fla's ``num_v_heads > num_heads``): q, k ``[B, T, Hk, K]``, v,
+g, beta with ``Hv = G·Hk`` heads, value head j reading key head ``j // G``. Each value head has its
+own state ``[K, V]`` (its own beta and gate), so the methods move exactly the states above with
+``H = Hv``: one ``K x V`` state per value head, the same bytes as a model whose q, k were repeated,
+and nothing of q, k is communicated by the scan methods (q, k are repeated locally for the local
+op only). ``heads`` all-to-alls q, k with their ``Hk`` heads when P divides them (else with the
+fewest repeats that it does, :func:`longseq.sp.ulysses.kv_head_repeat`) and repeats after.
+
 plus, unless ``check=False``, one ``all_gather_object`` (tag ``zeco.check``) per call: every rank's
 B, H, K, V, gate kind, state dtype, method, N and piece length, so a mismatch, an empty piece
 (T < P) or a bad ``heads`` split raises the same ``ValueError`` on every rank before any collective
@@ -59,7 +67,8 @@ import torch
 
 from longseq import comm
 from longseq import functional as LF
-from longseq.sharding import shard_range, split_sizes
+from longseq.sharding import shard_range
+from longseq.sp.ulysses import kv_head_repeat
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
 
@@ -251,19 +260,27 @@ class SPDeltaFunction(torch.autograd.Function):
 
 
 def _heads(cfg, xs, h0, sizes):
-    """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back."""
-    T = sum(sizes)
+    """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back
+    (grouped q, k: with their own heads, repeated after; module docstring)."""
     B, H, K, V = cfg.shape
-    a2a = lambda x: LF.all_to_all(x, cfg.group, scatter_dim=2, gather_dim=1, gather_size=T,  # noqa: E731
+    a2a = lambda x: LF.all_to_all(x, cfg.group, scatter_dim=2, gather_dim=1, gather_sizes=sizes,  # noqa: E731
                                   tag="zeco.delta.heads")
-    q, k, v, g, beta = (a2a(x) for x in xs)
+    q, k, v, g, beta = xs
+    if q.shape[2] != H:
+        rep = kv_head_repeat(H, q.shape[2], cfg.P, what="sp_delta_rule(method='heads')")
+        if rep > 1:
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    q, k, v, g, beta = (a2a(x) for x in (q, k, v, g, beta))
+    if q.shape[2] != v.shape[2]:
+        q, k = (x.repeat_interleave(v.shape[2] // x.shape[2], dim=2) for x in (q, k))
     h0_mine = None
     if h0 is not None:
         lo, hi = shard_range(H, cfg.P, cfg.rank)
         h0_mine = h0[:, lo:hi]
     o, _ = delta_rule(q, k, v, g, beta, scale=cfg.scale, initial_state=h0_mine, backend=cfg.backend,
                       chunk_size=cfg.chunk_size)
-    return LF.all_to_all(o, cfg.group, scatter_dim=1, gather_dim=2, gather_size=H, tag="zeco.delta.heads.out")
+    return LF.all_to_all(o, cfg.group, scatter_dim=1, gather_dim=2, gather_size=H, scatter_sizes=sizes,
+                         tag="zeco.delta.heads.out")
 
 
 def _check(group, sig: dict, T_local: int, P: int, method: str, H: int) -> list:
@@ -285,9 +302,6 @@ def _check(group, sig: dict, T_local: int, P: int, method: str, H: int) -> list:
             ok = [d for d in range(1, H + 1) if H % d == 0]
             raise ValueError(f"sp_delta_rule(method='heads') splits the {H} heads over the group, so its size {P} "
                              f"must divide them: use a group size in {ok}, or method='zeco', which has no such limit")
-        if sizes != split_sizes(sum(sizes), P):
-            raise ValueError(f"sp_delta_rule(method='heads') needs the standard split of the sequence "
-                             f"{split_sizes(sum(sizes), P)} (longseq.sharding.split_sizes), got {sizes}")
     return sizes
 
 
@@ -300,9 +314,9 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     whole sequence (all ranks' pieces concatenated in group-rank order).
 
     Args:
-        q, k: ``[B, T_i, H, K]``; v: ``[B, T_i, H, V]``; beta: ``[B, T_i, H]``; g: ``[B, T_i, H]``
-            (Gated DeltaNet) or ``[B, T_i, H, K]`` (KDA), log space. ``T_i >= 1`` may differ between
-            ranks (``heads``: the standard split).
+        q, k: ``[B, T_i, Hk, K]``; v: ``[B, T_i, H, V]``; beta: ``[B, T_i, H]``; g: ``[B, T_i, H]``
+            (Gated DeltaNet) or ``[B, T_i, H, K]`` (KDA), log space; ``Hk = H`` or grouped value heads
+            ``H = G·Hk`` (module docstring). ``T_i >= 1`` may differ between ranks.
         group: the sequence-parallel process group, or a :class:`longseq.ParallelGroups`.
         method: ``"zeco"`` | ``"allgather"`` | ``"heads"`` | ``"p2p"`` (module docstring).
         scale: ``K ** -0.5`` when None. use_qk_l2norm: L2-normalise q and k first (as GDN does).
@@ -320,6 +334,14 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     """
     if method not in DELTA_METHODS:
         raise ValueError(f"sp_delta_rule: method must be one of {DELTA_METHODS}, got {method!r}")
+    Hk = q.shape[2] if q.dim() == 4 else None
+    grouped = q.dim() == 4 and v.dim() == 4 and Hk != v.shape[2]
+    if grouped:
+        if k.shape != q.shape or Hk == 0 or v.shape[2] % Hk:
+            raise ValueError(f"sp_delta_rule: grouped value heads need q, k [B, T, Hk, K] alike and v [B, T, G·Hk, V]; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        qk_heads = (q, k)                       # kept for 'heads' (moved with their own heads)
+        q, k = (x.repeat_interleave(v.shape[2] // Hk, dim=2) for x in (q, k))   # local only, never sent
     validate(q, k, v, g, beta, initial_state, what="sp_delta_rule")
     if method == "heads" and output_final_state:
         raise ValueError("sp_delta_rule(method='heads'): a head shard has no per-piece final state; "
@@ -333,11 +355,13 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     N = num_blocks_for((B, H, K, V), dt, num_blocks, world_size=P)
     sizes = None
     if P > 1 and check is not False:
-        sig = dict(method=method, B=B, H=H, K=K, V=V, gate="kda" if g.dim() == 4 else "gdn",
+        sig = dict(method=method, B=B, H=H, Hk=Hk, K=K, V=V, gate="kda" if g.dim() == 4 else "gdn",
                    state_dtype=str(dt).replace("torch.", ""), num_blocks=N if method == "zeco" else None)
         sizes = _check(group, sig, T_local, P, method, H)
     elif T_local == 0:
         raise ValueError("sp_delta_rule: every rank needs at least one token (T < P?)")
+    if method == "heads" and grouped and P > 1:
+        q, k = qk_heads
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,
