@@ -72,7 +72,7 @@ from longseq.sharding import check_shardable, shard_range, split_sizes
 from . import layout as L
 from .full_attention import METHODS, Joint, SDPARedirect, sequence_attention
 from .primitives import gather, shard, sp_group_of, switch
-from .stages import group_norm, halo_exchange
+from .stages import group_norm, halo_extend
 
 __all__ = ["Stage", "Boundary", "Plan", "Extension", "Call", "PlanError", "as_plan", "parallelize", "DSPHandle",
            "shard_target", "offset_positions", "check_plan", "Joint"]
@@ -1094,7 +1094,7 @@ class DSPHandle:
 
     def _with_halo(self, x: torch.Tensor, st: Stage, path: str) -> torch.Tensor:
         d, _, _ = self._halo_dims(st)
-        return halo_exchange(x, d, st.halo[0], st.halo[1], self.group, tag=f"dsp.{path}.halo")
+        return halo_extend(x, d, st.halo[0], st.halo[1], self.group, tag=f"dsp.{path}.halo")
 
     def _crop_halo(self, y: torch.Tensor, st: Stage, path: str) -> torch.Tensor:
         d, nb, na = self._halo_dims(st)

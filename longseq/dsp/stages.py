@@ -1,7 +1,7 @@
 """Halo and statistics stages: the two ways a layer that mixes along the sharded dimension can run
 on this rank's piece without gathering the tensor.
 
-``halo_exchange(x, dim, before, after, group, tag)``: this rank's piece of ``dim`` extended by the
+``halo_extend(x, dim, before, after, group, tag)``: this rank's piece of ``dim`` extended by the
 last ``before`` rows of the previous rank and the first ``after`` rows of the next one, point to
 point (``comm.batch_isend_irecv``; nothing beyond the sequence's ends: the module pads there as it
 does on one process). A convolution of kernel k along ``dim`` (padding (k-1)/2 each side) needs
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from longseq import comm
 
-__all__ = ["halo_exchange", "group_norm", "all_reduce_shared"]
+__all__ = ["halo_extend", "group_norm", "all_reduce_shared"]
 
 
 def _p2p(sends: list, recvs: list, group: Any, tag: str) -> None:
@@ -84,14 +84,14 @@ class _Halo(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
-def halo_exchange(x: torch.Tensor, dim: int, before: int, after: int, group: Any, *, tag: str = "halo") -> torch.Tensor:
+def halo_extend(x: torch.Tensor, dim: int, before: int, after: int, group: Any, *, tag: str = "halo") -> torch.Tensor:
     """``x`` (this rank's piece along ``dim``) with its neighbours' edge rows attached (module
     docstring); differentiable. Raises ``ValueError`` if this piece is shorter than a halo."""
     dim = dim % x.dim()
     if comm.group_size(group) == 1 or not (before or after):
         return x
     if x.shape[dim] < max(before, after):
-        raise ValueError(f"halo_exchange: this rank holds {x.shape[dim]} rows along dim {dim}, fewer than the halo "
+        raise ValueError(f"halo_extend: this rank holds {x.shape[dim]} rows along dim {dim}, fewer than the halo "
                          f"({before}, {after}); use fewer ranks or a longer dimension")
     return _Halo.apply(x, dim, int(before), int(after), group, tag)
 
