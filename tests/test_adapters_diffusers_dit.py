@@ -115,28 +115,35 @@ def _expected(method, P, r, stages, text):
     return {".kv": fwd, ".bwd.kv": fwd, ".bwd.dkv": 2 * B * H * D * sum(n for j, n in enumerate(kv) if j != r)}
 
 
-CASES = [("wan", "ulysses"), ("wan", "ring"), ("ltx", "ulysses"), ("cogvideox", "ulysses"), ("cogvideox", "ring"),
-         ("hunyuan", "ulysses"), ("hunyuan", "ring")]
+# every model at P = 2 and 3, every method with and without joint text tokens; USP (2 x 2) at P = 4
+CASES = {2: [("wan", "ulysses"), ("ltx", "ring"), ("cogvideox", "ring"), ("hunyuan", "ulysses")],
+         3: [("wan", "ring"), ("ltx", "ulysses"), ("cogvideox", "ulysses"), ("hunyuan", "ring")],
+         4: [("wan", "usp")]}
 
 
-@pytest.mark.parametrize("P", [2, 3])
+def _check(name, method, P, results):
+    text = N if name in ("cogvideox", "hunyuan") else 0
+    for r, res in enumerate(results):
+        assert not res["zero"], (name, res["zero"])
+        bad = {k: e for k, e in res["errs"].items() if not e <= RTOL[name]}
+        assert not bad, (name, method, P, r, bad)
+        assert res["stages"], (name, method)
+        others = {tag for op, tag, _ in res["records"] if ".attn." not in tag}
+        assert others <= {"dsp.check", "dsp.exit", "dsp.entry.bwd"}, (name, others)
+        if method == "usp":
+            continue
+        exp = _expected(method, P, r, res["stages"], text)
+        for stage in res["stages"]:
+            got = {}
+            for op, tag, sent in res["records"]:
+                if tag.startswith(stage + ".attn.") and not tag.endswith(("check", "sizes")):
+                    suffix = tag[len(stage + ".attn"):]
+                    got[suffix] = got.get(suffix, 0) + sent
+            assert got == exp, (name, method, P, r, stage, got, exp)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
 def test_dits_equal_single_process(dist_pool, P):
     pool = dist_pool(P)
-    for name, method in CASES:
-        text = N if name in ("cogvideox", "hunyuan") else 0
-        for r, res in enumerate(pool.run(_run, name, method, ring_text=method == "ring")):
-            assert not res["zero"], (name, res["zero"])
-            bad = {k: e for k, e in res["errs"].items() if not e <= RTOL[name]}
-            assert not bad, (name, method, P, r, bad)
-            assert res["stages"], (name, method)
-            exp = _expected(method, P, r, res["stages"], text)
-            for stage in res["stages"]:
-                got = {}
-                for op, tag, sent in res["records"]:
-                    if tag.startswith(stage + ".attn.") and not tag.endswith(("check", "sizes")):
-                        suffix = tag[len(stage + ".attn"):]
-                        got[suffix] = got.get(suffix, 0) + sent
-                for suffix, n in exp.items():
-                    assert got.get(suffix) == n, (name, method, P, r, stage, suffix, got, exp)
-            others = {tag for op, tag, _ in res["records"] if ".attn" not in tag}
-            assert others <= {"dsp.check", "dsp.exit", "dsp.exit.bwd", "dsp.entry.bwd"}, (name, others)
+    for name, method in CASES[P]:
+        _check(name, method, P, pool.run(_run, name, method, ring_text=method == "ring"))
