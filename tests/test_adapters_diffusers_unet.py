@@ -60,11 +60,12 @@ def _run(kind, plan_override=None):
     handle = dsp.parallelize(model, None, plan)           # one rank: the stages' whole input shapes
     shapes, hooks = {}, []
     def record(path, st):
-        def hook(m, a):
-            shapes.setdefault(path, (tuple(a[0].shape), st, getattr(m, "num_groups", 0)))
+        def hook(m, a, kw):
+            x = a[0] if a else next(iter(kw.values()))
+            shapes.setdefault(path, (tuple(x.shape), st, getattr(m, "num_groups", 0)))
         return hook
     for path, mod, st in handle.stages:
-        hooks.append(mod.register_forward_pre_hook(record(path, st)))
+        hooks.append(mod.register_forward_pre_hook(record(path, st), with_kwargs=True))
     handle.remove()
     ref_out, ref_dx = _step(model, x, kw, target)
     for h in hooks:
