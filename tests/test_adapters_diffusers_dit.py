@@ -33,25 +33,9 @@ RTOL = {"wan": 1e-5, "ltx": 1e-10, "cogvideox": 1e-10, "hunyuan": 1e-10}
 B, T, S, H, D, N = 2, 5, 4, 6, 12, 3     # batch, frames, tokens a frame, heads, head dim, text tokens
 
 
-def inputs(name, T=T, seed=1, dtype=torch.float64):
-    """The model's keyword inputs: a latent of T frames, 3 text tokens (with padding where the model
-    takes a text mask), timesteps."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s):
-        return torch.randn(*s, generator=g, dtype=dtype)
-    t = torch.tensor([3, 7])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    if name == "wan":
-        return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, N, 16))
-    if name == "ltx":
-        return dict(hidden_states=r(B, T * S, 8), encoder_hidden_states=r(B, N, 16), timestep=t,
-                    encoder_attention_mask=mask, num_frames=T, height=2, width=2)
-    if name == "cogvideox":
-        return dict(hidden_states=r(B, T, 4, 4, 4), encoder_hidden_states=r(B, N, 16), timestep=t,
-                    image_rotary_emb=(r(T * S, D), r(T * S, D)))
-    return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, N, 16),
-                encoder_attention_mask=mask, pooled_projections=r(B, 8))
+def inputs(name, T=T, text_mask=True):
+    from longseq.adapters.diffusers_dit import sample_inputs
+    return sample_inputs(name, T, B, text_mask=text_mask)
 
 
 def _model(name):
@@ -77,9 +61,7 @@ def _run(name, method, ring_text=False):
     W = dist.group.WORLD
     groups = longseq.from_existing_groups(W)
     model = _model(name)
-    kw = inputs(name)
-    if ring_text and "encoder_attention_mask" in kw:        # ring takes no text padding mask
-        kw["encoder_attention_mask"] = torch.ones_like(kw["encoder_attention_mask"])
+    kw = inputs(name, text_mask=not ring_text)            # ring takes no text padding mask
     target = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     ref_out, ref_dx = _step(model, kw, target)
     ref = param_grads(model)
