@@ -92,9 +92,9 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 def sample_inputs(name: str, frames: int = 5, batch: int = 2, *, seed: int = 1, dtype: torch.dtype = torch.float64,
-                  text_mask: bool = True) -> dict:
+                  text_mask: bool = True, text: int = 3) -> dict:
     """Keyword inputs for :func:`build`'s tiny ``name``: a ``frames``-frame 4x4 latent (S = 4 tokens a
-    frame after the 2x2 patches), 3 text tokens (the second sample's last one padded where the
+    frame after the 2x2 patches), ``text`` text tokens (the first sample's last one padded where the
     model takes a text mask and ``text_mask``), timesteps 3 and 7."""
     g = torch.Generator().manual_seed(seed)
 
@@ -102,16 +102,17 @@ def sample_inputs(name: str, frames: int = 5, batch: int = 2, *, seed: int = 1, 
         return torch.randn(*s, generator=g, dtype=dtype)
     B, T = batch, frames
     t = torch.tensor([3, 7] * B)[:B]
-    mask = torch.ones(B, 3, dtype=torch.long)
+    N = text
+    mask = torch.ones(B, N, dtype=torch.long)
     if text_mask:
-        mask[0, 2] = 0
+        mask[0, N - 1] = 0
     if name == "wan":
-        return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, 3, 16))
+        return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, N, 16))
     if name == "ltx":
-        return dict(hidden_states=r(B, T * 4, 8), encoder_hidden_states=r(B, 3, 16), timestep=t,
+        return dict(hidden_states=r(B, T * 4, 8), encoder_hidden_states=r(B, N, 16), timestep=t,
                     encoder_attention_mask=mask, num_frames=T, height=2, width=2)
     if name == "cogvideox":
-        return dict(hidden_states=r(B, T, 4, 4, 4), encoder_hidden_states=r(B, 3, 16), timestep=t,
+        return dict(hidden_states=r(B, T, 4, 4, 4), encoder_hidden_states=r(B, N, 16), timestep=t,
                     image_rotary_emb=(r(T * 4, 12), r(T * 4, 12)))
-    return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, 3, 16),
+    return dict(hidden_states=r(B, 4, T, 4, 4), timestep=t, encoder_hidden_states=r(B, N, 16),
                 encoder_attention_mask=mask, pooled_projections=r(B, 8))

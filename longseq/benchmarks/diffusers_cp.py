@@ -11,7 +11,8 @@ longseq, ...; the slowest rank's time). longseq: ``dsp.parallelize(model, group,
 attention="ulysses")`` and ``longseq.sync_gradients``. diffusers: ``model.enable_parallelism(
 config=ContextParallelConfig(ulysses_degree=P))`` with the model's own ``_cp_plan``; it has no
 gradient synchronisation, so its per-rank gradients are summed here the same way. ``--frames`` also
-runs one step at an uneven frame count (``--uneven-frames``, default 5) for both.
+runs one step at an uneven frame count (``--uneven-frames``, default 5, with 3 text tokens; the timed
+step has 4) for both. Models: 4 heads x 12, two layers.
 
 Workaround for the peer, applied inside this benchmark only: on a machine without an accelerator
 diffusers' ``enable_parallelism`` divides by ``torch.accelerator.device_count()`` (0); the count
@@ -47,7 +48,7 @@ def _grads(model) -> dict:
 
 
 def _step(model, kw, target):
-    out = model(**kw).sample
+    out = model(**kw, return_dict=False)[0]       # diffusers' CP output hook takes no output dataclass
     F.mse_loss(out, target).backward()
     return out.detach()
 
@@ -64,18 +65,20 @@ def _diffusers_cp(model, P: int):
         torch.accelerator.device_count = count
 
 
-def _case(name: str, frames: int, rounds: int, device: torch.device) -> dict:
+def _case(name: str, frames: int, text: int, rounds: int, device: torch.device) -> dict:
     import longseq
     from longseq import dsp
     from longseq.adapters import diffusers_dit as dd
     from longseq.models.stdit import init_for_testing
     P = dist.get_world_size()
     W = dist.group.WORLD
-    base = init_for_testing(dd.build(name), std=0.1, seed=0).to(device)
+    # 4 heads x 12 (Ulysses, in both, needs P | heads at P = 2 and 4)
+    base = init_for_testing(dd.build(name, num_attention_heads=4, **({"cross_attention_dim": 48} if name == "ltx"
+                                                                     else {})), std=0.1, seed=0).to(device)
     kw = {k: (v.to(device=device, dtype=torch.float32) if torch.is_tensor(v) and v.is_floating_point() else
               v.to(device) if torch.is_tensor(v) else
               tuple(t.to(device=device, dtype=torch.float32) for t in v) if isinstance(v, tuple) else v)
-          for k, v in dd.sample_inputs(name, frames, 2, text_mask=False).items()}
+          for k, v in dd.sample_inputs(name, frames, 2, text_mask=False, text=text).items()}
     out_shape = base(**kw).sample.shape
     target = torch.randn(out_shape, generator=torch.Generator().manual_seed(5)).to(device)
     ref_model = copy.deepcopy(base)
@@ -147,7 +150,8 @@ def _worker(rank, world, port, job, queue):
         for name in job["models"]:
             for frames in (job["frames"], job["uneven"]):
                 try:
-                    out[(name, frames)] = _case(name, frames, job["rounds"] if frames == job["frames"] else 0, device)
+                    even = frames == job["frames"]
+                    out[(name, frames)] = _case(name, frames, 4 if even else 3, job["rounds"] if even else 0, device)
                 except Exception:   # noqa: BLE001
                     out[(name, frames)] = {"error": traceback.format_exc()[-300:]}
     finally:
