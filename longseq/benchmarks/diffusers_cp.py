@@ -176,7 +176,8 @@ def _launch(world: int, job: dict) -> dict:
 def _cell(r: dict, timed: bool) -> str:
     if not r.get("ok"):
         return "fails: " + r.get("error", "?")
-    eq = f"out {r['out']:.0e}, grads {r['grad']:.0e}" + (f", {r['missing']} params without grad" if r.get("missing") else "")
+    eq = f"out {r['out']:.0e}, grads {r['grad']:.0e}"
+    eq += f", {r['missing']} params without grad" if r.get("missing") else ""
     return eq + (f", {r['ms']:.1f} ms" if timed and r.get("ms") is not None else "")
 
 
