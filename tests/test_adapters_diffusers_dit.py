@@ -66,7 +66,8 @@ def _run(name, method, ring_text=False):
     ref_out, ref_dx = _step(model, kw, target)
     ref = param_grads(model)
     model.zero_grad(set_to_none=True)
-    handle = dsp.parallelize(model, groups, dd.PLANS[name], attention=method)
+    handle = dsp.parallelize(model, groups, dd.PLANS[name], attention=method,
+                             ulysses_degree=2 if method == "usp" else None)
     with LEDGER.recording() as rec:
         out, dx = _step(model, kw, target)
     longseq.sync_gradients(model.parameters(), groups)
@@ -88,8 +89,8 @@ def _expected(method, P, r, stages, text):
         mine, others = B * L[r] * (H - h) * D, B * (sum(L) - L[r]) * h * D
         e = {".q": mine, ".k": mine, ".v": mine, ".out": others,
              ".q.bwd": others, ".k.bwd": others, ".v.bwd": others, ".out.bwd": mine}
-        if text:
-            e[".text"] = B * N * h * D * (P - 1)
+        if text:                 # the text output's heads: all-gathered, backward reduce-scattered
+            e[".text"] = e[".text.bwd"] = B * N * h * D * (P - 1)
         return e
     kv = [n + (text if j == 0 else 0) for j, n in enumerate(L)]     # rank 0's block carries the text keys
     fwd = 2 * B * H * D * sum(n for j, n in enumerate(kv) if j != (r + 1) % P)
