@@ -201,3 +201,50 @@ def test_all_scan_dense_maps(dist_pool, reverse):
         for r, (ok, ns, es) in enumerate(dist_pool(3).run(_dense_scan, reverse, nb)):
             last = r == (0 if reverse else 2)
             assert ok and (ns, es) == ((0, 0) if last else (n, 2 * 3 * 4 * 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped value heads: q, k with Hk heads, v, g, beta with G·Hk
+# ----------------------------------------------------------------------------------------------
+def _grouped_case(T, B, Hk, G, K, V, kda):
+    P, me = dist.get_world_size(), dist.get_rank()
+    H = G * Hk
+    sizes = split_sizes(T, P)
+    q, k, v, g, beta, _, do = _inputs(B, T, H, K, V, kda, seed=21 + kda)
+    q, k = q[:, :, :Hk], k[:, :, :Hk]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+    rep = [x.repeat_interleave(G, dim=2) for x in leaves[:2]]           # one process: q, k repeated
+    o_ref, _ = recurrent_delta_rule_reference(*rep, *leaves[2:], use_qk_l2norm=True)
+    (o_ref * do).sum().backward()
+    out = {}
+    for method in ("zeco", "allgather", "p2p", "heads"):
+        mine = [_piece(x, sizes, me).detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+        with LEDGER.recording() as rec:
+            o, _ = sp_delta_rule(*mine, group=dist.group.WORLD, method=method, use_qk_l2norm=True, chunk_size=4,
+                                 num_blocks=1)
+            (o * _piece(do, sizes, me)).sum().backward()
+        errs = {"o": rel_err(o, _piece(o_ref, sizes, me), torch.float64)}
+        for i, name in enumerate(("dq", "dk", "dv", "dg", "dbeta")):
+            errs[name] = rel_err(mine[i].grad, _piece(leaves[i].grad, sizes, me), torch.float64)
+        state = [(c.op, c.tag, c.elements_sent, c.elements_recv) for c in rec if not c.tag.endswith("check")]
+        out[method] = (errs, state)
+    return out
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_grouped_value_heads(dist_pool, P):
+    """Hk = 2 key heads, G = 3 (6 value heads), T = 11 uneven, GDN and KDA gates: every method equals one
+    process with q, k repeated (float64, 1e-9), and zeco moves exactly one K x V state per value head per
+    rank per direction (B·Hv·K·V elements; nothing of q, k)."""
+    B, Hk, G, K, V = 1, 2, 3, 4, 3
+    for kda in (False, True):
+        for r, res in enumerate(dist_pool(P).run(_grouped_case, 11, B, Hk, G, K, V, kda)):
+            for method, (errs, _) in res.items():
+                for name, e in errs.items():
+                    assert e <= REL[torch.float64], f"P={P} kda={kda} {method}: {name} error {e:.3g}"
+            state = res["zeco"][1]
+            S = B * Hk * G * K * V
+            assert sum(x[2] for x in state if x[1] == "zeco.delta.scan.fwd") == (0 if r == P - 1 else S)
+            assert sum(x[3] for x in state if x[1] == "zeco.delta.scan.fwd") == (0 if r == 0 else S)
+            assert sum(x[2] for x in state if x[1] == "zeco.delta.scan.bwd") == (0 if r == 0 else S)
+            assert {x[1] for x in state} <= {"zeco.delta.scan.fwd", "zeco.delta.scan.bwd"}, state

@@ -5,6 +5,9 @@ third-party source).
   (``latte.parallelize(model, group)``): ``LATTE_PLAN`` in the public plan language.
 * :mod:`longseq.adapters.diffusers_video` — DSP plans for diffusers' ``TransformerSpatioTemporalModel``
   (``SVD_PLAN``) and ``TransformerTemporalModel`` (``TEMPORAL_PLAN``), for ``dsp.parallelize``.
+* :mod:`longseq.adapters.diffusers_dit` — DSP plans for diffusers' full-3D-attention video DiTs
+  (Wan 2.x, LTX-Video, CogVideoX, HunyuanVideo): attention stages run as Ulysses / ring / USP.
+  ``diffusers_video`` also holds ``UNET3D_PLAN`` and ``MOTION_PLAN`` (ModelScope / AnimateDiff UNets).
 * :mod:`longseq.adapters.fla_gla` — fla's gated-linear-attention models (GLA, HGRN2, RetNet, linear
   attention; a public routing table ``LAYERS`` / ``ROUTES``): their layers routed through
   ``zeco.sp_gla`` (``fla_gla.parallelize(model, group)``), with pure-PyTorch stand-ins for fla's
@@ -17,7 +20,7 @@ costs nothing. See docs/integration.md.
 """
 import importlib
 
-__all__ = ["latte", "diffusers_video", "fla_gla", "fla_delta"]
+__all__ = ["latte", "diffusers_video", "diffusers_dit", "fla_gla", "fla_delta"]
 
 
 def __getattr__(name):

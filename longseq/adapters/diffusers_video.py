@@ -16,6 +16,16 @@
   all-gather in, backward a reduce-scatter); its blocks ``(B·H·W, T, C)`` attend over frames, so
   they run with the image rows H sharded (one switch in, one out).
 
+* ``UNET3D_PLAN`` — ``UNet3DConditionModel`` (ModelScope text-to-video) and ``MOTION_PLAN`` —
+  ``UNetMotionModel`` (AnimateDiff): the whole UNet at the DSP minimum, no whole stage. Home T:
+  resnets, spatial transformers, down / up sampling run per frame on this rank's frames. Their
+  temporal layers: every GroupNorm whose statistics span T (the temporal convolutions' and the
+  temporal transformers') is a statistics stage (one all-reduce of ``[B, G, 2]`` sums); every
+  temporal Conv3d (kernel 3 across frames) a halo stage (one row from each neighbour, point to
+  point); every temporal transformer block ``(B·S, T, C)`` runs with the spatial tokens S sharded
+  (one switch in, one out). S changes from level to level (``varying=("S",)``), and ``**`` in a
+  path matches any depth, so one line serves every level.
+
 Usage: ``dsp.parallelize(model, groups, diffusers_video.SVD_PLAN)`` (output ``.sample`` or
 ``[0]``, gathered, or this rank's frames with ``gather_output=False`` and ``handle.shard_target``).
 """
@@ -27,7 +37,8 @@ from longseq import dsp
 from longseq.dsp import Boundary, Plan, Stage
 from longseq.optional import require
 
-__all__ = ["SVD_PLAN", "TEMPORAL_PLAN", "first_frame_context", "build_svd", "build_temporal"]
+__all__ = ["SVD_PLAN", "TEMPORAL_PLAN", "UNET3D_PLAN", "MOTION_PLAN", "first_frame_context", "build_svd",
+           "build_temporal", "build_unet3d", "build_motion"]
 
 
 def first_frame_context(handle: dsp.DSPHandle, path: str, call: dsp.Call) -> None:
@@ -59,6 +70,45 @@ TEMPORAL_PLAN = Plan(
 def _temporal_module():
     return require("diffusers.models.transformers.transformer_temporal", extra="diffusers",
                    what="longseq.adapters.diffusers_video (diffusers' video transformers)")
+
+
+UNET3D_PLAN = Plan(
+    name="unet3d", home="T", varying=("S",),
+    input=Boundary("B C T H W", name="sample"), output=Boundary("B C T H W", name="sample", arg=0),
+    stages=(("**.temp_convs.*.conv?.0", Stage("B C T H W", shard="T", stats=True)),      # GroupNorm over T, H, W
+            ("**.temp_convs.*.conv1.2", Stage("B C T H W", shard="T", halo=1)),          # Conv3d (3, 1, 1)
+            ("**.temp_convs.*.conv[234].3", Stage("B C T H W", shard="T", halo=1)),
+            ("transformer_in.norm", Stage("B C T H W", shard="T", stats=True)),
+            ("transformer_in.transformer_blocks.*", Stage("(B S) T C", shard="S")),
+            ("**.temp_attentions.*.norm", Stage("B C T H W", shard="T", stats=True)),
+            ("**.temp_attentions.*.transformer_blocks.*", Stage("(B S) T C", shard="S"))))
+
+MOTION_PLAN = Plan(
+    name="animatediff", home="T", varying=("S",),
+    input=(Boundary("B C T H W", name="sample"), Boundary("(B T) N E", name="encoder_hidden_states")),
+    output=Boundary("B C T H W", name="sample", arg=0),
+    stages=(("**.motion_modules.*.norm", Stage("B C T H W", shard="T", stats=True)),
+            ("**.motion_modules.*.transformer_blocks.*", Stage("(B S) T C", shard="S"))))
+
+
+def build_unet3d(**overrides) -> nn.Module:
+    """A tiny ``UNet3DConditionModel`` for CPU tests (two levels of 8 and 16 channels in 4 groups,
+    one layer a block, an 8x8 latent: S = 64 and 16 tokens a frame at the two levels)."""
+    from diffusers import UNet3DConditionModel
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+               up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), block_out_channels=(8, 16), layers_per_block=1,
+               norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4)
+    return UNet3DConditionModel(**{**cfg, **overrides})
+
+
+def build_motion(**overrides) -> nn.Module:
+    """A tiny ``UNetMotionModel`` (AnimateDiff) for CPU tests, the same shape as :func:`build_unet3d`."""
+    from diffusers import UNetMotionModel
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"), norm_num_groups=4,
+               up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), cross_attention_dim=8,
+               num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=8)
+    return UNetMotionModel(**{**cfg, **overrides})
 
 
 def build_svd(**overrides) -> nn.Module:

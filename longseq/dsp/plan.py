@@ -71,10 +71,12 @@ from longseq.positions import position_range
 from longseq.sharding import check_shardable, shard_range, split_sizes
 
 from . import layout as L
+from .full_attention import METHODS, Joint, SDPARedirect, sequence_attention
 from .primitives import gather, shard, sp_group_of, switch
+from .stages import group_norm, halo_extend
 
 __all__ = ["Stage", "Boundary", "Plan", "Extension", "Call", "PlanError", "as_plan", "parallelize", "DSPHandle",
-           "shard_target", "offset_positions"]
+           "shard_target", "offset_positions", "check_plan", "Joint"]
 
 
 class PlanError(ValueError, RuntimeError):
@@ -101,7 +103,19 @@ class Stage:
     ``layout``). ``args``: other arguments ``{name: layout}`` brought to the stage's sharding;
     ``kwargs``: arguments ``{name: dim}`` set to the size of ``dim`` as the stage sees it (whole, or
     this rank's piece); ``pre(handle, path, call)`` / ``post(handle, path, out) -> out | None``:
-    model-specific code (:class:`Extension`), run after the switch in / before the switch out."""
+    model-specific code (:class:`Extension`), run after the switch in / before the switch out.
+
+    Stage kinds beyond the switch (docs/writing_a_plan.md, section 8):
+    ``attention=True`` (or a :class:`Joint`): the module's attention spans the sharded dim (full-3D
+    attention over the tokens of ``shard``'s folded group): its SDPA calls run sequence-parallel
+    (the ``attention=`` method of :func:`parallelize`; :mod:`dsp.full_attention`).
+    ``table=True`` with ``shard=None``: a module that computes a position table (RoPE) from its
+    input's *shape* only: it sees a zero-stride stand-in of the whole input (no gather) and its
+    output fields (``out``: a tuple for several) are cut to this rank's rows of ``home``.
+    ``halo=k`` or ``(before, after)``: the module mixes along ``shard`` (a convolution across
+    frames): its input gets the neighbours' edge rows point to point and its output is cropped.
+    ``stats=True``: an ``nn.GroupNorm`` whose statistics span ``shard``: its sums are all-reduced
+    (:mod:`dsp.stages`) instead of gathering the tensor."""
 
     layout: str
     shard: Optional[str]
@@ -112,10 +126,23 @@ class Stage:
     out: Any = None
     pre: Optional[Callable] = None
     post: Optional[Callable] = None
+    attention: Any = None
+    table: bool = False
+    halo: Any = 0
+    stats: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", _pairs(self.args))
         object.__setattr__(self, "kwargs", _pairs(self.kwargs))
+        h = self.halo
+        object.__setattr__(self, "halo", (int(h), int(h)) if isinstance(h, int) else tuple(int(n) for n in h))
+        if isinstance(self.out, list):
+            object.__setattr__(self, "out", tuple(self.out))
+
+    @property
+    def fields(self) -> tuple:
+        """The output fields the stage's layout describes (``out``: one, or a tuple of several)."""
+        return self.out if isinstance(self.out, tuple) else (self.out,)
 
     @property
     def output_layout(self) -> str:
@@ -180,7 +207,8 @@ class Plan:
     string) or a tuple of them (the first input is the main one and must be given); ``stages``:
     ordered ``(path pattern, Stage)`` pairs; ``kwargs``: the model's size arguments ``{name: dim}``
     (bind the dim at the entry, rewritten to this rank's size); ``extensions``: :class:`Extension`
-    instances."""
+    instances; ``varying``: names whose size may change from stage to stage (a UNet's spatial
+    tokens after down / up sampling), bound afresh at each stage's input."""
 
     name: str
     home: str
@@ -189,8 +217,10 @@ class Plan:
     stages: tuple = ()
     kwargs: Any = ()
     extensions: tuple = ()
+    varying: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "varying", tuple(self.varying))
         object.__setattr__(self, "input", _boundaries(self.input) if not isinstance(self.input, Boundary) else self.input)
         object.__setattr__(self, "output", _boundaries(self.output) if not isinstance(self.output, Boundary) else self.output)
         object.__setattr__(self, "kwargs", _pairs(self.kwargs))
@@ -215,6 +245,12 @@ class Plan:
             need(st.output_layout, self.home, f"stage {pat!r} output")
             for name, lay in st.args:
                 need(lay, None, f"stage {pat!r} argument {name!r}")
+            if (st.table and st.shard is not None) or ((st.attention or st.stats or any(st.halo)) and st.shard is None):
+                raise PlanError(f"DSP plan {self.name!r}: stage {pat!r}: a table stage has shard=None; an attention, "
+                                "halo or statistics stage names the sharded dim it spans")
+            if (any(st.halo) or st.stats) and (st.shard, ) not in L.parse(st.layout).groups:
+                raise PlanError(f"DSP plan {self.name!r}: stage {pat!r}: a halo or statistics stage needs {st.shard} "
+                                f"as a dim of its own in {st.layout!r} (not folded)")
         known = set(self.names)
         for where, pairs in [("", self.kwargs)] + [(f"stage {pat!r} ", st.kwargs) for pat, st in self.stages]:
             for name, dim in pairs:
@@ -289,8 +325,16 @@ def as_plan(plan: Any) -> Plan:
 
 
 def _matches(pattern: str, path: str) -> bool:
+    """``*`` matches one path component, ``**`` any number (also none)."""
     a, b = pattern.split("."), path.split(".")
-    return len(a) == len(b) and all(fnmatch.fnmatchcase(y, x) for x, y in zip(a, b))
+
+    def m(i: int, j: int) -> bool:
+        if i == len(a):
+            return j == len(b)
+        if a[i] == "**":
+            return any(m(i + 1, k) for k in range(j, len(b) + 1))
+        return j < len(b) and fnmatch.fnmatchcase(b[j], a[i]) and m(i + 1, j + 1)
+    return m(0, 0)
 
 
 def offset_positions(dim: str, arg: Any = 0) -> Callable:
@@ -447,7 +491,14 @@ class DSPHandle:
     """
 
     def __init__(self, model: nn.Module, group: Any, plan: Plan, *, gather_output: bool, check_inputs: Any,
-                 comm_dtype: Any = None, check_stages: Optional[bool] = None, check_rtol: float = 1e-4):
+                 comm_dtype: Any = None, check_stages: Optional[bool] = None, check_rtol: float = 1e-4,
+                 attention: str = "ulysses", ulysses_degree: Optional[int] = None):
+        if attention not in METHODS:
+            raise ValueError(f"attention must be one of {', '.join(METHODS)}, not {attention!r}")
+        self.attention, self._usp = attention, None
+        self._collect = False           # check_plan: compare every stage, report all, feed the reference on
+        self._forwards = 0
+        self._stage_call: Optional[tuple[str, Call, Stage]] = None
         if check_inputs not in _CHECK_MODES:
             raise ValueError(f"check_inputs must be True, False, 'new', 'always' or 'off', not {check_inputs!r}")
         self.model, self.group, self.plan = model, sp_group_of(group), plan
@@ -460,6 +511,7 @@ class DSPHandle:
         self.inputs: Optional[Call] = None
         self.stages: list[tuple[str, nn.Module, Stage]] = []
         self.check_report: list[tuple[str, float, float]] = []
+        self.check_failures: list[str] = []
         self._debug = _env_check() if check_stages is None else bool(check_stages)
         self._debug_rtol = float(check_rtol)
         self._records: Optional[dict] = None
@@ -474,6 +526,9 @@ class DSPHandle:
         self._sharded_inputs: list = []
         self._bound = plan.bound_names
         self._resolve()
+        if attention == "usp" and any(st.attention for _, _, st in self.stages) and self.size > 1:
+            from longseq.sp.usp import init_usp_groups
+            self._usp = init_usp_groups(self.group, ulysses_degree)
         self._install()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -515,9 +570,13 @@ class DSPHandle:
             raise
         self._hooks.append(m.register_forward_pre_hook(self._enter, with_kwargs=True))
         self._hooks.append(m.register_forward_hook(self._exit))
+        self._swapped = []
         for path, mod, st in self.stages:
             self._hooks.append(mod.register_forward_pre_hook(self._stage_pre(path, mod, st), with_kwargs=True))
             self._hooks.append(mod.register_forward_hook(self._stage_post(path, st)))
+            if st.attention or st.stats:
+                self._swapped.append((mod, "forward" in vars(mod), vars(mod).get("forward")))
+                mod.forward = self._stage_forward(path, mod, st, mod.forward)
         self._had_forward = "forward" in vars(m)
         self._old_forward = vars(m).get("forward")
         m.forward = self._wrap_forward(m.forward)
@@ -525,31 +584,87 @@ class DSPHandle:
     def _wrap_forward(self, forward: Callable) -> Callable:
         @functools.wraps(forward)
         def wrapped(*args, **kwargs):
+            self._forwards += 1
             try:
                 return forward(*args, **kwargs)
-            except (PlanError, SetupError):      # the plan's own error, or the environment's (not the plan's)
+            except (PlanError, SetupError) as e:  # the plan's own error, or the environment's (not the plan's)
+                if isinstance(e, PlanError) and self._active and self.size > 1:
+                    self._publish_failure(str(e))
                 self._active = False
                 raise
+            except comm.CollectiveError as e:
+                active, self._active = self._active, False
+                peer = self._peer_failure() if active else None
+                if peer is None:
+                    raise
+                raise PlanError(f"DSP plan {self.plan.name!r}: a peer failed ({peer}); this rank stopped waiting "
+                                f"in {self._step} after the collective timeout") from e
             except Exception as e:
                 active, self._active = self._active, False
                 if not active or self.size == 1:
                     raise
-                shapes = ", ".join(f"{b.label} {b.layout!r} {list(w.shape)} -> local {list(loc.shape)}"
+                shapes = ", ".join(f"{b.label} {b.layout!r} {_shape(w)} -> local {_shape(loc)}"
                                    for b, w, loc in self._sharded_inputs)
-                raise PlanError(
-                    f"DSP plan {self.plan.name!r}: {type(self.model).__name__}.forward failed on this rank's "
-                    f"piece ({self.plan.home}={self.local(self.plan.home)} of {self.whole(self.plan.home)}) after "
-                    f"{self._step}; sharded inputs: {shapes}; sizes {self.sizes}. The plan does not fit the model "
-                    f"there (a layout, a size argument in kwargs=, or a tensor the model lays out along "
-                    f"{self.plan.home} that the plan does not shard). The model's error: "
-                    f"{type(e).__name__}: {e}") from e
+                where = self._step
+                if self._stage_call is not None and self._step.startswith("stage"):
+                    where += f" (its arguments: {self._describe_call()})"
+                msg = (f"DSP plan {self.plan.name!r}: {type(self.model).__name__}.forward failed on this rank's "
+                       f"piece ({self.plan.home}={self.local(self.plan.home)} of {self.whole(self.plan.home)}) in "
+                       f"{where}; sharded inputs: {shapes}; sizes {self.sizes}. The plan does not fit the model "
+                       f"there (a layout, a size argument in kwargs= or Stage(kwargs=...), or a tensor the model "
+                       f"lays out along {self.plan.home} that the plan does not shard). The model's error: "
+                       f"{type(e).__name__}: {e}")
+                self._publish_failure(f"rank {self.rank}: {msg}")
+                raise PlanError(msg) from e
         return wrapped
+
+    # -- a failure on one rank, told to its peers (waiting in a collective) ----------------------
+    def _failure_key(self) -> str:
+        return f"longseq.dsp.failed/{self.plan.name}/{comm.group_ranks(self.group)}/{self._forwards}"
+
+    def _publish_failure(self, msg: str) -> None:
+        store = _store()
+        if store is not None:
+            try:
+                store.set(self._failure_key(), msg[:4000])
+            except Exception:       # noqa: BLE001 - telling the peers is best effort
+                pass
+
+    def _peer_failure(self) -> Optional[str]:
+        store = _store()
+        try:
+            if store is not None and store.check([self._failure_key()]):
+                return store.get(self._failure_key()).decode(errors="replace")
+        except Exception:           # noqa: BLE001
+            return None
+        return None
+
+    def _describe_call(self) -> str:
+        """The running stage's arguments: tensors by shape, and the int arguments the plan does
+        not set (a size the stage may need whole: ``Stage(kwargs={name: dim})``)."""
+        path, call, st = self._stage_call
+        set_by_plan = {n for n, _ in st.kwargs}
+        named = (call._bound.arguments.items() if call._bound is not None else
+                 [*((f"argument {i}", v) for i, v in enumerate(call.args)), *call.kwargs.items()])
+        parts = []
+        for name, v in named:
+            if isinstance(v, torch.Tensor):
+                parts.append(f"{name} {list(v.shape)}")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                parts.append(f"{name}={v}" + ("" if name in set_by_plan else " (not set by the plan: a size the "
+                                               f"stage needs whole? Stage(kwargs={{{name!r}: dim}}))"))
+        return ", ".join(parts) or "none"
 
     def remove(self) -> None:
         """Take the hooks off; the model computes as it did before :func:`parallelize`."""
         for h in self._hooks:
             h.remove()
         if self._hooks:
+            for mod, had, old in self._swapped:
+                if had:
+                    mod.forward = old
+                else:
+                    vars(mod).pop("forward", None)
             if self._had_forward:
                 self.model.forward = self._old_forward
             else:
@@ -729,20 +844,24 @@ class DSPHandle:
             x = call.get(key)
             if x is None and (b.optional if b.optional is not None else i > 0):
                 continue
-            if not isinstance(x, torch.Tensor):
+            many = isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x)
+            if not (isinstance(x, torch.Tensor) or many):
                 raise PlanError(f"DSP plan {plan.name!r}: the model's input {b.label!r} (layout {b.layout!r}) must be "
-                                f"a tensor, not {type(x).__name__}" + ("" if x is not None else
-                                                                       "; this call does not pass it"))
+                                f"a tensor (or a tuple of tensors laid out alike), not {type(x).__name__}"
+                                + ("" if x is not None else "; this call does not pass it"))
             present.append((b, key, x))
+
+        def fit(b, x):
+            ts = x if isinstance(x, (tuple, list)) else (x,)
+            return [m for t in ts for m in self._fit(t, b.layout, None, f"the model's input {b.label!r}", partial=True)]
         pending = present
         for _ in range(len(present) + 1):
-            left = [(b, k, x) for b, k, x in pending
-                    if self._fit(x, b.layout, None, f"the model's input {b.label!r}", partial=True)]
+            left = [(b, k, x) for b, k, x in pending if fit(b, x)]
             if len(left) == len(pending):
                 break
             pending = left
         for b, k, x in pending:
-            missing = self._fit(x, b.layout, None, f"the model's input {b.label!r}", partial=True)
+            missing = fit(b, x)
             raise PlanError(f"DSP plan {plan.name!r}: the sizes of {', '.join(missing)} in the model's input "
                             f"{b.label!r} (layout {b.layout!r}, shape {list(x.shape)}) are not determined: bind all "
                             f"but one name of each group from another input or a size argument (Plan(kwargs=...))")
@@ -782,7 +901,9 @@ class DSPHandle:
         self._active = True
         return call.args, call.kwargs
 
-    def _shard_input(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+    def _shard_input(self, x: Any, layout: str) -> Any:
+        if isinstance(x, (tuple, list)):
+            return type(x)(self._shard_input(t, layout) for t in x)
         lay = L.parse(layout)
         xu, names = L.unfold(lay, x, self.sizes)
         xs = shard(xu, names.index(self.plan.home), self.group, tag="dsp.entry", check=False)
@@ -801,7 +922,8 @@ class DSPHandle:
                 continue
             self._fit(y, b.layout, home, f"the model's output {b.label!r}")
             if self._records is not None:
-                self._compare(f"(output {self.plan.outputs.index(b)})", y, b.layout, home)
+                y = self._compare(f"(output {self.plan.outputs.index(b)})", y, b.layout, home)
+                out = _replace(out, b, y)
             if self.gather_output and self.size > 1:
                 lay = L.parse(b.layout)
                 yu, names = L.unfold(lay, y, self._shown(home))
@@ -820,6 +942,9 @@ class DSPHandle:
                     f"DSP: stage {path!r} was called outside a forward of the parallelized model; its hooks need "
                     "the whole sizes recorded at the model's input (call the model, or handle.remove() first)")
             call = Call(mod.forward, args, kwargs)
+            self._stage_call = (path, call, st)
+            for name in self.plan.varying:           # sizes that change between stages: bound afresh here
+                self.sizes.pop(name, None)
             src = None if self._solo else home
             x = call.get(st.input)
             self._fit(x, st.layout, src, f"stage {path!r}: its input {st.input!r}")
@@ -827,7 +952,12 @@ class DSPHandle:
             self._step = f"stage {path!r} (in)"
             if dst not in (home, None):
                 self._check_shardable(st.layout, dst, f"the input of {path!r}")
-            call[st.input] = self._move(x, st.layout, src, dst, f"dsp.{path}.in" if dst else f"dsp.{path}.whole")
+            if st.table:
+                call[st.input] = self._stand_in(x, st.layout, src)
+            else:
+                call[st.input] = self._move(x, st.layout, src, dst, f"dsp.{path}.in" if dst else f"dsp.{path}.whole")
+            if any(st.halo) and not self._solo and self.size > 1:
+                call[st.input] = self._with_halo(call[st.input], st, path)
             for name, lay in st.args:
                 v = call.get(name)
                 if not isinstance(v, torch.Tensor):
@@ -861,31 +991,126 @@ class DSPHandle:
         def hook(mod, args, out):
             if not self._active:
                 return None
-            y = _field(out, st.out)
-            if not isinstance(y, torch.Tensor):
-                raise TypeError(f"DSP: stage {path!r} must return its activation (or a tuple starting with it, or "
-                                f"name its field in Stage(out=...)), not {type(y).__name__}")
             dst = None if self._solo else st.shard
-            self._fit(y, st.output_layout, dst, f"stage {path!r}: its output")
-            for fn in ([st.post] if st.post is not None else []) + [e.after for e in self.plan.extensions]:
-                z = fn(self, path, y)
-                y = y if z is None else z
-            if self._solo:
-                self._record(path, y)
-                return _replace(out, st.out, y)
-            if self._records is not None:
-                self._compare(path, y, st.output_layout, dst)
-            self._step = f"stage {path!r} (out)"
-            y = self._move(y, st.output_layout, dst, home, f"dsp.{path}.out")
-            return _replace(out, st.out, y)
+            for field in st.fields:
+                y = _field(out, field)
+                if not isinstance(y, torch.Tensor):
+                    raise TypeError(f"DSP: stage {path!r} must return its activation (or a tuple starting with it, or "
+                                    f"name its field in Stage(out=...)), not {type(y).__name__}")
+                if any(st.halo) and not self._solo and self.size > 1:
+                    y = self._crop_halo(y, st, path)
+                name = path if len(st.fields) == 1 else f"{path}[{field}]"
+                self._fit(y, st.output_layout, dst, f"stage {name!r}: its output")
+                for fn in ([st.post] if st.post is not None else []) + [e.after for e in self.plan.extensions]:
+                    z = fn(self, path, y)
+                    y = y if z is None else z
+                if self._solo:
+                    self._record(name, y)
+                    out = _replace(out, field, y)
+                    continue
+                if self._records is not None:
+                    y = self._compare(name, y, st.output_layout, dst)
+                self._step = f"stage {path!r} (out)"
+                y = self._move(y, st.output_layout, dst, home, f"dsp.{path}.out")
+                out = _replace(out, field, y)
+            return out
 
         return hook
+
+    # -- stage kinds: full-3D attention, statistics, tables, halos ---------------------------
+    def _stage_forward(self, path: str, mod: nn.Module, st: Stage, forward: Callable) -> Callable:
+        """The stage module's forward for an attention or statistics stage (module docstring of
+        :mod:`dsp.full_attention`, :mod:`dsp.stages`)."""
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            if not self._active or self._solo or self.size == 1:
+                return forward(*args, **kwargs)
+            if st.stats:
+                return self._group_norm(path, mod, st, Call(forward, args, kwargs).get(st.input))
+            return self._attend(path, st, forward, args, kwargs)
+        return run
+
+    def _group_norm(self, path: str, mod: nn.Module, st: Stage, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(mod, nn.GroupNorm):
+            raise PlanError(f"DSP plan {self.plan.name!r}: stage {path!r}: stats=True takes an nn.GroupNorm, not "
+                            f"{type(mod).__name__}")
+        d = L.parse(st.layout).groups.index((st.shard,))
+        count = x[0].numel() // mod.num_groups // x.shape[d] * self.whole(st.shard)
+        return group_norm(x, mod, self.group, count, tag=f"dsp.{path}.stats")
+
+    def token_sizes(self, layout: str, dim: str) -> list[int]:
+        """Every rank's token count of the folded group of ``layout`` that holds ``dim``, with
+        ``dim`` sharded (``T_r·H·W`` for ``"B (T H W) C"``): the pieces of a full-3D attention."""
+        group = next(g for g in L.parse(layout).groups if dim in g)
+        out = []
+        for j in range(self.size):
+            n = 1
+            for name in group:
+                n *= split_sizes(self.whole(name), self.size)[j] if name == dim else self.whole(name)
+            out.append(n)
+        return out
+
+    def _attend(self, path: str, st: Stage, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        joint = st.attention if isinstance(st.attention, Joint) else None
+        text_states = Call(forward, args, kwargs).get(joint.arg) if joint else None
+        text = text_states.shape[1] if isinstance(text_states, torch.Tensor) else 0
+        sizes = self.token_sizes(st.layout, st.shard)
+
+        def fn(q, k, v, mask, scale):
+            if q.shape[1] != sizes[self.rank] + text or k.shape[1] != q.shape[1]:
+                raise PlanError(f"DSP plan {self.plan.name!r}: stage {path!r}: its attention got q of {q.shape[1]} "
+                                f"and k of {k.shape[1]} tokens, but this rank holds {sizes[self.rank]} tokens of "
+                                f"{st.layout!r}" + (f" and {text} joint tokens" if text else "") + "; a cross-"
+                                "attention is not a stage (it stays local), a joint one needs attention=Joint(...)")
+            return sequence_attention(q, k, v, self.group, method=self.attention, sizes=sizes, usp=self._usp,
+                                      text=text, at=joint.at if joint else "start", mask=mask, scale=scale,
+                                      tag=f"dsp.{path}.attn")
+
+        mode = SDPARedirect(fn, f"DSP stage {path!r}")
+        with mode:
+            out = forward(*args, **kwargs)
+        if mode.calls == 0:
+            raise PlanError(f"DSP plan {self.plan.name!r}: stage {path!r} is an attention stage but called no "
+                            "torch scaled_dot_product_attention: a diffusers model must use its 'native' attention "
+                            "backend (model.set_attention_backend('native'), the default)")
+        return out
+
+    def _stand_in(self, x: torch.Tensor, layout: str, src: Optional[str]) -> torch.Tensor:
+        """A zero-stride tensor of the whole input's shape (a table stage reads only the shape)."""
+        lay = L.parse(layout)
+        xu, names = L.unfold(lay, x, self._shown(src))
+        shape = [self.sizes[n] if n in self.sizes else xu.shape[i] for i, n in enumerate(names)]
+        whole = x.new_zeros(()).expand(shape)
+        return L.fold(lay, whole, self.sizes) if lay.folded else whole
+
+    def _halo_dims(self, st: Stage) -> tuple[int, int, int]:
+        """(dim, before, after) of a halo stage on this rank (no rows beyond the sequence's ends)."""
+        d = L.parse(st.layout).groups.index((st.shard,))
+        before, after = st.halo
+        if min(split_sizes(self.whole(st.shard), self.size)) < max(before, after):
+            raise PlanError(f"DSP plan {self.plan.name!r}: a halo of {st.halo} rows along {st.shard} needs every "
+                            f"rank to hold at least {max(before, after)} of the {self.whole(st.shard)} rows: use "
+                            f"fewer ranks")
+        return d, (before if self.rank > 0 else 0), (after if self.rank < self.size - 1 else 0)
+
+    def _with_halo(self, x: torch.Tensor, st: Stage, path: str) -> torch.Tensor:
+        d, _, _ = self._halo_dims(st)
+        return halo_extend(x, d, st.halo[0], st.halo[1], self.group, tag=f"dsp.{path}.halo")
+
+    def _crop_halo(self, y: torch.Tensor, st: Stage, path: str) -> torch.Tensor:
+        d, nb, na = self._halo_dims(st)
+        n = self.local(st.shard)
+        if y.dim() <= d or y.shape[d] != nb + n + na:
+            raise PlanError(f"DSP plan {self.plan.name!r}: halo stage {path!r} must keep the size of {st.shard} "
+                            f"(got {list(y.shape)} from an input of {nb}+{n}+{na} rows along dim {d})")
+        return y.narrow(d, nb, n)
 
     # -- check_stages / LONGSEQ_CHECK: the first forward against a one-rank recomputation --
     def _recompute(self, call: Call) -> None:
         """Run the plan on one rank on the whole inputs (no sharding, no collectives) and record
         every stage's output; the sharded forward then compares with it (:meth:`_compare`)."""
         self._records, self._seen_calls, self.check_report = {}, {}, []
+        self.check_failures, self._last_ok = [], "the entry"
         saved = dict(self.sizes)
         self._solo = True
         try:
@@ -897,9 +1122,12 @@ class DSPHandle:
     def _record(self, path: str, y: Optional[torch.Tensor]) -> None:
         self._records.setdefault(path, []).append(None if y is None else y.detach().clone())
 
-    def _compare(self, path: str, y: torch.Tensor, layout: str, sharded: Optional[str]) -> None:
+    def _compare(self, path: str, y: torch.Tensor, layout: str, sharded: Optional[str]) -> torch.Tensor:
+        """Compare ``y`` (this rank's piece) with the one-rank recomputation; returns ``y``, or under
+        :func:`check_plan` the reference's piece (so each stage is judged on right inputs)."""
         n = self._seen_calls.get(path, 0)
         self._seen_calls[path] = n + 1
+        piece = y
         refs = self._records.get(path, [])
         ref = refs[n] if n < len(refs) else None
         with torch.no_grad():
@@ -918,6 +1146,18 @@ class DSPHandle:
         everyone = comm.all_gather_int(int(bad), self.group, tag="dsp.debug.flag")
         out = path.startswith("(output")
         name = f"the model's output {self.plan.outputs[int(path[8:-1])].label!r}" if out else path
+        if self._collect:
+            self.check_report.append((name, err, scale))
+            if any(everyone):
+                before = self._last_ok
+                self.check_failures.append(
+                    f"{name if out else f'stage {path!r}'} (call {n}): max|a-b| = {err:.3e}, max|ref| = {scale:.3e}"
+                    + (f" (shapes {list(y.shape)} vs {list(ref.shape)})" if ref is not None and ref.shape != y.shape
+                       else "") + f"; the cause is in it or in what runs between {before} and it")
+            self._last_ok = f"stage {path!r}"          # fed the reference on: a right start for the next
+            if ref is None or ref.shape != y.shape:
+                return piece
+            return self._move(ref.to(y.dtype), layout, None, sharded, "") if sharded is not None else ref.to(y.dtype)
         if any(everyone):
             self._active, self._records, self._debug = False, None, False
             agree = ", ".join(p for p, _, _ in self.check_report) or "none"
@@ -929,6 +1169,7 @@ class DSPHandle:
                 "built from a local size, an argument laid out along a sharded dim that the stage does not list "
                 "in Stage(args=...), a size argument missing from kwargs=, or a reduction over a sharded dim.")
         self.check_report.append((name, err, scale))
+        return piece
 
     # -- targets --------------------------------------------------------------------------
     def shard_target(self, target: torch.Tensor) -> torch.Tensor:
@@ -940,6 +1181,19 @@ class DSPHandle:
         xu, names = L.unfold(lay, target, self.sizes)
         ts = shard(xu, names.index(self.plan.home), self.group, tag="dsp.target", check=False)
         return L.fold(lay, ts, self._shown(self.plan.home))
+
+
+def _shape(x: Any) -> Any:
+    return [list(t.shape) for t in x] if isinstance(x, (tuple, list)) else list(x.shape)
+
+
+def _store() -> Any:
+    """The default process group's key-value store (for telling peers of a failure), or None."""
+    try:
+        import torch.distributed as dist
+        return dist.distributed_c10d._get_default_store()
+    except Exception:       # noqa: BLE001 - no store: peers fall back to the collective's own error
+        return None
 
 
 def _pretty(d: Any) -> str:
@@ -961,7 +1215,7 @@ def shard_target(target: torch.Tensor, group: Any, plan: Any = None) -> torch.Te
 
 def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output: bool = True,
                 check_inputs: Any = True, comm_dtype: Any = None, check_stages: Optional[bool] = None,
-                sp_dim: Any = None) -> DSPHandle:
+                sp_dim: Any = None, attention: str = "ulysses", ulysses_degree: Optional[int] = None) -> DSPHandle:
     """Make ``model`` run DSP sequence-parallel over ``group`` (a process group, a
     ``longseq.ParallelGroups`` whose SP group is used, or a ``DeviceMesh`` whose ``sp_dim`` is),
     in place, by hooks; returns a :class:`DSPHandle` whose ``remove()`` undoes it and whose
@@ -982,6 +1236,10 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
     (one all-gather per stage, tag ``dsp.debug``); raises :class:`PlanError` naming the first stage
     that differs (``handle.check_report`` lists the ones that agreed). A debugging aid: it costs a
     second forward and assumes the model is deterministic (no dropout).
+    ``attention``: how the plan's attention stages (``Stage(attention=...)``, full-3D attention)
+    run across the group: ``"ulysses"`` (default; the heads must be divisible by P), ``"ring"`` or
+    ``"usp"`` (Ulysses groups of ``ulysses_degree`` ranks, ring across them; made here, a
+    collective over the world).
 
     Every rank of the group must call it, with the same model (same parameters) and plan. Raises
     ``ValueError`` if a plan path matches no submodule, and if the model is already parallelized.
@@ -990,7 +1248,37 @@ def parallelize(model: nn.Module, group: Any, plan: Any = None, *, gather_output
         raise ValueError("this model is already parallelized by DSP; call .remove() on its handle first")
     mesh, group = mesh_of(group), sp_group_of(group, sp_dim)
     handle = DSPHandle(model, group, as_plan(plan), gather_output=gather_output, check_inputs=check_inputs,
-                       comm_dtype=comm_dtype, check_stages=check_stages)
+                       comm_dtype=comm_dtype, check_stages=check_stages, attention=attention,
+                       ulysses_degree=ulysses_degree)
     handle.mesh = mesh
     _PARALLELIZED[model] = handle
     return handle
+
+
+def check_plan(model: nn.Module, group: Any, plan: Any, *args: Any, rtol: float = 1e-4,
+               attention: str = "ulysses", ulysses_degree: Optional[int] = None, **kwargs: Any) -> list:
+    """Check ``plan`` on ``model`` once, on a small sample, before training: one forward of
+    ``model(*args, **kwargs)`` (no gradients) sharded over ``group`` is compared, stage by stage and
+    at the output, with the same plan run on one rank on the whole inputs (what ``LONGSEQ_CHECK``
+    does). Each stage is compared with the reference fed to it (its input is the reference's, not
+    a wrong earlier stage's), so **every** stage that differs is reported, not only the first.
+    The model is left as it was (the hooks are removed). Every rank of the group calls it with the
+    same sample. Returns ``[(stage, max error, max |ref|)]``; raises :class:`PlanError` listing
+    every stage that differs (the cause is in the stage or in what runs between it and the stage
+    before: a module that mixes along the sharded dim and is not a stage, a position built from a
+    local size, a size argument missing from ``kwargs=``)."""
+    if model in _PARALLELIZED:
+        raise ValueError("check_plan: the model is parallelized already; call .remove() on its handle first")
+    handle = DSPHandle(model, sp_group_of(group), as_plan(plan), gather_output=True, check_inputs=True,
+                       check_stages=True, check_rtol=rtol, attention=attention, ulysses_degree=ulysses_degree)
+    handle._collect = True
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        handle.remove()
+    if handle.check_failures:
+        raise PlanError(f"check_plan: DSP plan {handle.plan.name!r} does not compute what the model computes on "
+                        f"one process; {len(handle.check_failures)} place(s) differ:\n  "
+                        + "\n  ".join(handle.check_failures))
+    return handle.check_report

@@ -26,8 +26,8 @@ reaching a piece's final state is the reverse scan with ``(A_jᵀ, G_j)``, ``G_j
   the ranks before it and reruns its local op from the folded state. Backward: the local ``G_i``
   (``dS_in`` of the local op), one all-gather of ``G`` (``K·V``), a suffix fold, the local backward.
 * ``"heads"`` (Megatron-core's way): all-to-all from sequence to head shards, the whole sequence on
-  ``H/P`` heads, all-to-all back. Needs P | H and the standard split of the sequence
-  (:func:`longseq.sharding.split_sizes`); no per-piece final state.
+  ``H/P`` heads, all-to-all back. Needs P | H; pieces of any lengths (the all-to-alls
+  take every rank's length); no per-piece final state.
 * ``"p2p"`` (LASP-1): rank i blocks on ``recv`` of ``S_in`` from rank i-1, runs its local op from it and
   sends its final state on; backward the same chain from rank P-1 down with ``dS_in``.
 
@@ -47,14 +47,22 @@ heads      ONE all_to_all of q, k, v, g, beta packed (per dtype) and   the trans
            each moves (P-1)/P of what it carries
 =========  =========================================================  ===============================
 
+Grouped value heads (Qwen3-Next's and fla's ``num_v_heads > num_heads``): q, k ``[B, T, Hk, K]``, v,
+g, beta with ``Hv = G·Hk`` heads, value head j reading key head ``j // G``. Each value head has its
+own state ``[K, V]`` (its own beta and gate), so the methods move exactly the states above with
+``H = Hv``: one ``K x V`` state per value head, the same bytes as a model whose q, k were repeated,
+and nothing of q, k is communicated by the scan methods (q, k are repeated locally for the local
+op only). ``heads`` all-to-alls q, k with their ``Hk`` heads when P divides them (else with the
+fewest repeats that it does, :func:`longseq.sp.ulysses.kv_head_repeat`) and repeats after.
+
 plus, unless ``check=False``, one 24-byte header all-gather (tag ``zeco.check``, control bytes;
 :func:`longseq.agree.exchange`) per call, which also carries every rank's piece length: every
 rank's argument errors (shapes, dtypes, a positive log decay, ``initial_state``, ``num_blocks``) and
-a mismatch of B, H, K, V, gate kind, dtypes, device, method, N or scale, an empty piece (T < P) or a
-bad ``heads`` split raise the same exception on every rank before any collective of the method runs.
-``check="first"``: only the first time this process sees a (group, signature) (what the plans use:
-a later disagreement can then hang); ``check=False`` skips it and the value check on g (then bad
-input may hang; every rank must pass the same ``check``).
+a mismatch of B, H, Hk, K, V, gate kind, dtypes, device, method, N or scale, an empty piece (T < P)
+or a bad ``heads`` split raise the same exception on every rank before any collective of the method
+runs. ``check="first"``: only the first time this process sees a (group, signature) (what the plans
+use: a later disagreement can then hang); ``check=False`` skips it and the value check on g (then
+bad input may hang; every rank must pass the same ``check``).
 """
 from __future__ import annotations
 
@@ -67,7 +75,8 @@ from longseq import comm
 from longseq import documents as _docs
 from longseq import functional as LF
 from longseq.agree import exchange, local_error
-from longseq.sharding import shard_range, split_sizes
+from longseq.sharding import shard_range
+from longseq.sp.ulysses import kv_head_repeat
 from longseq.zeco.all_scan import all_scan_start, num_blocks_for
 from longseq.zeco.sp_gla import no_meta, refuse_positive_decay
 from longseq.zeco.delta import chunk_prepare, corrections, delta_rule, l2norm, map_pass, state_dtype, validate
@@ -263,17 +272,26 @@ class SPDeltaFunction(torch.autograd.Function):
 
 
 def _heads(cfg, xs, h0, sizes):
-    """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back."""
-    T = sum(sizes)
+    """Head sharding: all-to-all to ``H/P`` heads over the whole sequence, the op, all-to-all back
+    (grouped q, k: with their own heads, repeated after; module docstring)."""
     B, H, K, V = cfg.shape
-    q, k, v, g, beta = LF.all_to_all_packed(xs, cfg.group, gather_size=T, tag="zeco.delta.heads")
+    q, k, v, g, beta = xs
+    if q.shape[2] != H:
+        rep = kv_head_repeat(H, q.shape[2], cfg.P, what="sp_delta_rule(method='heads')")
+        if rep > 1:
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    q, k, v, g, beta = LF.all_to_all_packed((q, k, v, g, beta), cfg.group, gather_sizes=sizes,
+                                            tag="zeco.delta.heads")
+    if q.shape[2] != v.shape[2]:
+        q, k = (x.repeat_interleave(v.shape[2] // x.shape[2], dim=2) for x in (q, k))
     h0_mine = None
     if h0 is not None:
         lo, hi = shard_range(H, cfg.P, cfg.rank)
         h0_mine = h0[:, lo:hi]
     o, _ = delta_rule(q, k, v, g, beta, scale=cfg.scale, initial_state=h0_mine, backend=cfg.backend,
                       chunk_size=cfg.chunk_size)
-    return LF.all_to_all(o, cfg.group, scatter_dim=1, gather_dim=2, gather_size=H, tag="zeco.delta.heads.out")
+    return LF.all_to_all(o, cfg.group, scatter_dim=1, gather_dim=2, gather_size=H, scatter_sizes=sizes,
+                         tag="zeco.delta.heads.out")
 
 
 def _signature(q, k, v, g, beta, method, N, scale, l2norm_qk) -> dict:
@@ -296,9 +314,6 @@ def _check_sizes(sizes: list, P: int, method: str, H: int) -> None:
             ok = [d for d in range(1, H + 1) if H % d == 0]
             raise ValueError(f"sp_delta_rule(method='heads') splits the {H} heads over the group, so its size {P} "
                              f"must divide them: use a group size in {ok}, or method='zeco', which has no such limit")
-        if sizes != split_sizes(sum(sizes), P):
-            raise ValueError(f"sp_delta_rule(method='heads') needs the standard split of the sequence "
-                             f"{split_sizes(sum(sizes), P)} (longseq.sharding.split_sizes), got {sizes}")
 
 
 def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
@@ -311,9 +326,9 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     whole sequence (all ranks' pieces concatenated in group-rank order).
 
     Args:
-        q, k: ``[B, T_i, H, K]``; v: ``[B, T_i, H, V]``; beta: ``[B, T_i, H]``; g: ``[B, T_i, H]``
-            (Gated DeltaNet) or ``[B, T_i, H, K]`` (KDA), log space. ``T_i >= 1`` may differ between
-            ranks (``heads``: the standard split).
+        q, k: ``[B, T_i, Hk, K]``; v: ``[B, T_i, H, V]``; beta: ``[B, T_i, H]``; g: ``[B, T_i, H]``
+            (Gated DeltaNet) or ``[B, T_i, H, K]`` (KDA), log space; ``Hk = H`` or grouped value heads
+            ``H = G·Hk`` (module docstring). ``T_i >= 1`` may differ between ranks.
         group: the sequence-parallel process group, or a :class:`longseq.ParallelGroups`.
         method: ``"zeco"`` | ``"allgather"`` | ``"heads"`` | ``"p2p"`` (module docstring).
         scale: ``K ** -0.5`` when None. use_qk_l2norm: L2-normalise q and k first (as GDN does).
@@ -335,6 +350,9 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     Returns:
         ``(o [B, T_i, H, V] in v's dtype, final_state [B, H, K, V] float32/64 or None)``.
     """
+    Hk = q.shape[2] if q.dim() == 4 else None
+    grouped = q.dim() == 4 and v.dim() == 4 and Hk != v.shape[2]
+    qk_heads = (q, k)                           # kept for 'heads' (moved with their own heads)
     if hasattr(group, "sp_group"):  # a longseq.ParallelGroups
         group = group.sp_group
     P = comm.group_size(group) if dist.is_initialized() else 1
@@ -344,25 +362,32 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
             raise ValueError(f"sp_delta_rule: check must be True, 'always', 'first' or False, got {check!r}")
         if method not in DELTA_METHODS:
             raise ValueError(f"sp_delta_rule: method must be one of {DELTA_METHODS}, got {method!r}")
-        validate(q, k, v, g, beta, initial_state, what="sp_delta_rule")
+        qq, kk = q, k
+        if grouped:
+            if k.shape != q.shape or Hk == 0 or v.shape[2] % Hk:
+                raise ValueError(f"sp_delta_rule: grouped value heads need q, k [B, T, Hk, K] alike and v "
+                                 f"[B, T, G·Hk, V]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+            qq, kk = (x.repeat_interleave(v.shape[2] // Hk, dim=2) for x in (q, k))   # local only, never sent
+        validate(qq, kk, v, g, beta, initial_state, what="sp_delta_rule")
         no_meta("sp_delta_rule", q, k, v, g, beta, initial_state)
         if method == "heads" and output_final_state:
             raise ValueError("sp_delta_rule(method='heads'): a head shard has no per-piece final state; "
                              "use method='zeco' (or 'allgather' / 'p2p') for output_final_state=True")
         if check is not False:
             refuse_positive_decay("sp_delta_rule", g)
-        B, T, H, K = q.shape
+        B, T, H, K = qq.shape
         docs = _docs.resolve(cu_seqlens, T, group, batch=B, what="sp_delta_rule: cu_seqlens")
-        return num_blocks_for((B, H, K, v.shape[-1]), state_dtype(q, k, v, g, beta), num_blocks, world_size=P), docs
+        N = num_blocks_for((B, H, K, v.shape[-1]), state_dtype(qq, kk, v, g, beta), num_blocks, world_size=P)
+        return N, docs, qq, kk
 
     if not dist.is_initialized():     # no peers to wait: the argument error first, plainly
         _validate()
     comm.require_member(group, "zeco.sp_delta_rule")
     r = comm.group_rank(group)
     result, err = local_error(_validate)
-    N, docs = result if err is None else (None, None)
+    N, docs, q, k = result if err is None else (None, None, q, k)
     sizes = None
-    sig = None if err is not None else _signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm)
+    sig = None if err is not None else dict(_signature(q, k, v, g, beta, method, N, scale, use_qk_l2norm), Hk=Hk)
     if sig is not None and docs is not None:   # the boundaries themselves only on checks of every call
         sig["documents"] = docs.signature() if check in (True, "always") else True
     key = (tuple(comm.group_ranks(group)), repr(sig))
@@ -379,6 +404,8 @@ def sp_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     V = v.shape[-1]
     g = reset_decay(g, docs)
     dt = state_dtype(q, k, v, g, beta)
+    if method == "heads" and grouped and P > 1:
+        q, k = qk_heads
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     cfg = _Cfg(group=group, method=method, scale=(K ** -0.5 if scale is None else float(scale)), N=N,
