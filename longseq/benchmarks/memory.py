@@ -6,6 +6,8 @@ entry's own pieces (``longseq.train``: config, ``methods.build``, activation che
 the data loader, ``backward_and_sync``, AdamW) for two steps on P fresh gloo processes and reports
 per rank (the largest over the ranks), in MiB:
 
+* ``fixed``: resident-set growth from the process's start to the end of set-up (config, model,
+  optimizer, lazily imported libraries), the parameters aside: the same at every length and P;
 * ``params`` / ``grads`` / ``optim``: bytes of the parameters (this rank's shards under FSDP2),
   of their ``.grad`` after the sync, of the optimizer's state;
 * ``inputs``: the batch the loader hands this rank (whole samples, or this rank's piece);
@@ -35,6 +37,7 @@ for P = 1 and P = 4, and prints the longest length that trained.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -49,7 +52,8 @@ FAMILIES = {
     "hybrid": ("hybrid_tiny", "zeco"),
 }
 STDIT_SIDE = 32                 # latent height = width: 16 x 16 = 256 tokens a frame (patch 2)
-PARTS = ("params", "grads", "optim", "inputs", "activ", "comm", "rest", "peak")
+PARTS = ("fixed", "params", "grads", "optim", "inputs", "activ", "comm", "rest", "peak")
+SUMMED = ("fixed", "params", "grads", "optim", "inputs", "activ", "comm")
 MIB = 2 ** 20
 
 
@@ -151,8 +155,10 @@ def _tensor_bytes(ts) -> int:
     return total
 
 
-def measure_rank(argv: list[str]) -> dict:
-    """Two training steps of the config ``argv`` on this rank (process group already up); the parts."""
+def measure_rank(argv: list[str], parts: bool = True) -> dict:
+    """Two training steps of the config ``argv`` on this rank (process group already up); the parts
+    (``parts=False``: no per-op storage tracking, for timing; ``activ`` is then 0). ``step_s``: the
+    second step's time (the first carries the warm-up and creates the optimizer's state)."""
     import torch
     import torch.distributed as dist
 
@@ -184,17 +190,18 @@ def measure_rank(argv: list[str]) -> dict:
     loader = data_mod.BatchSource(data_mod.make_source(cfg), global_batch=int(cfg.train.global_batch_size),
                                   dp_rank=groups.dp_rank, dp_size=groups.dp_size, shard=shard,
                                   sp_size=groups.sp_size, device=device)
+    fixed = _rss() - base - _tensor_bytes(params)
     out = {}
     for step in range(2):
         optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         batch = loader.batch(step)
         with LEDGER.recording() as rec:
-            live = LiveStorages()
+            live = LiveStorages() if parts else contextlib.nullcontext()
             with live:
                 loss = trainable.loss(batch)
             inputs = [v for v in batch.values() if isinstance(v, torch.Tensor)]
-            activ = live.alive_bytes(exclude=[loss, *inputs])
+            activ = live.alive_bytes(exclude=[loss, *inputs]) if parts else 0
             del live
             loop.backward_and_sync(loss, params, groups, fsdp_plan, float(cfg.optim.grad_clip or 0.0))
             grads = _tensor_bytes(p.grad for p in params)
@@ -206,7 +213,8 @@ def measure_rank(argv: list[str]) -> dict:
                    activ=activ, comm=comm, step_s=dt, loss=float(loss.detach()))
         del loss, batch, inputs
     out["peak"] = _peak_rss() - base
-    out["rest"] = out["peak"] - sum(out[k] for k in ("params", "grads", "optim", "inputs", "activ", "comm"))
+    out["fixed"] = fixed
+    out["rest"] = out["peak"] - sum(out[k] for k in SUMMED)
     return out
 
 
@@ -214,11 +222,11 @@ def measure_rank(argv: list[str]) -> dict:
 # Driver
 # ----------------------------------------------------------------------------------------------
 def run_config(family: str, tokens: int, P: int, *, fsdp: bool = False, ac: bool = False,
-               timeout: float = 3600.0) -> dict:
+               timeout: float = 3600.0, parts: bool = True) -> dict:
     """One configuration on P fresh processes: the per-rank maxima of every part."""
     from tests.distributed import run_distributed
     argv = overrides(family, tokens, P, fsdp=fsdp, ac=ac)
-    per_rank = run_distributed(measure_rank, P, argv, timeout=timeout)
+    per_rank = run_distributed(measure_rank, P, argv, parts, timeout=timeout)
     row = {k: max(r[k] for r in per_rank) for k in PARTS}
     row.update(family=family, tokens=tokens, P=P, fsdp=fsdp, ac=ac, step_s=max(r["step_s"] for r in per_rank),
                argv=argv)
