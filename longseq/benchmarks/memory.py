@@ -224,9 +224,10 @@ def measure_rank(argv: list[str], parts: bool = True) -> dict:
 def run_config(family: str, tokens: int, P: int, *, fsdp: bool = False, ac: bool = False,
                timeout: float = 3600.0, parts: bool = True) -> dict:
     """One configuration on P fresh processes: the per-rank maxima of every part."""
-    from tests.distributed import run_distributed
+    from tests.distributed import DistributedPool
     argv = overrides(family, tokens, P, fsdp=fsdp, ac=ac)
-    per_rank = run_distributed(measure_rank, P, argv, parts, timeout=timeout)
+    with DistributedPool(P, timeout=timeout, start_timeout=900.0) as pool:   # a loaded machine starts slowly
+        per_rank = pool.run(measure_rank, argv, parts)
     row = {k: max(r[k] for r in per_rank) for k in PARTS}
     row.update(family=family, tokens=tokens, P=P, fsdp=fsdp, ac=ac, step_s=max(r["step_s"] for r in per_rank),
                argv=argv)

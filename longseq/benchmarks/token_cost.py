@@ -9,7 +9,7 @@ whose backward is quadratic), so old and new are measured side by side. Rounds a
 the ratio of each length's per-token cost to the shortest length's. CPU, one thread::
 
     OMP_NUM_THREADS=1 python -m longseq.benchmarks.token_cost --lengths 4096 16384 65536 --rounds 3
-    OMP_NUM_THREADS=1 python -m longseq.benchmarks.token_cost --lengths 4096 16384 --reference
+    OMP_NUM_THREADS=1 python -m longseq.benchmarks.token_cost --reference --reference-upto 16384
 """
 from __future__ import annotations
 
@@ -45,18 +45,29 @@ def variants(families, reference: bool):
     return out
 
 
+def _print_row(rows: list[dict], row: dict) -> None:
+    """One table line as soon as it is measured (the header before the first)."""
+    if len(rows) == 1:
+        print(f"{'family':8} {'state pass':10} {'T':>7} {'step s':>8} {'us/token':>9} {'vs shortest':>11}  (min-max s)")
+    first = next(r for r in rows if (r["family"], r["state_pass"]) == (row["family"], row["state_pass"]))
+    print(f"{row['family']:8} {row['state_pass']:10} {row['T']:7d} {row['step_s']:8.3f} {row['us_per_token']:9.1f} "
+          f"{row['us_per_token'] / first['us_per_token']:10.2f}x  ({row['spread'][0]:.3f}-{row['spread'][1]:.3f})",
+          flush=True)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=["gdn", "gla"], choices=list(PRESETS))
     ap.add_argument("--lengths", nargs="+", type=int, default=[4096, 16384, 65536])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reference", action="store_true", help="also the quadratic reference state pass (gdn)")
+    ap.add_argument("--reference-upto", type=int, default=16384, help="--reference only up to this length")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for T in args.lengths:
         steps = {}
-        for fam, ref in variants(args.families, args.reference):
+        for fam, ref in variants(args.families, args.reference and T <= args.reference_upto):
             w = Workload.make("gdn" if fam == "hybrid" else fam, "none", PRESETS[fam], dict(B=1, T=T))
             steps[(fam, ref)] = single_device_step(w)
         times = {key: [] for key in steps}
@@ -72,14 +83,8 @@ def main(argv=None) -> list[dict]:
             med = statistics.median(ts)
             rows.append(dict(family=fam, state_pass="reference" if ref else "StatePass", T=T, step_s=med,
                              us_per_token=med / T * 1e6, spread=(min(ts), max(ts))))
+            _print_row(rows, rows[-1])
         del steps
-    base = {}
-    print(f"{'family':8} {'state pass':10} {'T':>7} {'step s':>8} {'us/token':>9} {'vs shortest':>11}  (min-max s)")
-    for row in rows:
-        key = (row["family"], row["state_pass"])
-        base.setdefault(key, row["us_per_token"])
-        print(f"{row['family']:8} {row['state_pass']:10} {row['T']:7d} {row['step_s']:8.3f} {row['us_per_token']:9.1f} "
-              f"{row['us_per_token'] / base[key]:10.2f}x  ({row['spread'][0]:.3f}-{row['spread'][1]:.3f})")
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Chunked (WY-form) gated delta rule in PyTorch, GDN and KDA gates; differentiable by autograd.
+"""Chunked (WY-form) gated delta rule in PyTorch, GDN and KDA gates; differentiable (autograd over the
+chunk-parallel part, a hand-written backward for the sequential state pass: :class:`StatePass`).
 
 Shapes as in :mod:`zeco.delta.naive`. Within a chunk of ``C`` tokens with initial state ``S0``
 (``[K, V]`` per head) and in-chunk cumulative log-decay ``b_t = Σ_{s<=t} g_s`` (a scalar per token for
