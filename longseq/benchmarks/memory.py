@@ -241,7 +241,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         ref = one.get((r["family"], r["tokens"], r["fsdp"], r["ac"]))
         ratio = f"{r['activ'] / (ref['activ'] / r['P']):9.2f}" if ref and ref["activ"] else f"{'-':>9}"
-        print(f"{r['family']:7} {r['tokens']:8d} {r['P']:2d} {'y' if r['fsdp'] else 'n':>4} {'y' if r['ac'] else 'n':>3} "
+        yn = {True: "y", False: "n"}
+        print(f"{r['family']:7} {r['tokens']:8d} {r['P']:2d} {yn[r['fsdp']]:>4} {yn[r['ac']]:>3} "
               + " ".join(f"{r[k] / MIB:8.1f}" for k in PARTS) + f" {ratio} {r['step_s']:7.2f}")
 
 
