@@ -205,7 +205,7 @@ class Diffusion:
         shape = (-1,) + (1,) * (x0.dim() - 1)
         a = self.sqrt_abar.to(x0.device)[t].view(shape)
         b = self.sqrt_1m_abar.to(x0.device)[t].view(shape)
-        return a * x0 + b * noise
+        return (a * x0).addcmul_(b, noise)     # one sample-sized allocation (DSP ranks hold whole samples)
 
 
 def _stdit_step(model: nn.Module, diffusion: Diffusion, batch: dict, channels: int):

@@ -9,7 +9,8 @@ Shapes (fla layout): q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; beta ``[B, T, H]
 ``o`` comes back in v's dtype.
 
 Backends: ``"torch"``: :func:`zeco.delta.chunk.chunk_delta_rule` (any device; backward by autograd
-through the chunked WY form, there is no hand-written backward); ``"fla"``: fla's Triton kernels
+through the chunked WY form, with a hand-written backward for its sequential state pass,
+``zeco.delta.chunk.StatePass``, so the cost is linear in T); ``"fla"``: fla's Triton kernels
 ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` / ``fla.ops.kda.chunk_kda`` (CUDA, not float64;
 their own backward, including the initial state's gradient); ``"auto"``: fla on CUDA when importable
 and not float64, else torch.
