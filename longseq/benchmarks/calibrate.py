@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(output("benchmarks/results/gloo_calibration.json")))
     ap.add_argument("--yaml", default=str(output("configs/simulate/topology/gloo_cpu.yaml")))
     args = ap.parse_args(argv)
-    from tests.distributed import DistributedPool
+    from longseq.pool import DistributedPool
 
     t0 = time.time()
     raw: dict = {"cpu_count": os.cpu_count(), "series": {}}

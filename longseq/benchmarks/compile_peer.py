@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(output("benchmarks/results/compile_peer_cpu.json")))
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args(argv)
-    from tests.distributed import DistributedPool
+    from longseq.pool import DistributedPool
     import torch
 
     command = "python -m longseq.benchmarks.compile_peer " + " ".join(

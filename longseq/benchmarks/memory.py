@@ -224,7 +224,7 @@ def measure_rank(argv: list[str], parts: bool = True) -> dict:
 def run_config(family: str, tokens: int, P: int, *, fsdp: bool = False, ac: bool = False,
                timeout: float = 3600.0, parts: bool = True) -> dict:
     """One configuration on P fresh processes: the per-rank maxima of every part."""
-    from tests.distributed import DistributedPool
+    from longseq.pool import DistributedPool
     argv = overrides(family, tokens, P, fsdp=fsdp, ac=ac)
     with DistributedPool(P, timeout=timeout, start_timeout=900.0) as pool:   # a loaded machine starts slowly
         per_rank = pool.run(measure_rank, argv, parts)

@@ -193,7 +193,7 @@ def predict(method: str, overlap: bool, P: int, rows_by_rank: dict, split: dict,
 # Driver
 # ----------------------------------------------------------------------------------------------
 def run(args) -> dict:
-    from tests.distributed import DistributedPool
+    from longseq.pool import DistributedPool
 
     variants = [v for v in VARIANTS if v[0] in args.families]
     results = []

@@ -301,7 +301,7 @@ def _per_rank(raw: list[dict], j: int) -> list[dict]:
 
 
 def run_cpu(args) -> list[dict]:
-    from tests.distributed import DistributedPool
+    from longseq.pool import DistributedPool
     from longseq.benchmarks.costmodel.ledger import roles
 
     base = cpu_workloads(args)
