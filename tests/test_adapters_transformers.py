@@ -11,7 +11,7 @@ halo of 3, so halos chain through two ranks), two AdamW steps. Two references, b
   entry: the models' own RMSNorms compute in float32 even in a float64 model, so a norm weight's
   gradient, a sum over tokens, is rounded in float32 per piece (measured ~1e-7);
 * the model unchanged (transformers' own kernels, which cast the delta rule to float32 inside), first
-  step: loss and logits ``<= 1e-6`` absolute, gradients ``<= 2e-3`` relative to each parameter's
+  step: loss and logits ``<= 1e-6`` absolute, gradients ``<= 1e-2`` relative to each parameter's
   largest (the model's float32 kernel sets these; AdamW would amplify that noise on parameters whose
   gradient is ~0, so the steps are compared against the first reference only).
 
@@ -136,7 +136,7 @@ def test_five_models_train_like_one_process(dist_pool, P, T):
             where = f"{preset} P={P} rank {r}"
             for key, tol in (("loss", 1e-9), ("logits", 1e-9), ("grad", 1e-6), ("param", 1e-6)):
                 assert errs[key] <= tol, (where, key, errs, worst)
-            assert errs["own_loss"] <= 1e-6 and errs["own_logits"] <= 1e-6 and errs["own_grad"] <= 2e-3, (where, errs)
+            assert errs["own_loss"] <= 1e-6 and errs["own_logits"] <= 1e-6 and errs["own_grad"] <= 1e-2, (where, errs)
             assert len(layers) == 1 and restored, (where, layers)
             S, halo = _state_and_halo(preset)
             fwd = sum(x[2] for x in rows if x[1] == "zeco.delta.scan.fwd")

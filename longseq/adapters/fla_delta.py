@@ -15,11 +15,14 @@ forwards (:mod:`longseq.adapters.fla_gla`'s ``rms_norm`` / ``rms_norm_gated``, `
 Under SP each rank holds its contiguous piece of the tokens (``zeco.shard_sequence``); form the loss
 with ``zeco.shift_labels`` / ``zeco.sp_lm_loss`` on ``model(ids_local).logits`` (fla's
 ``labels=`` shifts inside a piece). Not supported: caches (``use_cache``), padding masks /
-``cu_seqlens``, hybrid ``attn=`` layers, ``num_v_heads != num_heads`` (``NotImplementedError``).
-fla 0.6 has ``KimiDeltaAttention`` too; it is not wrapped here.
+``cu_seqlens``, hybrid ``attn=`` layers (``NotImplementedError`` naming the alternative). Grouped
+value heads (``num_v_heads > num_heads``) go to :func:`zeco.sp_delta_rule` as they are (one state per
+value head). ``labels=`` under SP is refused (``ValueError`` naming ``zeco.sp_lm_loss``). fla 0.6's
+``KimiDeltaAttention`` and ``DeltaNet`` are not wrapped here yet.
 """
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Optional
 
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from longseq.functional import gather_halo
 from longseq.zeco import delta_rule, sp_delta_rule
 
-from .fla_gla import TorchCrossEntropy, module_standins, short_conv
+from .fla_gla import TorchCrossEntropy, _refuse_labels, module_standins, short_conv
 
 __all__ = ["parallelize", "tiny_config", "build"]
 
@@ -67,16 +70,19 @@ def _gdn_forward(self, hidden_states, attention_mask=None, past_key_values=None,
 
     q = conv(self.q_proj, getattr(self, "q_conv1d", None)).view(B, T, self.num_heads, self.head_k_dim)
     k = conv(self.k_proj, getattr(self, "k_conv1d", None)).view(B, T, self.num_heads, self.head_k_dim)
-    v = conv(self.v_proj, getattr(self, "v_conv1d", None)).view(B, T, self.num_heads, self.head_v_dim)
+    Hv = getattr(self, "num_v_heads", self.num_heads)     # grouped value heads: Hv = G·num_heads
+    v = conv(self.v_proj, getattr(self, "v_conv1d", None)).view(B, T, Hv, self.head_v_dim)
     f = torch.promote_types(x.dtype, torch.float32)
     beta = torch.sigmoid(self.b_proj(x).to(f)) * (2.0 if self.allow_neg_eigval else 1.0)
     g = -self.A_log.to(f).exp() * F.softplus(self.a_proj(x).to(f) + self.dt_bias.to(f))
     if group is None:
+        if Hv != self.num_heads:
+            q, k = (t.repeat_interleave(Hv // self.num_heads, dim=2) for t in (q, k))
         o, _ = delta_rule(q, k, v, g, beta, use_qk_l2norm=True)
     else:
         o, _ = sp_delta_rule(q, k, v, g, beta, group=group, use_qk_l2norm=True, **opts)
     if self.use_gate:
-        o = self.o_norm(o, self.g_proj(x).view(B, T, self.num_heads, self.head_v_dim))
+        o = self.o_norm(o, self.g_proj(x).view(B, T, Hv, self.head_v_dim))
     else:
         o = self.o_norm(o)
     return self.o_proj(o.reshape(B, T, -1)), None, past_key_values
@@ -93,14 +99,14 @@ def parallelize(model: nn.Module, group: Optional[Any] = None, *, method: str = 
         group = group.sp_group
     cfg = getattr(model, "config", None)
     if cfg is not None and getattr(cfg, "attn", None) is not None:
-        raise NotImplementedError("fla_delta: hybrid softmax-attention layers (config.attn) are not wrapped")
+        raise NotImplementedError("fla_delta: hybrid softmax-attention layers (config.attn) are not wrapped yet: "
+                                  "train a transformers hybrid (Qwen3-Next, Kimi-Linear, ...) with "
+                                  "longseq.adapters.transformers.parallelize, or build fla's model without attn")
     if torch_modules == "auto":
         torch_modules = not any(p.is_cuda for p in model.parameters())
     n = 0
     for mod in model.modules():
         if isinstance(mod, GatedDeltaNet):
-            if mod.num_v_heads != mod.num_heads:
-                raise NotImplementedError("fla_delta: num_v_heads != num_heads (grouped value heads) is not supported")
             mod.forward = types.MethodType(_gdn_forward, mod)
             mod._longseq_group, mod._longseq_opts = group, dict(method=method, **options)
             n += 1
@@ -110,7 +116,11 @@ def parallelize(model: nn.Module, group: Optional[Any] = None, *, method: str = 
                     mod.forward = types.MethodType(fwd, mod)
                     break
     if n == 0:
-        raise ValueError(f"fla_delta: {type(model).__name__} has no fla GatedDeltaNet layer")
+        raise ValueError(f"fla_delta: {type(model).__name__} has no fla GatedDeltaNet layer: for fla's GLA family "
+                         f"use longseq.adapters.fla_gla, for transformers' Gated DeltaNet / KDA models "
+                         f"longseq.adapters.transformers")
+    if group is not None and "labels" in inspect.signature(model.forward).parameters:
+        model.register_forward_pre_hook(_refuse_labels, with_kwargs=True)   # a shift inside each piece
     if torch_modules and getattr(model, "criterion", 1) is None and getattr(cfg, "fuse_cross_entropy", False):
         model.criterion = TorchCrossEntropy()
     return model

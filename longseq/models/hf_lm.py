@@ -1,7 +1,7 @@
 """Tiny random-weight transformers causal LMs built on the gated delta rule, from configs made in code
 (no download): shaped like Qwen3-Next (grouped value heads, gated attention, MoE), Qwen3.5 (dense),
 Kimi-Linear (KDA + MLA without RoPE, MoE), OLMo-Hybrid (GDN with negative eigenvalues) and
-Bailing-Hybrid (KDA + MLA with RoPE, MoE). Every preset: hidden 32, 2 layers (one delta-rule, one
+Bailing-Hybrid (KDA + MLA with RoPE, MoE). Every preset: hidden 32, 2 layers (one delta-rule, one 6-head
 softmax attention), vocabulary 64, conv width 4, MoE experts run eagerly (float64 works).
 
 ``hf_config(preset, **overrides)`` -> the transformers config; ``build(preset, **overrides)`` -> the
@@ -16,12 +16,12 @@ import torch.nn as nn
 
 __all__ = ["PRESETS", "hf_config", "build"]
 
-_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=6,
                max_position_embeddings=512, tie_word_embeddings=False, use_cache=False, pad_token_id=0,
                bos_token_id=1, eos_token_id=2, layer_types=["linear_attention", "full_attention"])
 _GDN = dict(num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
             linear_value_head_dim=8, linear_conv_kernel_dim=4)
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=8,
+_MLA = dict(num_key_value_heads=6, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=8,
             qk_nope_head_dim=8, moe_intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
             mlp_layer_types=["dense", "sparse"])
 
