@@ -57,6 +57,8 @@ from longseq.sp.ulysses import ulysses_attention
 from longseq.zeco import sp_delta_rule
 from longseq.zeco.sp_delta import DELTA_METHODS
 
+from .fla_gla import FLAGLAHandle
+
 __all__ = ["parallelize", "TransformersSPHandle", "ATTENTION_IMPLEMENTATION", "kernel_kind", "find_layers"]
 
 ATTENTION_IMPLEMENTATION = "longseq_sp"
@@ -233,16 +235,7 @@ class TransformersSPHandle:
         self.attention: list[str] = []
         self._undo: list[Callable[[], None]] = []
 
-    def _set(self, obj: Any, attr: str, value: Any) -> None:
-        had, old = attr in vars(obj), vars(obj).get(attr)
-
-        def undo():
-            if had:
-                setattr(obj, attr, old)
-            elif attr in vars(obj):
-                delattr(obj, attr)
-        setattr(obj, attr, value)
-        self._undo.append(undo)
+    _set = FLAGLAHandle._set          # set an attribute, its undo recorded (fla_gla's, no fla import)
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
