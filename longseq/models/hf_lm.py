@@ -5,7 +5,8 @@ Bailing-Hybrid (KDA + MLA with RoPE, MoE). Every preset: hidden 32, 2 layers (on
 softmax attention), vocabulary 64, conv width 4, MoE experts run eagerly (float64 works).
 
 ``hf_config(preset, **overrides)`` -> the transformers config; ``build(preset, **overrides)`` -> the
-model (``<Model>ForCausalLM``). ``PRESETS`` lists them; a preset whose class transformers lacks
+model (``<Model>ForCausalLM``); ``from_config(config)`` -> :class:`HFCausalLM`, the model wrapped so
+that ``model(input_ids) -> logits`` as the training entry calls it (``model.family=hf_causal_lm``). ``PRESETS`` lists them; a preset whose class transformers lacks
 raises ``ImportError`` naming the transformers version that has it (5.x).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["PRESETS", "hf_config", "build"]
+__all__ = ["PRESETS", "hf_config", "build", "HFCausalLM", "from_config"]
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=6,
                max_position_embeddings=512, tie_word_embeddings=False, use_cache=False, pad_token_id=0,
@@ -64,3 +65,24 @@ def build(preset: str = "qwen3_next_tiny", **overrides) -> nn.Module:
     """``<Model>ForCausalLM`` of ``preset`` with random weights."""
     cfg = hf_config(preset, **overrides)
     return _class(PRESETS[preset][1])(cfg)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM as the training entry calls a language model: ``forward(input_ids
+    [B, L]) -> logits [B, L, V]`` (no cache, no labels: the loss is taken outside, on the SP pieces).
+    ``lm``: the transformers model (parallelize it, not the wrapper: see
+    :func:`longseq.adapters.transformers.parallelize`); ``layers``: its decoder layers (the units of
+    FSDP2 and activation checkpointing)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.layers = lm.model.layers
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def from_config(config: Any) -> HFCausalLM:
+    """:class:`HFCausalLM` around ``<Model>ForCausalLM(config)`` (the class of ``config.longseq_preset``)."""
+    return HFCausalLM(_class(PRESETS[config.longseq_preset][1])(config))
