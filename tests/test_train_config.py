@@ -95,7 +95,7 @@ def test_a_registered_family_and_method_train(monkeypatch):
 
 def test_method_for_the_wrong_family():
     msg = error("parallel=zeco")                                  # model is stdit_tiny
-    assert "parallelizes GLA/GDN models" in msg and "dsp" in msg
+    assert "parallelizes GLA/GDN/HF_CAUSAL_LM models" in msg and "dsp" in msg
 
 
 def test_none_with_sp():
