@@ -5,7 +5,8 @@
     python -m longseq.benchmarks.hf_linear --model-only           # the cost-model table only
 
 Part 1 (measured): the ``qwen3_next_tiny`` preset of :mod:`longseq.models.hf_lm` (Qwen3-Next-shaped:
-one Gated DeltaNet layer with 2 key and 4 value heads, one gated-GQA attention layer, MoE; float32,
+one Gated DeltaNet layer with 2 key and 4 value heads, one gated-GQA attention layer with 12 heads
+(so that P = 4 divides them for Ulysses), MoE; float32,
 hidden ``--hidden``) made sequence-parallel with :func:`longseq.adapters.transformers.parallelize`
 over P spawned gloo processes (one intra-op thread each), one copy of the model per method. Per
 method: bytes one rank sends in a forward+backward step (ledger, the worst rank; the delta-rule
@@ -63,7 +64,7 @@ def _worker(rank, world, port, job, queue):
     try:
         W = dist.group.WORLD
         torch.manual_seed(0)
-        base = build("qwen3_next_tiny", hidden_size=job["hidden"])
+        base = build("qwen3_next_tiny", hidden_size=job["hidden"], num_attention_heads=12)  # P = 2, 4 divide 12
         ids = torch.randint(3, 64, (1, job["tokens"] * world), generator=torch.Generator().manual_seed(1))
         labels = zeco.shard_sequence(zeco.shift_labels(ids), W)
         local = zeco.shard_sequence(ids, W)
@@ -89,6 +90,10 @@ def _worker(rank, world, port, job, queue):
         times = _timed(fns, job["repeats"], 1)
         if rank == 0:
             queue.put({"sent": sent, "time": times})
+    except BaseException:
+        import traceback
+        queue.put({"error": f"rank {rank}: {traceback.format_exc()}"})
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -106,7 +111,12 @@ def measure(world: int, job: dict) -> dict:
         res = queue.get(timeout=600)
     finally:
         for p in procs:
+            if "error" in locals().get("res", {"error": 1}):
+                p.kill()
+        for p in procs:
             p.join(timeout=60)
+    if "error" in res:
+        raise RuntimeError(res["error"])
     return res
 
 
