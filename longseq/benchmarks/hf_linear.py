@@ -31,12 +31,9 @@ import math
 import os
 
 import torch
-import torch.multiprocessing as mp
-
-from longseq.launch import free_port
 
 from .costmodel import delta as cm
-from .zeco_scan import _timed
+from .zeco_scan import _timed, launch
 
 METHODS = ("zeco", "allgather", "p2p", "heads")
 
@@ -101,20 +98,7 @@ def _worker(rank, world, port, job, queue):
 def measure(world: int, job: dict) -> dict:
     """Run part 1 at ``world`` processes; returns ``{"sent": {method: [delta bytes, all bytes]},
     "time": {method: seconds}}``."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        res = queue.get(timeout=600)
-    finally:
-        for p in procs:
-            if "error" in locals().get("res", {"error": 1}):
-                p.kill()
-        for p in procs:
-            p.join(timeout=60)
+    res = launch(world, job, worker=_worker)
     if "error" in res:
         raise RuntimeError(res["error"])
     return res
