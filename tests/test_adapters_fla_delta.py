@@ -1,4 +1,4 @@
-"""fla's GatedDeltaNetForCausalLM through longseq.adapters.fla_delta: sequence-parallel (zeco) equals
+"""fla's GatedDeltaNetForCausalLM and DeltaNetForCausalLM through longseq.adapters.fla_delta: sequence-parallel (zeco) equals
 the same adapted model in one process at P = 2 and 3, loss and every parameter gradient; float64
 parameters, but fla's formulas (fla_gla's stand-ins) run the short convolution and the norm statistics
 in float32, so max |sp - ref| <= 2e-6 * max(1, max |ref|) (float32 rounding, not float64)."""
@@ -21,7 +21,7 @@ def _case(method, T, overrides=None):
     from longseq.models.gla import lm_loss
     W = dist.group.WORLD
     torch.manual_seed(0)
-    model = fla_delta.build(**(overrides or {})).double()
+    model = fla_delta.build(**(overrides or {})).double()      # overrides may hold kind="delta_net"
     sp_model = fla_delta.parallelize(copy.deepcopy(model), W, method=method)
     fla_delta.parallelize(model, None)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
@@ -43,7 +43,9 @@ def _case(method, T, overrides=None):
     return errs
 
 
-@pytest.mark.parametrize("P,overrides", [(2, None), (3, None), (3, {"num_v_heads": 4})])   # grouped value heads
+# grouped value heads; DeltaNet (no decay, chunked form at every piece length; with the gated output norm)
+@pytest.mark.parametrize("P,overrides", [(2, None), (3, None), (3, {"num_v_heads": 4}), (2, {"kind": "delta_net"}),
+                                         (3, {"kind": "delta_net", "use_gate": True})])
 def test_fla_gated_deltanet_sp_equals_one_process(dist_pool, P, overrides):
     for errs in dist_pool(P).run(_case, "zeco", 11, overrides):
         bad = {k: v for k, v in errs.items() if v > 2e-6}
