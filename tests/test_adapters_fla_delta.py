@@ -1,4 +1,4 @@
-"""fla's GatedDeltaNetForCausalLM through longseq.adapters.fla_delta: sequence-parallel (zeco) equals
+"""fla's GatedDeltaNetForCausalLM and DeltaNetForCausalLM through longseq.adapters.fla_delta: sequence-parallel (zeco) equals
 the same adapted model in one process at P = 2 and 3, loss and every parameter gradient; float64
 parameters, but fla's formulas (fla_gla's stand-ins) run the short convolution and the norm statistics
 in float32, so max |sp - ref| <= 2e-6 * max(1, max |ref|) (float32 rounding, not float64)."""
@@ -16,12 +16,12 @@ import longseq  # noqa: E402
 from longseq.zeco import shard_sequence, shift_labels, sp_lm_loss  # noqa: E402
 
 
-def _case(method, T):
+def _case(method, T, overrides=None):
     from longseq.adapters import fla_delta
     from longseq.models.gla import lm_loss
     W = dist.group.WORLD
     torch.manual_seed(0)
-    model = fla_delta.build().double()
+    model = fla_delta.build(**(overrides or {})).double()      # overrides may hold kind="delta_net"
     sp_model = fla_delta.parallelize(copy.deepcopy(model), W, method=method)
     fla_delta.parallelize(model, None)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
@@ -35,11 +35,18 @@ def _case(method, T):
     for (n, p), (_, q) in zip(sp_model.named_parameters(), model.named_parameters()):
         assert q.grad.abs().max() > 0, n
         errs[n] = (p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1.0)
+    try:
+        sp_model(input_ids=shard_sequence(ids, W), labels=shard_sequence(ids, W))
+        errs["labels refused"] = 1.0
+    except ValueError as e:
+        errs["labels refused"] = 0.0 if "sp_lm_loss" in str(e) else 1.0
     return errs
 
 
-@pytest.mark.parametrize("P", [2, 3])
-def test_fla_gated_deltanet_sp_equals_one_process(dist_pool, P):
-    for errs in dist_pool(P).run(_case, "zeco", 11):
+# grouped value heads; DeltaNet (no decay, chunked form at every piece length; with the gated output norm)
+@pytest.mark.parametrize("P,overrides", [(2, None), (3, None), (3, {"num_v_heads": 4}), (2, {"kind": "delta_net"}),
+                                         (3, {"kind": "delta_net", "use_gate": True})])
+def test_fla_gated_deltanet_sp_equals_one_process(dist_pool, P, overrides):
+    for errs in dist_pool(P).run(_case, "zeco", 11, overrides):
         bad = {k: v for k, v in errs.items() if v > 2e-6}
         assert not bad, bad

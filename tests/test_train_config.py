@@ -78,7 +78,7 @@ def test_a_registered_family_and_method_train(monkeypatch):
     monkeypatch.setattr(methods, "MODEL_FAMILIES", model_registry.MODEL_FAMILIES)
     assert "unknown" in error("model=gla_tiny", "model.family=mylm", "parallel=none")
     model_registry.register_model("mylm", config=gla_config, model=GLAForCausalLM, task="causal_lm")
-    assert "parallelizes GLA/GDN models, not MYLM" in error("model=gla_tiny", "model.family=mylm", "parallel=zeco")
+    assert "parallelizes GLA/GDN/HF_CAUSAL_LM models, not MYLM" in error("model=gla_tiny", "model.family=mylm", "parallel=zeco")
     calls = []
     registry.register_method("zeco", "mylm", lambda model, group, **kw: calls.append(kw) or model,
                              input_shard="seq")
@@ -95,7 +95,7 @@ def test_a_registered_family_and_method_train(monkeypatch):
 
 def test_method_for_the_wrong_family():
     msg = error("parallel=zeco")                                  # model is stdit_tiny
-    assert "parallelizes GLA/GDN models" in msg and "dsp" in msg
+    assert "parallelizes GLA/GDN/HF_CAUSAL_LM models" in msg and "dsp" in msg
 
 
 def test_none_with_sp():

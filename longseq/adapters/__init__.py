@@ -14,13 +14,17 @@ third-party source).
   Triton-only modules and functions where Triton cannot run.
 * :mod:`longseq.adapters.fla_delta` — fla's Gated DeltaNet models (``fla.models.GatedDeltaNetForCausalLM``):
   their ``GatedDeltaNet`` layers through ``zeco.sp_delta_rule`` (``fla_delta.parallelize(model, group)``).
+* :mod:`longseq.adapters.transformers` — transformers' Gated DeltaNet / KDA hybrids (Qwen3-Next, Qwen3.5,
+  Kimi-Linear, OLMo-Hybrid, Bailing-Hybrid): delta rule through ``zeco.sp_delta_rule``, causal convs
+  with point-to-point halos, softmax attention through ``AttentionInterface``
+  (``transformers.parallelize(model, group)``).
 
 Each module imports its third-party library lazily (on first use), so ``import longseq.adapters``
 costs nothing. See docs/integration.md.
 """
 import importlib
 
-__all__ = ["latte", "diffusers_video", "diffusers_dit", "fla_gla", "fla_delta"]
+__all__ = ["latte", "diffusers_video", "diffusers_dit", "fla_gla", "fla_delta", "transformers"]
 
 
 def __getattr__(name):

@@ -203,11 +203,13 @@ def _worker(rank, world, port, job, queue):
         dist.destroy_process_group()
 
 
-def launch(world: int, job: dict) -> dict:
+def launch(world: int, job: dict, worker=None) -> dict:
+    """Spawn ``world`` processes of ``worker(rank, world, port, job, queue)`` (default: this module's);
+    returns what the first one puts in the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, queue)) for r in range(world)]
+    procs = [ctx.Process(target=worker or _worker, args=(r, world, port, job, queue)) for r in range(world)]
     for p in procs:
         p.start()
     res = queue.get(timeout=600)

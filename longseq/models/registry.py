@@ -15,11 +15,14 @@ Nothing here imports a parallel method: plans are applied to the models from out
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-from . import gdn, gla, stdit
+from longseq.methods import register_method
+
+from . import gdn, gla, hf_lm, stdit
 
 __all__ = ["ModelFamily", "TASKS", "MODEL_FAMILIES", "register_model", "get_model_family"]
 
@@ -116,3 +119,21 @@ def _gdn_mixing_flops(c: gdn.GDNConfig, dims: dict) -> float:
 register_model("gdn", config=gdn.gdn_config, model=gdn.GDNForCausalLM, task="causal_lm",
                mixing_flops=_gdn_mixing_flops,
                summary="Gated DeltaNet language model, or a hybrid (3 GDN : 1 softmax attention)")
+
+
+def _hf_parallelize(model: "hf_lm.HFCausalLM", group, *, method: str, **options):
+    """``parallel=zeco|allgather|p2p|heads`` for ``hf_causal_lm``: the transformers adapter on ``model.lm``
+    (imported here, on use: transformers is optional)."""
+    from longseq.adapters.transformers import parallelize
+    return parallelize(model.lm, group, method=method, **options)
+
+
+register_model("hf_causal_lm", config=hf_lm.hf_config, model=hf_lm.from_config, task="causal_lm",
+               units=lambda m: list(m.layers),
+               summary="transformers Gated DeltaNet / KDA hybrids (Qwen3-Next, Qwen3.5, Kimi-Linear, OLMo-Hybrid, "
+                       "Bailing-Hybrid) from a config, models.hf_lm presets")
+for _name in ("zeco", "allgather", "heads", "p2p"):
+    register_method(_name, "hf_causal_lm", functools.partial(_hf_parallelize, method=_name),
+                    summary=f"{_name} for the delta-rule layers (longseq.adapters.transformers), Ulysses attention",
+                    input_shard="seq")
+del _name

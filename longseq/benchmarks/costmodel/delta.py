@@ -36,20 +36,25 @@ GDN_1B = dict(H=16, K=128, V=128, L=21, hidden=2048, params=1.30e9, chunk=64)
 METHODS = ("zeco", "allgather", "heads", "p2p")
 
 
-def bytes_per_rank(method: str, P: int, T_i: int, H: int, K: int, V: int) -> float:
-    """Bytes one (middle) rank sends a layer, forward + backward (the ledger formulas)."""
+def bytes_per_rank(method: str, P: int, T_i: int, H: int, K: int, V: int, Hk: int | None = None,
+                   gk: int = 1) -> float:
+    """Bytes one (middle) rank sends a layer, forward + backward (the ledger formulas). ``H``: value
+    heads (one K x V state each); ``Hk``: q/k heads (grouped value heads, default H); ``gk``: gate
+    elements a head and token (1 Gated DeltaNet, K for KDA)."""
+    Hk = H if Hk is None else Hk
     S, M = H * K * V * 4, H * K * K * 4
     if method == "zeco" or method == "p2p":
         return 2.0 * S
     if method == "allgather":
         return (P - 1) * (S + M) + (P - 1) * S
     frac = (P - 1) / P
-    return 2.0 * frac * T_i * H * (2 * K + V + 2 + V) * 2          # there and back, forward and backward
+    return 2.0 * frac * T_i * (2 * Hk * K + H * (V + gk + 1) + H * V) * 2   # there and back, fwd and bwd
 
 
 def step_time(method: str, P: int, T_i: int, topo: Topology, shape: dict = GDN_1B) -> float:
     """Simulated seconds a training step (module docstring); ``math.nan`` when the method cannot run."""
     H, K, V, L, Cc = shape["H"], shape["K"], shape["V"], shape["L"], shape["chunk"]
+    Hk, gk = shape.get("Hk", H), shape.get("gk", 1)
     if method == "heads" and H % P:
         return math.nan
     rate = topo.peak_flops * topo.mfu
@@ -66,7 +71,7 @@ def step_time(method: str, P: int, T_i: int, topo: Topology, shape: dict = GDN_1
         per_layer = (maps + op_fwd + C.all_gather(topo, P, H * (K * V + K * K) * 4)
                      + C.all_gather(topo, P, S))
     elif method == "heads":
-        a2a = C.all_to_all(topo, P, (P - 1) / P * T_i * H * (2 * K + V + 2) * 2) + \
+        a2a = C.all_to_all(topo, P, (P - 1) / P * T_i * (2 * Hk * K + H * (V + gk + 1)) * 2) + \
             C.all_to_all(topo, P, (P - 1) / P * T_i * H * V * 2)
         per_layer = 2 * a2a
     else:
