@@ -9,7 +9,7 @@ identical on every rank of a sequence-parallel group; the tokens are sharded (``
 pieces, :mod:`longseq.sharding`), and :class:`Documents` is one rank's view: the window's
 boundaries plus the range ``[start, stop)`` of this rank's piece.
 
-Conventions (every op of longseq follows them; docs/zeco.md, "Packed documents"):
+Conventions (every op of longseq follows them; docs/documents.md, "Conventions"):
 
 * A document starts at each interior boundary ``e_1 .. e_{D-1}``: recurrent state and attention do
   not cross it, a short convolution reads nothing before it. The window's first token is *not* a

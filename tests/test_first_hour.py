@@ -45,7 +45,8 @@ def test_a_missing_triton_names_the_extra(monkeypatch):
 
     from longseq import kernels
     from longseq.optional import MissingDependency, SetupError, missing, require
-    monkeypatch.setitem(sys.modules, "triton", None)
+    for name in ("triton", "triton.language"):          # also when an earlier test imported it
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setenv("LONGSEQ_KERNELS", "triton")
     with pytest.raises(SetupError, match=r"needs triton, which is not installed: pip install 'longseq\[gpu\]'"):
         kernels.backend_for(torch.device("cpu"))

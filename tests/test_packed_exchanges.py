@@ -22,7 +22,7 @@ def _ulysses(P_heads, kv_heads):
     do = torch.randn(B, L, P_heads, D, generator=g, dtype=torch.float64)
     ql, kl, vl = (torch.tensor_split(t, P, 1)[r].clone().requires_grad_() for t in (q, k, v))
     with LEDGER.recording() as rec:
-        out = ulysses_attention(ql, kl, vl, W, causal=True, backend="math", check=False)
+        out = ulysses_attention(ql, kl, vl, W, causal=True, backend="math", check=False, seq_len=L)  # lengths given
         out.backward(torch.tensor_split(do, P, 1)[r])
     rows = [(x.op, x.tag, x.elements_sent) for x in rec]
     qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))

@@ -41,20 +41,25 @@ __all__ = ["ulysses_attention", "check_heads", "kv_head_repeat", "agree", "paral
 
 
 def agree(group: Any, what: str, tensors, validate: Callable[[], Any], check: Optional[bool], *, tag: str,
-          **asked) -> Any:
+          local: Optional[int] = None, **asked) -> tuple[Any, Optional[list]]:
     """Run ``validate()`` (which raises ``ValueError`` / ``TypeError`` for bad arguments) and, when the
     cross-rank check is on (:func:`longseq.dsp.primitives.checks_enabled`), make every rank of
     ``group`` raise the same exception unless all agree on the tensors' dtypes, device types and
     shapes but dim 1 (the sharded sequence), on ``asked`` and on having no error: one
-    :func:`longseq.agree.exchange` (skipped under torch.compile). Returns ``validate()``'s result."""
+    :func:`longseq.agree.exchange` (skipped under torch.compile). Returns ``(validate()'s result,
+    every rank's local piece length)``: the lengths ride in the check's header when ``local`` (this
+    rank's length) is given and the check runs, else None."""
     result, error = local_error(validate)
+    sizes = None
     if checks_enabled(check) and not torch.compiler.is_compiling():   # eager only: compiled graphs carry no check
         sig = tuple((str(t.dtype).replace("torch.", ""), t.device.type,
                      tuple(-1 if i == 1 else int(n) for i, n in enumerate(t.shape))) for t in tensors)
-        exchange(group, what, sig + tuple(sorted(asked.items())), error, tag=tag)
+        got = exchange(group, what, sig + tuple(sorted(asked.items())), error, tag=tag,
+                       value=0 if local is None or error is not None else int(local))
+        sizes = None if local is None else got
     elif error is not None:
         raise error
-    return result
+    return result, sizes
 
 
 def check_heads(num_heads: int, P: int, what: str = "Ulysses", kv_heads: Optional[int] = None) -> None:
@@ -113,13 +118,16 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         rep = kv_head_repeat(q.shape[2], k.shape[2], P)
         given_sizes(q.shape[1], P, r, seq_len=seq_len, seq_sizes=seq_sizes, what="ulysses_attention")
         return rep
-    rep = agree(group, "ulysses_attention", (q, k, v), validate, check, tag=f"{tag}.check", seq_len=seq_len,
-                seq_sizes=None if seq_sizes is None else tuple(int(n) for n in seq_sizes), causal=bool(causal))
+    rep, learned = agree(group, "ulysses_attention", (q, k, v), validate, check, tag=f"{tag}.check",
+                         local=q.shape[1], seq_len=seq_len, causal=bool(causal),
+                         seq_sizes=None if seq_sizes is None else tuple(int(n) for n in seq_sizes))
     fn = attention if attn_fn is None else attn_fn
     if P == 1:
         if cu_seqlens is not None:
             fn = functools.partial(fn, cu_seqlens=_whole_window(cu_seqlens, [q.shape[1]], q.shape[0]))
         return fn(q, k, v, causal=causal, dropout_p=dropout_p, softmax_scale=softmax_scale, backend=backend)
+    if seq_sizes is None and seq_len is None and learned is not None:
+        seq_sizes = learned                 # the check's header carried every rank's length
     sizes = piece_sizes(q.shape[1], group, seq_len=seq_len, seq_sizes=seq_sizes, tag=tag, what="ulysses_attention")
     if cu_seqlens is not None:
         fn = functools.partial(fn, cu_seqlens=_whole_window(cu_seqlens, sizes, q.shape[0]))

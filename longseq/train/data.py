@@ -490,7 +490,7 @@ def check_data(cfg, layout) -> None:
         if cfg.data.get("eod_id", None) is None and offsets is None and not docs_index_path(path).exists():
             raise ConfigError(f"data.pack=true needs the document boundaries of {path}: pass data.eod_id=<the "
                               "end-of-document token id> or data.offsets=<a .npy of document start offsets> (or write "
-                              f"{docs_index_path(path).name} next to it; docs/training.md, 'Packed documents')")
+                              f"{docs_index_path(path).name} next to it; docs/documents.md, 'Data: data.pack=true')")
         if offsets is not None and not Path(str(offsets)).expanduser().is_file():
             raise ConfigError(f"data.offsets={str(offsets)!r} is not a file (a .npy of int64 document start offsets)")
     check_token_meta(path, dtype, int(family_of(cfg).model_config(cfg.model).vocab_size))

@@ -128,12 +128,12 @@ def _group_strides():
             local.ranks = list(range(n))
         return n
 
-    def record(op, tag, group_size_, dtype, sent, recv):
+    def record(op, tag, group_size_, dtype, sent, recv, *, control=False):
         ranks = getattr(local, "ranks", None) or [0]
         diffs = {b - a for a, b in zip(ranks, ranks[1:])}
         st = diffs.pop() if len(diffs) == 1 else (1 if not diffs else 0)
         with lock:
-            orig_rec(op, tag, group_size_, dtype, sent, recv)
+            orig_rec(op, tag, group_size_, dtype, sent, recv, control=control)
             pairs.append(st)
 
     comm_mod.group_size = group_size
