@@ -87,8 +87,7 @@ def _expected(method, P, r, stages, text):
     h = H // P
     if method == "ulysses":
         mine, others = B * L[r] * (H - h) * D, B * (sum(L) - L[r]) * h * D
-        e = {".q": mine, ".k": mine, ".v": mine, ".out": others,
-             ".q.bwd": others, ".k.bwd": others, ".v.bwd": others, ".out.bwd": mine}
+        e = {".qkv": 3 * mine, ".out": others, ".qkv.bwd": 3 * others, ".out.bwd": mine}   # q, k, v packed
         if text:                 # the text output's heads: all-gathered, backward reduce-scattered
             e[".text"] = e[".text.bwd"] = B * N * h * D * (P - 1)
         return e
