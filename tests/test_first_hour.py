@@ -131,7 +131,7 @@ def test_help_lists_every_preset_and_method_of_the_registries():
         assert preset in text, text
     for name in methods.method_names():
         assert re.search(rf"\b{name}\b", text), (name, text)
-    assert "allgather (gdn)" in text and "zeco (gla, gdn)" in text and "the checkout" not in text
+    assert "allgather (gdn, hf_causal_lm)" in text and "zeco (gla, gdn, hf_causal_lm)" in text and "the checkout" not in text
 
 
 def test_comm_volume_says_how_many_processes_it_starts(monkeypatch, capsys):
